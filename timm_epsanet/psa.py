@@ -1,0 +1,155 @@
+""" Pyramid Squeeze Attention (PSA), the layer at the heart of EPSANet.
+
+Paper: `EPSANet: An Efficient Pyramid Squeeze Attention Block on Convolutional Neural Network`
+    - https://arxiv.org/abs/2105.14447 (Zhang et al., ACCV 2022)
+
+PSA = SPC (S parallel convolutions with growing kernel and group sizes, each seeing the whole
+input and producing C/S channels) + one SEWeight module shared by all S branches + a softmax
+across the S scales + channel-wise reweighting + concatenation (paper eqs. 3-11).
+
+Branches are concatenated in paper order (branch 0 first). The official code concatenates them
+reversed; converting its weights is a permutation of the channels that follow PSA.
+"""
+from typing import Optional, Sequence, Tuple, Type, Union
+
+import torch
+from torch import nn
+
+from timm.layers import SEModule, get_act_layer, get_padding
+
+__all__ = ['PyramidSqueezeAttention', 'SEWeight', 'default_kernel_sizes', 'default_groups']
+
+
+def default_kernel_sizes(num_scales: int) -> Tuple[int, ...]:
+    """Kernel of branch i is 2(i+1)+1 (paper, after eq. 4): (3, 5, 7, 9) for S=4."""
+    return tuple(2 * (i + 1) + 1 for i in range(num_scales))
+
+
+def default_groups(kernel_sizes: Sequence[int]) -> Tuple[int, ...]:
+    """Group rule of paper eq. 3: G = 2^((K-1)/2) for K > 3, G = 1 for K = 3."""
+    return tuple(1 if k <= 3 else 2 ** ((k - 1) // 2) for k in kernel_sizes)
+
+
+class SEWeight(SEModule):
+    """The paper's SEWeight (Fig. 1): timm's SE module returning the sigmoid gate, not x * gate.
+
+    PSA softmaxes the gates of all scales against each other before applying them, so the gate
+    itself is the output.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_se = x.mean((2, 3), keepdim=True)
+        x_se = self.fc2(self.act(self.bn(self.fc1(x_se))))
+        return self.gate(x_se)
+
+
+class PyramidSqueezeAttention(nn.Module):
+    """PSA module: a drop-in replacement for a k x k convolution of `in_chs` -> `out_chs`.
+
+    Args:
+        in_chs: input channels; must be divisible by every branch's group count.
+        out_chs: output channels (default `in_chs`); must be divisible by `num_scales` and each
+            branch's share (out_chs / S) by that branch's group count.
+        stride: stride of every branch convolution (EPSANet puts the block stride here).
+        num_scales: S, the number of branches. Defaults to len(kernel_sizes) or 4.
+        kernel_sizes: odd kernel of each branch; default (3, 5, 7, 9, ...) from the paper.
+        groups: group count of each branch; default from the paper's eq. 3, (1, 4, 8, 16) for S=4.
+        se_reduction: r of the shared SEWeight; it squeezes C' = out_chs / S to max(1, C' // r).
+        dilation: dilation of every branch (timm's output_stride support).
+        act_layer: activation inside SEWeight (ReLU in the paper).
+    """
+
+    def __init__(
+            self,
+            in_chs: int,
+            out_chs: Optional[int] = None,
+            stride: int = 1,
+            num_scales: Optional[int] = None,
+            kernel_sizes: Optional[Sequence[int]] = None,
+            groups: Optional[Sequence[int]] = None,
+            se_reduction: int = 16,
+            dilation: int = 1,
+            act_layer: Union[str, Type[nn.Module]] = nn.ReLU,
+            device=None,
+            dtype=None,
+    ):
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__()
+        out_chs = out_chs or in_chs
+        if num_scales is None:
+            num_scales = len(kernel_sizes) if kernel_sizes is not None else 4
+        kernel_sizes = tuple(kernel_sizes) if kernel_sizes is not None else default_kernel_sizes(num_scales)
+        groups = tuple(groups) if groups is not None else default_groups(kernel_sizes)
+        _check_config(in_chs, out_chs, num_scales, kernel_sizes, groups, se_reduction)
+
+        self.num_scales = num_scales
+        self.split_chs = out_chs // num_scales
+        self.kernel_sizes = kernel_sizes
+        self.groups = groups
+        self.convs = nn.ModuleList([
+            nn.Conv2d(
+                in_chs,
+                self.split_chs,
+                kernel_size=k,
+                stride=stride,
+                padding=get_padding(k, stride, dilation),
+                dilation=dilation,
+                groups=g,
+                bias=False,
+                **dd,
+            )
+            for k, g in zip(kernel_sizes, groups)
+        ])
+        self.se = SEWeight(
+            self.split_chs,
+            rd_channels=max(1, self.split_chs // se_reduction),
+            act_layer=get_act_layer(act_layer),
+            **dd,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = []
+        for conv in self.convs:
+            feats.append(conv(x))
+        x = torch.cat(feats, dim=1)
+        B, _, H, W = x.shape
+        x = x.reshape(B, self.num_scales, self.split_chs, H, W)
+        # one pass of the shared SEWeight over all S scales, then softmax across the scales
+        attn = self.se(x.mean((3, 4)).reshape(B * self.num_scales, self.split_chs, 1, 1))
+        attn = attn.reshape(B, self.num_scales, self.split_chs, 1, 1).softmax(dim=1)
+        return (x * attn).reshape(B, self.num_scales * self.split_chs, H, W)
+
+
+def _check_config(
+        in_chs: int,
+        out_chs: int,
+        num_scales: int,
+        kernel_sizes: Tuple[int, ...],
+        groups: Tuple[int, ...],
+        se_reduction: int,
+) -> None:
+    """Reject impossible configs at construction, naming the numbers, before torch does it deep inside."""
+    if num_scales < 1:
+        raise ValueError(f'PSA needs at least one scale, got num_scales={num_scales}')
+    if len(kernel_sizes) != num_scales:
+        raise ValueError(
+            f'PSA got {len(kernel_sizes)} kernel sizes {kernel_sizes} for num_scales={num_scales}')
+    if len(groups) != num_scales:
+        raise ValueError(f'PSA got {len(groups)} group sizes {groups} for num_scales={num_scales}')
+    if se_reduction < 1:
+        raise ValueError(f'PSA se_reduction must be >= 1, got {se_reduction}')
+    if out_chs % num_scales:
+        raise ValueError(
+            f'PSA out_chs={out_chs} is not divisible by num_scales={num_scales}')
+    split_chs = out_chs // num_scales
+    for i, (k, g) in enumerate(zip(kernel_sizes, groups)):
+        if k < 1 or k % 2 == 0:
+            raise ValueError(f'PSA branch {i}: kernel size {k} must be odd and positive')
+        if g < 1:
+            raise ValueError(f'PSA branch {i}: groups={g} must be positive')
+        if in_chs % g:
+            raise ValueError(f'PSA branch {i} (kernel {k}): in_chs={in_chs} is not divisible by groups={g}')
+        if split_chs % g:
+            raise ValueError(
+                f'PSA branch {i} (kernel {k}): its out_chs / num_scales = {out_chs} / {num_scales} = '
+                f'{split_chs} channels are not divisible by groups={g}')
