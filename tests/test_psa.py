@@ -1,0 +1,172 @@
+"""PSA layer: paper defaults, config validation, standalone use, and equivalence with the official forward."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from timm_epsanet import EPSABottleneck, PyramidSqueezeAttention, default_groups, default_kernel_sizes
+
+
+def test_paper_defaults_follow_eq3():
+    assert default_kernel_sizes(4) == (3, 5, 7, 9)
+    assert default_groups((3, 5, 7, 9)) == (1, 4, 8, 16)
+    assert default_kernel_sizes(5) == (3, 5, 7, 9, 11)
+    assert default_groups(default_kernel_sizes(5)) == (1, 4, 8, 16, 32)
+    psa = PyramidSqueezeAttention(64)
+    assert [c.kernel_size for c in psa.convs] == [(3, 3), (5, 5), (7, 7), (9, 9)]
+    assert [c.groups for c in psa.convs] == [1, 4, 8, 16]
+    assert [c.padding for c in psa.convs] == [(1, 1), (2, 2), (3, 3), (4, 4)]
+    # every branch sees all input channels and yields C/S; SE squeezes C' by 16
+    assert all(c.in_channels == 64 and c.out_channels == 16 for c in psa.convs)
+    assert (psa.se.fc1.in_channels, psa.se.fc1.out_channels) == (16, 1)
+
+
+@pytest.mark.parametrize('kwargs, message', [
+    (dict(in_chs=64, out_chs=66), 'out_chs=66 is not divisible by num_scales=4'),
+    (dict(in_chs=36, out_chs=64), 'in_chs=36 is not divisible by groups=8'),
+    (dict(in_chs=64, out_chs=32), '32 / 4 = 8 channels are not divisible by groups=16'),
+    (dict(in_chs=64, kernel_sizes=(3, 4, 7, 9), groups=(1, 1, 1, 1)), 'kernel size 4 must be odd'),
+    (dict(in_chs=64, num_scales=3, kernel_sizes=(3, 5, 7, 9)), '4 kernel sizes (3, 5, 7, 9) for num_scales=3'),
+    (dict(in_chs=64, kernel_sizes=(3, 5, 7, 9), groups=(1, 4, 8)), '3 group sizes (1, 4, 8) for num_scales=4'),
+    (dict(in_chs=64, se_reduction=0), 'se_reduction must be >= 1, got 0'),
+])
+def test_invalid_config_names_the_numbers(kwargs, message):
+    with pytest.raises(ValueError) as info:
+        PyramidSqueezeAttention(**kwargs)
+    assert message in str(info.value)
+
+
+def test_standalone_in_another_cnn():
+    """Any in/out channel count that fits S and the groups works, with stride, inside a plain CNN."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 48, 3, padding=1),
+        PyramidSqueezeAttention(48, 96, stride=2, kernel_sizes=(3, 5, 7), groups=(1, 2, 4)),
+        nn.ReLU(),
+        PyramidSqueezeAttention(96, 40, num_scales=2, se_reduction=4),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(40, 5),
+    )
+    x = torch.randn(4, 3, 17, 17)
+    y = net(x)
+    assert y.shape == (4, 5)
+    assert net[1](net[0](x)).shape == (4, 96, 9, 9)
+    F.cross_entropy(y, torch.tensor([0, 1, 2, 3])).backward()
+    for name, p in net.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_scale_weights_are_a_softmax_across_scales():
+    """With identical branches the softmax gives every scale 1/S: output = branch output / S."""
+    psa = PyramidSqueezeAttention(16, 32, kernel_sizes=(3, 3, 3, 3), groups=(1, 1, 1, 1)).eval()
+    with torch.no_grad():
+        for conv in psa.convs[1:]:
+            conv.weight.copy_(psa.convs[0].weight)
+        x = torch.randn(2, 16, 8, 8)
+        y = psa(x)
+        branch = psa.convs[0](x)
+    for i in range(4):
+        torch.testing.assert_close(y[:, 8 * i:8 * (i + 1)], branch / 4)
+
+
+class OfficialSEWeight(nn.Module):
+    def __init__(self, channels, reduction=16):
+        super().__init__()
+        self.fc1 = nn.Conv2d(channels, channels // reduction, 1)
+        self.fc2 = nn.Conv2d(channels // reduction, channels, 1)
+
+    def forward(self, x):
+        return torch.sigmoid(self.fc2(F.relu(self.fc1(F.adaptive_avg_pool2d(x, 1)))))
+
+
+class OfficialPSA(nn.Module):
+    """The official forward, spelled out: one SE per branch call, softmax over the branch axis,
+    then the weighted branches concatenated LAST FIRST (branch 3, 2, 1, 0)."""
+
+    def __init__(self, inplanes, planes, stride, kernels, groups):
+        super().__init__()
+        self.convs = nn.ModuleList([
+            nn.Conv2d(inplanes, planes // 4, k, stride=stride, padding=k // 2, groups=g, bias=False)
+            for k, g in zip(kernels, groups)])
+        self.se = OfficialSEWeight(planes // 4)
+        self.split = planes // 4
+
+    def forward(self, x):
+        feats = [conv(x) for conv in self.convs]
+        b, _, h, w = feats[0].shape
+        stacked = torch.cat(feats, 1).view(b, 4, self.split, h, w)
+        weights = torch.cat([self.se(f) for f in feats], 1).view(b, 4, self.split, 1, 1)
+        weighted = stacked * weights.softmax(dim=1)
+        out = weighted[:, 0]
+        for i in range(1, 4):
+            out = torch.cat((weighted[:, i], out), 1)
+        return out
+
+
+class OfficialBlock(nn.Module):
+    def __init__(self, inplanes, planes, stride, kernels, groups, downsample):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = OfficialPSA(planes, planes, stride, kernels, groups)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.downsample = downsample
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        identity = self.downsample(x) if self.downsample is not None else x
+        return F.relu(out + identity)
+
+
+def _official_from_ours(block: EPSABottleneck, inplanes, planes, stride) -> OfficialBlock:
+    """Copy our weights into the reference; the channels after PSA are in reversed branch order there."""
+    psa = block.conv2
+    ref = OfficialBlock(inplanes, planes, stride, psa.kernel_sizes, psa.groups, block.downsample)
+    split = planes // 4
+    order = torch.cat([torch.arange(i * split, (i + 1) * split) for i in reversed(range(4))])
+    with torch.no_grad():
+        ref.conv1.weight.copy_(block.conv1.weight)
+        for ours, theirs in zip(psa.convs, ref.conv2.convs):
+            theirs.weight.copy_(ours.weight)
+        for name in ('fc1', 'fc2'):
+            getattr(ref.conv2.se, name).load_state_dict(getattr(psa.se, name).state_dict())
+        ref.conv3.weight.copy_(block.conv3.weight[:, order])
+        for ours_bn, ref_bn, idx in ((block.bn1, ref.bn1, None), (block.bn2, ref.bn2, order), (block.bn3, ref.bn3, None)):
+            for key, value in ours_bn.state_dict().items():
+                getattr(ref_bn, key).copy_(value if idx is None or value.ndim == 0 else value[idx])
+    return ref
+
+
+def _randomize_bn(module):
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+
+
+@pytest.mark.parametrize('inplanes, planes, stride, groups', [
+    (256, 64, 1, (1, 4, 8, 16)),   # Small, stage 1
+    (256, 128, 2, (1, 4, 8, 16)),  # Small, first block of stage 2 (strided PSA + downsample)
+    (512, 128, 2, (1, 2, 4, 8)),   # another group config
+])
+@pytest.mark.parametrize('train', [False, True])
+def test_block_matches_official_forward(inplanes, planes, stride, groups, train):
+    torch.manual_seed(0)
+    downsample = nn.Sequential(
+        nn.Conv2d(inplanes, planes * 4, 1, stride=stride, bias=False), nn.BatchNorm2d(planes * 4))
+    block = EPSABottleneck(inplanes, planes, stride, downsample, psa_groups=groups)
+    _randomize_bn(block)
+    ref = _official_from_ours(block, inplanes, planes, stride)
+    block.train(train)
+    ref.train(train)
+    x = torch.randn(2, inplanes, 20, 20)
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), ref(x), rtol=1e-5, atol=1e-5)
