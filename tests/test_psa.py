@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from timm_epsanet import EPSABottleneck, PyramidSqueezeAttention, default_groups, default_kernel_sizes
+from timm_epsanet.psa import BranchConv2d, depthwise_pays_off
 
 
 def test_paper_defaults_follow_eq3():
@@ -170,3 +171,49 @@ def test_block_matches_official_forward(inplanes, planes, stride, groups, train)
     x = torch.randn(2, inplanes, 20, 20)
     with torch.no_grad():
         torch.testing.assert_close(block(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('channels_last', [False, True])
+@pytest.mark.parametrize('in_chs, out_chs, k, groups, stride', [
+    (64, 16, 9, 16, 1),   # 1 output per group
+    (64, 16, 7, 8, 2),    # 2 outputs per group, strided
+    (128, 32, 7, 8, 1),   # 4 outputs per group
+])
+def test_depthwise_form_equals_grouped_conv(channels_last, in_chs, out_chs, k, groups, stride):
+    """BranchConv2d's depthwise form: same output, same gradients, same memory layout as the grouped conv."""
+    torch.manual_seed(0)
+    fast = BranchConv2d(in_chs, out_chs, k, stride=stride, padding=k // 2, groups=groups, bias=False, depthwise=True)
+    plain = BranchConv2d(in_chs, out_chs, k, stride=stride, padding=k // 2, groups=groups, bias=False, depthwise=False)
+    assert fast.depthwise_outs == out_chs // groups and plain.depthwise_outs == 0
+    plain.load_state_dict(fast.state_dict())
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, in_chs, 15, 15).contiguous(memory_format=fmt).requires_grad_()
+    y_fast, y_plain = fast(x), plain(x)
+    torch.testing.assert_close(y_fast, y_plain, rtol=1e-5, atol=1e-5)
+    assert y_fast.is_contiguous(memory_format=fmt)
+    grad = torch.randn_like(y_plain)
+    g_fast = torch.autograd.grad(y_fast, (x, fast.weight), grad)
+    g_plain = torch.autograd.grad(y_plain, (x, plain.weight), grad)
+    for a, b in zip(g_fast, g_plain):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_depthwise_choice_in_small_model():
+    """The CPU rule picks the 7x7/9x9 branches with <= 4 outputs per group (stages 1-3 of Small)."""
+    assert depthwise_pays_off(9, 4, 1) and depthwise_pays_off(7, 16, 4)
+    assert not depthwise_pays_off(5, 16, 4) and not depthwise_pays_off(9, 32, 8) and not depthwise_pays_off(3, 64, 16)
+    psa = PyramidSqueezeAttention(64)
+    assert [c.depthwise_outs for c in psa.convs] == [0, 0, 2, 1]
+    assert [c.depthwise_outs for c in PyramidSqueezeAttention(64, depthwise=False).convs] == [0, 0, 0, 0]
+
+
+def test_inference_reweights_in_place_but_training_keeps_autograd():
+    psa = PyramidSqueezeAttention(32, kernel_sizes=(3, 5), groups=(1, 2)).eval()
+    x = torch.randn(2, 32, 8, 8)
+    with torch.no_grad():
+        y_inplace = psa(x)
+    x_grad = x.clone().requires_grad_()
+    y = psa(x_grad)
+    torch.testing.assert_close(y_inplace, y.detach())
+    y.sum().backward()
+    assert x_grad.grad is not None

@@ -63,6 +63,7 @@ class EPSABottleneck(nn.Module):
             psa_kernel_sizes: Sequence[int] = PSA_KERNELS,
             psa_groups: Sequence[int] = SMALL_GROUPS,
             psa_se_reduction: int = 16,
+            psa_depthwise: Optional[bool] = None,
             device=None,
             dtype=None,
     ):
@@ -90,6 +91,7 @@ class EPSABottleneck(nn.Module):
             groups=psa_groups,
             se_reduction=psa_se_reduction,
             dilation=first_dilation,
+            depthwise=psa_depthwise,
             act_layer=act_layer,
             **dd,
         )

@@ -1,0 +1,239 @@
+"""Throughput and peak memory of the EPSANet variants beside timm's ResNet-50 family, in one run.
+
+Every configuration (model x inference/training x layout x precision x eager/compiled) runs in a
+fresh subprocess, so allocator state and peak memory do not leak between them, and configurations
+are measured round-robin `--repeats` times (median kept) so drifts of the machine hit all alike.
+Writes `<out>/benchmark.md` (a Markdown table with ratios against resnet50 of the same
+configuration) and `<out>/benchmark.png`.
+
+    python benchmarks/benchmark.py                       # CPU: fp32, NCHW + channels_last, eager
+    python benchmarks/benchmark.py --compile --amp       # + torch.compile and AMP (bf16 on CPU)
+    python benchmarks/benchmark.py --models epsanet50_small resnet50 --modes infer
+"""
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+EPSANETS = ['epsanet50_small', 'epsanet50_large', 'epsanet101_small', 'epsanet101_large']
+BASELINES = ['resnet50', 'seresnet50', 'ecaresnet50t', 'skresnet50', 'res2net50_26w_4s']
+# EPSANet-50 Small with every PSA branch as a plain grouped conv, the official code's structure
+GROUPED = 'epsanet50_small@grouped'
+REFERENCE = 'resnet50'
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--models', nargs='+', default=EPSANETS + [GROUPED] + BASELINES)
+    parser.add_argument('--device', default=None, help='cpu or cuda (default: cuda when available)')
+    parser.add_argument('--modes', nargs='+', default=['infer', 'train'], choices=['infer', 'train'])
+    parser.add_argument('--layouts', nargs='+', default=['nchw', 'channels_last'], choices=['nchw', 'channels_last'])
+    parser.add_argument('--amp', action='store_true', help='also measure autocast (bf16 on CPU, fp16 on CUDA)')
+    parser.add_argument('--compile', action='store_true', help='also measure torch.compile')
+    parser.add_argument('--batch-size', type=int, default=None, help='default 8 on CPU, 128 on CUDA')
+    parser.add_argument('--img-size', type=int, default=224)
+    parser.add_argument('--iters', type=int, default=None, help='timed iterations (default 6 CPU, 30 CUDA)')
+    parser.add_argument('--warmup', type=int, default=2)
+    parser.add_argument('--repeats', type=int, default=1, help='round-robin repeats, median kept')
+    parser.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: all cores)')
+    parser.add_argument('--out', type=Path, default=Path(__file__).resolve().parent / 'results')
+    parser.add_argument('--worker', help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def create(name, **kwargs):
+    import timm
+    import timm_epsanet  # noqa: F401  (explicit registration, also when the autoload is off)
+    if name == GROUPED:
+        kwargs['block_args'] = dict(psa_groups=(1, 4, 8, 16), psa_depthwise=False)
+        name = 'epsanet50_small'
+    return timm.create_model(name, **kwargs)
+
+
+def measure(cfg):
+    """One configuration, in this (fresh) process. Returns img/s and peak memory in MiB."""
+    import torch
+    if cfg['threads']:
+        torch.set_num_threads(cfg['threads'])
+    device = torch.device(cfg['device'])
+    cuda = device.type == 'cuda'
+    train = cfg['mode'] == 'train'
+    baseline_mib = _current_rss_mib()
+    model = create(cfg['model'], device=device)
+    x = torch.randn(cfg['batch_size'], 3, cfg['img_size'], cfg['img_size'], device=device)
+    target = torch.randint(0, 1000, (cfg['batch_size'],), device=device)
+    if cfg['layout'] == 'channels_last':
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    model.train(train)
+    step_model = torch.compile(model) if cfg['compile'] else model
+    amp_dtype = (torch.float16 if cuda else torch.bfloat16) if cfg['precision'] == 'amp' else None
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9) if train else None
+    scaler = torch.amp.GradScaler(enabled=cuda and amp_dtype == torch.float16) if train else None
+
+    def step():
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            if not train:
+                with torch.inference_mode() if not cfg['compile'] else torch.no_grad():
+                    return step_model(x)
+            loss = torch.nn.functional.cross_entropy(step_model(x), target)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    for _ in range(cfg['warmup']):
+        step()
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(cfg['iters']):
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - start)
+    if cuda:
+        peak_mib = torch.cuda.max_memory_allocated() / 2 ** 20
+    else:
+        # process peak (KiB on Linux) minus what the process held before the model existed
+        peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - baseline_mib
+    return dict(img_s=cfg['batch_size'] / statistics.median(times), peak_mib=peak_mib)
+
+
+def _current_rss_mib():
+    with open('/proc/self/statm') as f:
+        return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2 ** 20
+
+
+def configurations(args, device):
+    precisions = ['fp32'] + (['amp'] if args.amp else [])
+    compiles = [False] + ([True] if args.compile else [])
+    cuda = device == 'cuda'
+    for mode in args.modes:
+        for layout in args.layouts:
+            for precision in precisions:
+                for compiled in compiles:
+                    for model in args.models:
+                        yield dict(
+                            model=model, mode=mode, layout=layout, precision=precision, compile=compiled,
+                            device=device, batch_size=args.batch_size or (128 if cuda else 8),
+                            img_size=args.img_size, iters=args.iters or (30 if cuda else 6),
+                            warmup=args.warmup + (3 if compiled else 0), threads=args.threads)
+
+
+def run_worker(cfg):
+    env = dict(os.environ, PYTHONUNBUFFERED='1')
+    out = subprocess.run(
+        [sys.executable, __file__, '--worker', json.dumps(cfg)], capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        tail = out.stderr.strip().splitlines()[-1:] or ['no output']
+        return dict(error=tail[0][:200])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def key(cfg):
+    return (cfg['mode'], cfg['layout'], cfg['precision'], cfg['compile'])
+
+
+def machine_description(device):
+    import torch
+    if device == 'cuda':
+        return f'{torch.cuda.get_device_name()}, torch {torch.__version__}'
+    threads = torch.get_num_threads()
+    return f'{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, {threads} threads, torch {torch.__version__}'
+
+
+def write_report(results, args, device, out: Path):
+    import timm
+    out.mkdir(parents=True, exist_ok=True)
+    cfg0 = results[0][0]
+    lines = [
+        f'Machine: {machine_description(device)}, timm {timm.__version__}; batch {cfg0["batch_size"]}, '
+        f'{cfg0["img_size"]}x{cfg0["img_size"]}, median of {cfg0["iters"]} iterations, {args.repeats} repeat(s).',
+        '',
+        '| model | mode | layout | precision | compiled | img/s | x resnet50 | peak memory (MiB) [1] |',
+        '|---|---|---|---|---|---|---|---|',
+    ]
+    reference = {key(c): r['img_s'] for c, r in results if c['model'] == REFERENCE and 'img_s' in r}
+    for cfg, res in results:
+        if 'error' in res:
+            lines.append(f'| {cfg["model"]} | {cfg["mode"]} | {cfg["layout"]} | {cfg["precision"]} | '
+                         f'{cfg["compile"]} | failed: {res["error"]} | | |')
+            continue
+        ratio = res['img_s'] / reference[key(cfg)] if key(cfg) in reference else float('nan')
+        lines.append(f'| {cfg["model"]} | {cfg["mode"]} | {cfg["layout"]} | {cfg["precision"]} | {cfg["compile"]} | '
+                     f'{res["img_s"]:.1f} | {ratio:.2f} | {res["peak_mib"]:.0f} |')
+    lines += ['', '[1] CUDA: peak allocated; CPU: peak RSS of the process minus its RSS before the model was built.']
+    table = '\n'.join(lines) + '\n'
+    (out / 'benchmark.md').write_text(table)
+    (out / 'benchmark.json').write_text(json.dumps([dict(cfg, **res) for cfg, res in results], indent=1))
+    plot(results, reference, out / 'benchmark.png', lines[0])
+    return table
+
+
+def plot(results, reference, path, title):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    groups = sorted({key(c) for c, _ in results}, key=lambda k: [str(v) for v in k])
+    models = list(dict.fromkeys(c['model'] for c, _ in results))
+    fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(groups)), 5))
+    width = 0.8 / len(models)
+    for i, model in enumerate(models):
+        ratios = []
+        for g in groups:
+            r = [res['img_s'] / reference[g] for c, res in results
+                 if c['model'] == model and key(c) == g and 'img_s' in res and g in reference]
+            ratios.append(r[0] if r else 0.0)
+        ax.bar([j + i * width for j in range(len(groups))], ratios, width, label=model)
+    ax.axhline(1.0, color='black', linewidth=0.8)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))])
+    ax.set_xticklabels(['\n'.join([g[0], g[1], g[2], 'compiled' if g[3] else 'eager']) for g in groups])
+    ax.set_ylabel('throughput relative to resnet50')
+    ax.set_title(title[:110], fontsize=8)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.worker:
+        print(json.dumps(measure(json.loads(args.worker))))
+        return
+    import torch
+    device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    cfgs = list(configurations(args, device))
+    samples = {i: [] for i in range(len(cfgs))}
+    for repeat in range(args.repeats):
+        for i, cfg in enumerate(cfgs):
+            res = run_worker(cfg)
+            samples[i].append(res)
+            shown = f'{res["img_s"]:.1f} img/s' if 'img_s' in res else res['error']
+            print(f'[{repeat + 1}/{args.repeats}] {cfg["model"]:<24} {" ".join(map(str, key(cfg))):<36} {shown}',
+                  flush=True)
+    results = []
+    for i, cfg in enumerate(cfgs):
+        ok = [s for s in samples[i] if 'img_s' in s]
+        if ok:
+            results.append((cfg, dict(img_s=statistics.median(s['img_s'] for s in ok),
+                                      peak_mib=max(s['peak_mib'] for s in ok))))
+        else:
+            results.append((cfg, samples[i][0]))
+    print()
+    print(write_report(results, args, device, args.out))
+
+
+if __name__ == '__main__':
+    main()
