@@ -180,22 +180,21 @@ def test_block_matches_official_forward(inplanes, planes, stride, groups, train)
     (128, 32, 7, 8, 1),   # 4 outputs per group
 ])
 def test_depthwise_form_equals_grouped_conv(channels_last, in_chs, out_chs, k, groups, stride):
-    """BranchConv2d's depthwise form: same output, same gradients, same memory layout as the grouped conv."""
+    """BranchConv2d's depthwise form (inference): same output and memory layout as the grouped conv."""
     torch.manual_seed(0)
     fast = BranchConv2d(in_chs, out_chs, k, stride=stride, padding=k // 2, groups=groups, bias=False, depthwise=True)
     plain = BranchConv2d(in_chs, out_chs, k, stride=stride, padding=k // 2, groups=groups, bias=False, depthwise=False)
     assert fast.depthwise_outs == out_chs // groups and plain.depthwise_outs == 0
     plain.load_state_dict(fast.state_dict())
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    x = torch.randn(2, in_chs, 15, 15).contiguous(memory_format=fmt).requires_grad_()
-    y_fast, y_plain = fast(x), plain(x)
-    torch.testing.assert_close(y_fast, y_plain, rtol=1e-5, atol=1e-5)
+    x = torch.randn(2, in_chs, 15, 15).contiguous(memory_format=fmt)
+    with torch.no_grad():
+        y_fast, y_plain = fast(x), plain(x)
+        assert not torch.equal(y_fast, y_plain)  # a different computation...
+        torch.testing.assert_close(y_fast, y_plain, rtol=1e-5, atol=1e-5)  # ...of the same function
     assert y_fast.is_contiguous(memory_format=fmt)
-    grad = torch.randn_like(y_plain)
-    g_fast = torch.autograd.grad(y_fast, (x, fast.weight), grad)
-    g_plain = torch.autograd.grad(y_plain, (x, plain.weight), grad)
-    for a, b in zip(g_fast, g_plain):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    # with autograd on (training) the grouped conv runs: its backward is faster on CPU
+    torch.testing.assert_close(fast(x), plain(x), rtol=0, atol=0)
 
 
 def test_depthwise_choice_in_small_model():

@@ -54,7 +54,7 @@ def depthwise_pays_off(kernel_size: int, in_per_group: int, outs_per_group: int)
 
 
 class BranchConv2d(nn.Conv2d):
-    """A grouped conv that computes its output as depthwise convs when its groups have few outputs.
+    """A grouped conv that, at inference, computes its output as depthwise convs when its groups have few outputs.
 
     Output r of group j is the sum over the group's input channels i of w[j, r, i] * x[i]: one
     depthwise conv of x with the weights w[:, r] followed by a sum over each group's channels.
@@ -72,7 +72,8 @@ class BranchConv2d(nn.Conv2d):
         self.depthwise_outs = outs_per_group if depthwise and in_per_group > 1 else 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.depthwise_outs == 0:
+        # training keeps the grouped conv: the backward of the depthwise form is the slower one
+        if self.depthwise_outs == 0 or torch.is_grad_enabled():
             return self._conv_forward(x, self.weight, self.bias)
         groups, outs, in_chs = self.groups, self.depthwise_outs, self.in_channels
         k_h, k_w = self.weight.shape[2], self.weight.shape[3]
