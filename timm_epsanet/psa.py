@@ -164,6 +164,11 @@ class PyramidSqueezeAttention(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # CPU backends run these grouped and depthwise convs (and their backward) several times
+        # faster channels-last: convert once for all branches, and give the caller its layout back
+        to_nchw = x.device.type == 'cpu' and not x.is_contiguous(memory_format=torch.channels_last)
+        if to_nchw:
+            x = x.contiguous(memory_format=torch.channels_last)
         feats = []
         for conv in self.convs:
             feats.append(conv(x))
@@ -175,7 +180,8 @@ class PyramidSqueezeAttention(nn.Module):
         attn = attn.reshape(B, self.num_scales, self.split_chs, 1, 1).softmax(dim=1)
         # x is this module's own buffer (the concat): reweight it in place when autograd is off
         x = x.mul_(attn) if not torch.is_grad_enabled() else x * attn
-        return x.reshape(B, self.num_scales * self.split_chs, H, W)
+        x = x.reshape(B, self.num_scales * self.split_chs, H, W)
+        return x.contiguous() if to_nchw else x
 
 
 def _check_config(
