@@ -180,21 +180,27 @@ def test_block_matches_official_forward(inplanes, planes, stride, groups, train)
     (128, 32, 7, 8, 1),   # 4 outputs per group
 ])
 def test_depthwise_form_equals_grouped_conv(channels_last, in_chs, out_chs, k, groups, stride):
-    """BranchConv2d's depthwise form (inference): same output and memory layout as the grouped conv."""
+    """BranchConv2d's depthwise form: same output, memory layout and gradients as the grouped conv."""
     torch.manual_seed(0)
     fast = BranchConv2d(in_chs, out_chs, k, stride=stride, padding=k // 2, groups=groups, bias=False, depthwise=True)
     plain = BranchConv2d(in_chs, out_chs, k, stride=stride, padding=k // 2, groups=groups, bias=False, depthwise=False)
-    assert fast.depthwise_outs == out_chs // groups and plain.depthwise_outs == 0
+    assert fast.depthwise and not plain.depthwise
     plain.load_state_dict(fast.state_dict())
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(2, in_chs, 15, 15).contiguous(memory_format=fmt)
     with torch.no_grad():
         y_fast, y_plain = fast(x), plain(x)
-        assert not torch.equal(y_fast, y_plain)  # a different computation...
-        torch.testing.assert_close(y_fast, y_plain, rtol=1e-5, atol=1e-5)  # ...of the same function
+    assert not torch.equal(y_fast, y_plain)  # a different computation...
+    torch.testing.assert_close(y_fast, y_plain, rtol=1e-5, atol=1e-5)  # ...of the same function
     assert y_fast.is_contiguous(memory_format=fmt)
-    # with autograd on (training) the grouped conv runs: its backward is faster on CPU
-    torch.testing.assert_close(fast(x), plain(x), rtol=0, atol=0)
+    # training: depthwise forward, grouped-conv backward
+    x.requires_grad_()
+    y_fast, y_plain = fast(x), plain(x)
+    assert y_fast.grad_fn is not None and 'DepthwiseForm' in type(y_fast.grad_fn).__name__
+    torch.testing.assert_close(y_fast, y_plain, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(y_plain)
+    for a, b in zip(torch.autograd.grad(y_fast, (x, fast.weight), grad), torch.autograd.grad(y_plain, (x, plain.weight), grad)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_depthwise_choice_in_small_model():
@@ -202,8 +208,8 @@ def test_depthwise_choice_in_small_model():
     assert depthwise_pays_off(9, 4, 1) and depthwise_pays_off(7, 16, 4)
     assert not depthwise_pays_off(5, 16, 4) and not depthwise_pays_off(9, 32, 8) and not depthwise_pays_off(3, 64, 16)
     psa = PyramidSqueezeAttention(64)
-    assert [c.depthwise_outs for c in psa.convs] == [0, 0, 2, 1]
-    assert [c.depthwise_outs for c in PyramidSqueezeAttention(64, depthwise=False).convs] == [0, 0, 0, 0]
+    assert [c.depthwise for c in psa.convs] == [False, False, True, True]
+    assert not any(c.depthwise for c in PyramidSqueezeAttention(64, depthwise=False).convs)
 
 
 def test_inference_reweights_in_place_but_training_keeps_autograd():

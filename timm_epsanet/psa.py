@@ -18,7 +18,7 @@ from torch import nn
 
 from timm.layers import SEModule, get_act_layer, get_padding
 
-__all__ = ['BranchConv2d', 'PyramidSqueezeAttention', 'SEWeight', 'depthwise_pays_off', 'default_kernel_sizes', 'default_groups']
+__all__ = ['BranchConv2d', 'PyramidSqueezeAttention', 'SEWeight', 'depthwise_form_conv', 'depthwise_pays_off', 'default_kernel_sizes', 'default_groups']
 
 
 def default_kernel_sizes(num_scales: int) -> Tuple[int, ...]:
@@ -53,14 +53,67 @@ def depthwise_pays_off(kernel_size: int, in_per_group: int, outs_per_group: int)
     return kernel_size >= 7 and in_per_group > 1 and outs_per_group <= 4
 
 
-class BranchConv2d(nn.Conv2d):
-    """A grouped conv that, at inference, computes its output as depthwise convs when its groups have few outputs.
+def depthwise_form_conv(
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        stride: Tuple[int, int],
+        padding: Tuple[int, int],
+        dilation: Tuple[int, int],
+        groups: int,
+) -> torch.Tensor:
+    """`F.conv2d(x, weight, None, stride, padding, dilation, groups)` computed as depthwise convs.
 
     Output r of group j is the sum over the group's input channels i of w[j, r, i] * x[i]: one
     depthwise conv of x with the weights w[:, r] followed by a sum over each group's channels.
-    Same weights (and state dict) and MACs, exact up to float summation order, and CPU backends run
-    it several times faster than a grouped conv with 1-4 outputs per group: the large-kernel PSA
-    branches of the first stages, where the official code spends most of its time.
+    Same MACs, exact up to float summation order. Reduces and interleaves along the dimension
+    that is innermost in memory, so the output keeps x's layout.
+    """
+    in_chs = x.shape[1]
+    outs = weight.shape[0] // groups
+    k_h, k_w = weight.shape[2], weight.shape[3]
+    weight = weight.reshape(groups, outs, in_chs // groups, k_h, k_w)
+    channels_last = x.is_contiguous(memory_format=torch.channels_last)
+    ys = []
+    for r in range(outs):
+        w_r = weight[:, r].reshape(in_chs, 1, k_h, k_w).contiguous()  # plain layout, whatever the module's
+        y = F.conv2d(x, w_r, None, stride, padding, dilation, in_chs)
+        B, _, H, W = y.shape
+        if channels_last:
+            ys.append(y.permute(0, 2, 3, 1).reshape(B, H, W, groups, in_chs // groups).sum(-1))
+        else:
+            ys.append(y.reshape(B, groups, in_chs // groups, H, W).sum(2))
+    if channels_last:
+        y = ys[0] if outs == 1 else torch.stack(ys, dim=-1).flatten(3)
+        return y.permute(0, 3, 1, 2)
+    return ys[0] if outs == 1 else torch.stack(ys, dim=2).flatten(1, 2)
+
+
+class _DepthwiseFormGroupedBackward(torch.autograd.Function):
+    """Training: the depthwise form's fast forward, the grouped conv's (faster) backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, stride, padding, dilation, groups):
+        ctx.save_for_backward(x, weight)
+        ctx.conv_args = (stride, padding, dilation, groups)
+        return depthwise_form_conv(x, weight, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv_args
+        grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+            grad_out, x, weight, None, stride, padding, dilation, False, [0, 0], groups,
+            [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False])
+        return grad_x, grad_w, None, None, None, None
+
+
+class BranchConv2d(nn.Conv2d):
+    """A PSA branch: a grouped conv whose forward runs as depthwise convs when that pays off.
+
+    CPU backends run `depthwise_form_conv` several times faster than a grouped conv with 1-4
+    outputs per group (the large-kernel branches of the first stages, where the official code
+    spends most of its time), but not its backward, so training uses the grouped conv's backward.
+    Weights and state dict are those of the plain grouped conv.
     """
 
     def __init__(self, *args, depthwise: Optional[bool] = None, **kwargs):
@@ -69,30 +122,20 @@ class BranchConv2d(nn.Conv2d):
         outs_per_group = self.out_channels // self.groups
         if depthwise is None:
             depthwise = depthwise_pays_off(self.kernel_size[0], in_per_group, outs_per_group)
-        self.depthwise_outs = outs_per_group if depthwise and in_per_group > 1 else 0
+        self.depthwise = bool(depthwise and in_per_group > 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # training keeps the grouped conv: the backward of the depthwise form is the slower one
-        if self.depthwise_outs == 0 or torch.is_grad_enabled():
+        if not self.depthwise or self.bias is not None:
             return self._conv_forward(x, self.weight, self.bias)
-        groups, outs, in_chs = self.groups, self.depthwise_outs, self.in_channels
-        k_h, k_w = self.weight.shape[2], self.weight.shape[3]
-        weight = self.weight.reshape(groups, outs, in_chs // groups, k_h, k_w)
-        # reduce and interleave along the dimension that is innermost in memory, keeping x's layout
-        channels_last = x.is_contiguous(memory_format=torch.channels_last)
-        ys = []
-        for r in range(outs):
-            w_r = weight[:, r].reshape(in_chs, 1, k_h, k_w).contiguous()  # plain layout, whatever the module's
-            y = F.conv2d(x, w_r, None, self.stride, self.padding, self.dilation, in_chs)
-            B, _, H, W = y.shape
-            if channels_last:
-                ys.append(y.permute(0, 2, 3, 1).reshape(B, H, W, groups, in_chs // groups).sum(-1))
-            else:
-                ys.append(y.reshape(B, groups, in_chs // groups, H, W).sum(2))
-        if channels_last:
-            y = ys[0] if outs == 1 else torch.stack(ys, dim=-1).flatten(3)
-            return y.permute(0, 3, 1, 2)
-        return ys[0] if outs == 1 else torch.stack(ys, dim=2).flatten(1, 2)
+        if not torch.is_grad_enabled():
+            return depthwise_form_conv(x, self.weight, self.stride, self.padding, self.dilation, self.groups)
+        if torch.jit.is_scripting():
+            return self._conv_forward(x, self.weight, self.bias)
+        return self._train_forward(x)
+
+    @torch.jit.unused
+    def _train_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _DepthwiseFormGroupedBackward.apply(x, self.weight, self.stride, self.padding, self.dilation, self.groups)
 
 
 class PyramidSqueezeAttention(nn.Module):
