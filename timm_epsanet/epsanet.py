@@ -24,8 +24,11 @@ from torch import nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import create_aa, create_attn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._builder import resolve_pretrained_cfg
 from timm.models.resnet import ResNet
 
+from .convert import load_checkpoint, pretrained_filter_fn
+from .hub import PRETRAINED_TAG, PUBLISHED, hub_id, unpublished_message
 from .psa import PyramidSqueezeAttention
 
 __all__ = ['EPSABottleneck']
@@ -139,7 +142,23 @@ class EPSABottleneck(nn.Module):
 
 
 def _create_epsanet(variant: str, pretrained: bool = False, **kwargs) -> ResNet:
-    return build_model_with_cfg(ResNet, variant, pretrained, **kwargs)
+    if pretrained:
+        kwargs = _check_pretrained_source(variant, kwargs)
+    return build_model_with_cfg(ResNet, variant, pretrained, pretrained_filter_fn=pretrained_filter_fn, **kwargs)
+
+
+def _check_pretrained_source(variant: str, kwargs: dict) -> dict:
+    """Fail early and clearly: unpublished default weights, or a local file that cannot be read."""
+    cfg = resolve_pretrained_cfg(
+        variant, pretrained_cfg=kwargs.get('pretrained_cfg'), pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'))
+    if cfg.file and not cfg.state_dict and cfg.source != 'local-dir':
+        # read (and convert) it here, so a bad file is reported with its name before timm touches it
+        overlay = dict(kwargs.get('pretrained_cfg_overlay') or {}, state_dict=load_checkpoint(cfg.file))
+        return dict(kwargs, pretrained_cfg_overlay=overlay)
+    default_repo = cfg.hf_hub_id == hub_id(cfg.architecture or variant)
+    if not (cfg.state_dict or cfg.url) and cfg.source != 'hf-hub' and default_repo and variant not in PUBLISHED:
+        raise RuntimeError(unpublished_message(variant))
+    return kwargs
 
 
 def _cfg(**kwargs):
@@ -165,14 +184,18 @@ _LARGE_NOTE = (
 )
 
 default_cfgs = generate_default_cfgs({
-    'epsanet50_small': _cfg(
+    f'epsanet50_small.{PRETRAINED_TAG}': _cfg(
+        hf_hub_id=hub_id('epsanet50_small'),
         description='EPSANet(Small)-50: 22.56M params, 3.60 GMACs; paper top-1 77.49 (ImageNet-1k).'),
-    'epsanet101_small': _cfg(
+    f'epsanet101_small.{PRETRAINED_TAG}': _cfg(
+        hf_hub_id=hub_id('epsanet101_small'),
         description='EPSANet(Small)-101: 38.90M params, 6.79 GMACs; paper top-1 78.43 (ImageNet-1k).'),
-    'epsanet50_large': _cfg(
+    f'epsanet50_large.{PRETRAINED_TAG}': _cfg(
+        hf_hub_id=hub_id('epsanet50_large'),
         description='EPSANet(Large)-50: 30.10M params, 5.05 GMACs; paper top-1 78.64 (ImageNet-1k).',
         notes=(_LARGE_NOTE,)),
-    'epsanet101_large': _cfg(
+    f'epsanet101_large.{PRETRAINED_TAG}': _cfg(
+        hf_hub_id=hub_id('epsanet101_large'),
         description='EPSANet(Large)-101: 53.74M params, 9.67 GMACs; paper top-1 79.38 (ImageNet-1k).',
         notes=(_LARGE_NOTE,)),
 })

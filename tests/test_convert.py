@@ -1,0 +1,210 @@
+"""Official-script and train.py checkpoints -> this package's weights: exact, safe, clear errors."""
+import pickle
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import timm_epsanet  # noqa: F401
+from timm_epsanet.convert import CheckpointError, convert_official, detect_variant, load_checkpoint
+
+KERNELS, GROUPS = (3, 5, 7, 9), (1, 4, 8, 16)
+
+
+class OfficialPSA(nn.Module):
+    """The official PSA with its own parameter names; branches concatenated in reverse order."""
+
+    def __init__(self, inplanes, planes, stride):
+        super().__init__()
+        for i, (k, g) in enumerate(zip(KERNELS, GROUPS)):
+            setattr(self, f'conv_{i + 1}', nn.Conv2d(inplanes, planes // 4, k, stride, k // 2, groups=g, bias=False))
+        self.se = nn.Module()
+        self.se.fc1 = nn.Conv2d(planes // 4, planes // 64, 1)
+        self.se.fc2 = nn.Conv2d(planes // 64, planes // 4, 1)
+        self.split = planes // 4
+
+    def _se(self, x):
+        return torch.sigmoid(self.se.fc2(F.relu(self.se.fc1(F.adaptive_avg_pool2d(x, 1)))))
+
+    def forward(self, x):
+        feats = [getattr(self, f'conv_{i + 1}')(x) for i in range(4)]
+        b, _, h, w = feats[0].shape
+        stacked = torch.cat(feats, 1).view(b, 4, self.split, h, w)
+        weights = torch.cat([self._se(f) for f in feats], 1).view(b, 4, self.split, 1, 1).softmax(dim=1)
+        weighted = stacked * weights
+        return torch.cat([weighted[:, i] for i in reversed(range(4))], 1)
+
+
+class OfficialBlock(nn.Module):
+    def __init__(self, inplanes, planes, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = OfficialPSA(planes, planes, stride)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.downsample = None
+        if stride != 1 or inplanes != planes * 4:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(inplanes, planes * 4, 1, stride, bias=False), nn.BatchNorm2d(planes * 4))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class OfficialEPSANet(nn.Module):
+    def __init__(self, layers=(3, 4, 6, 3), num_classes=1000):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        inplanes = 64
+        for i, (planes, blocks) in enumerate(zip((64, 128, 256, 512), layers)):
+            stage = []
+            for b in range(blocks):
+                stage.append(OfficialBlock(inplanes, planes, 2 if (b == 0 and i > 0) else 1))
+                inplanes = planes * 4
+            setattr(self, f'layer{i + 1}', nn.Sequential(*stage))
+        self.fc = nn.Linear(2048, num_classes)
+        with torch.no_grad():  # trained-looking BN statistics, so a wrong permutation shows
+            for m in self.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.uniform_(-0.2, 0.2)
+                    m.running_mean.uniform_(-0.2, 0.2)
+                    m.running_var.uniform_(0.5, 1.5)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, 2, 1)
+        for i in range(4):
+            x = getattr(self, f'layer{i + 1}')(x)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+@pytest.fixture(scope='module')
+def official():
+    torch.manual_seed(0)
+    return OfficialEPSANet().eval()
+
+
+def save_official(model, path, bare=False):
+    """As the official main.py saves it: DataParallel prefixes, epoch, arch, best_prec1, optimizer."""
+    state_dict = {f'module.{k}': v for k, v in model.state_dict().items()}
+    if bare:
+        torch.save(state_dict, path)
+        return path
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(1, 3, 32, 32)).sum().backward()
+    optimizer.step()  # momentum buffers in the optimizer state
+    model.zero_grad()
+    torch.save({'epoch': 100, 'arch': 'epsanet50', 'state_dict': state_dict, 'best_prec1': torch.tensor(77.49),
+                'optimizer': optimizer.state_dict()}, path)
+    return path
+
+
+def test_official_checkpoint_converts_exactly(official, tmp_path):
+    path = save_official(official, tmp_path / 'model_best.pth.tar')
+    ours = timm.create_model('epsanet50_small').eval()
+    ours.load_state_dict(load_checkpoint(path, ours))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), official(x), rtol=1e-5, atol=1e-5)
+        # and through timm's pretrained machinery (our pretrained_filter_fn), bare state dict too
+        for file in (path, save_official(official, tmp_path / 'bare.pth', bare=True)):
+            via_timm = timm.create_model('epsanet50_small', pretrained=True, pretrained_cfg_overlay=dict(file=str(file)))
+            torch.testing.assert_close(via_timm.eval()(x), official(x), rtol=1e-5, atol=1e-5)
+
+
+def test_conversion_is_a_rename_and_permutation(official):
+    src = official.state_dict()
+    out = convert_official(src)
+    assert 'layer1.0.conv2.convs.3.weight' in out and not any('conv_' in k for k in out)
+    assert torch.equal(out['layer1.0.conv2.convs.0.weight'], src['layer1.0.conv2.conv_1.weight'])
+    # branch 0's BN channels come from the LAST quarter of the official ones
+    torch.testing.assert_close(out['layer1.0.bn2.weight'][:16], src['layer1.0.bn2.weight'][48:])
+    assert sorted(v.numel() for v in out.values()) == sorted(v.numel() for v in src.values())
+    assert detect_variant(out) == 'epsanet50_small'
+
+
+def test_train_py_checkpoint_with_ema(tmp_path):
+    torch.manual_seed(0)
+    model, ema = timm.create_model('epsanet50_small'), timm.create_model('epsanet50_small')
+    torch.save({'epoch': 3, 'arch': 'epsanet50_small', 'state_dict': model.state_dict(),
+                'state_dict_ema': {f'module.{k}': v for k, v in ema.state_dict().items()}}, tmp_path / 'last.pth.tar')
+    raw = load_checkpoint(tmp_path / 'last.pth.tar', model)
+    with_ema = load_checkpoint(tmp_path / 'last.pth.tar', model, use_ema=True)
+    key = 'layer2.1.conv2.convs.2.weight'
+    assert torch.equal(raw[key], model.state_dict()[key]) and torch.equal(with_ema[key], ema.state_dict()[key])
+
+
+def test_wrong_architecture_is_named(tmp_path):
+    large = timm.create_model('epsanet50_large')
+    torch.save({'state_dict': large.state_dict()}, tmp_path / 'large.pth.tar')
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(tmp_path / 'large.pth.tar', timm.create_model('epsanet50_small'))
+    msg = str(info.value)
+    assert str(tmp_path / 'large.pth.tar') in msg and 'looks like epsanet50_large' in msg and 'shape mismatches' in msg
+    with pytest.raises(CheckpointError, match='looks like epsanet50_large'):
+        timm.create_model('epsanet50_small', pretrained=True,
+                          pretrained_cfg_overlay=dict(file=str(tmp_path / 'large.pth.tar')))
+
+
+def test_missing_and_unexpected_keys(official, tmp_path):
+    state_dict = convert_official(official.state_dict())
+    del state_dict['layer4.2.bn3.running_var']
+    state_dict['layer5.0.conv1.weight'] = torch.zeros(1)
+    torch.save(state_dict, tmp_path / 'edited.pth')
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(tmp_path / 'edited.pth', timm.create_model('epsanet50_small'))
+    assert '1 missing keys: layer4.2.bn3.running_var' in str(info.value)
+    assert '1 unexpected keys: layer5.0.conv1.weight' in str(info.value)
+
+
+def test_unreadable_files(official, tmp_path):
+    path = save_official(official, tmp_path / 'checkpoint.pth.tar')
+    truncated = tmp_path / 'truncated.pth.tar'
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    text = tmp_path / 'notes.pth'
+    text.write_text('not a checkpoint')
+    broken_safetensors = tmp_path / 'model.safetensors'
+    broken_safetensors.write_bytes(b'\x10\x00\x00\x00\x00\x00\x00\x00{"a": 1}')
+    for bad in (truncated, text, broken_safetensors):
+        with pytest.raises(CheckpointError, match='not a readable checkpoint') as info:
+            load_checkpoint(bad)
+        assert str(bad) in str(info.value)
+    with pytest.raises(CheckpointError, match='no such file'):
+        load_checkpoint(tmp_path / 'absent.pth')
+    torch.save({'epoch': 1}, tmp_path / 'empty.pth')
+    with pytest.raises(CheckpointError, match='holds no state dict of tensors'):
+        load_checkpoint(tmp_path / 'empty.pth')
+
+
+class _Payload:
+    def __reduce__(self):
+        return (open, ('/tmp/timm_epsanet_pwned', 'w'))
+
+
+def test_pickled_code_never_runs(tmp_path):
+    import os
+    marker = '/tmp/timm_epsanet_pwned'
+    if os.path.exists(marker):
+        os.remove(marker)
+    path = tmp_path / 'evil.pth'
+    with open(path, 'wb') as f:
+        torch.save({'state_dict': {'conv1.weight': torch.zeros(1)}, 'x': _Payload()}, f, pickle_protocol=pickle.HIGHEST_PROTOCOL)
+    with pytest.raises(CheckpointError, match='not a readable checkpoint'):
+        load_checkpoint(path)
+    assert not os.path.exists(marker)
+
+
+def test_unpublished_weights_fail_clearly():
+    with pytest.raises(RuntimeError) as info:
+        timm.create_model('epsanet101_large', pretrained=True)
+    msg = str(info.value)
+    assert 'No pretrained weights are published for epsanet101_large' in msg
+    assert 'recipes/imagenet_paper.yaml' in msg and 'pretrained_cfg_overlay=dict(file=' in msg
