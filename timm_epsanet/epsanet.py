@@ -19,6 +19,8 @@ import math
 from typing import Optional, Sequence, Type
 
 import torch
+from huggingface_hub.errors import LocalEntryNotFoundError
+from safetensors import SafetensorError
 from torch import nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -28,7 +30,7 @@ from timm.models._builder import resolve_pretrained_cfg
 from timm.models.resnet import ResNet
 
 from .convert import load_checkpoint, pretrained_filter_fn
-from .hub import PRETRAINED_TAG, PUBLISHED, hub_id, unpublished_message
+from .hub import PRETRAINED_TAG, hub_failure_message, hub_id, is_unpublished_default, unpublished_message
 from .psa import PyramidSqueezeAttention
 
 __all__ = ['EPSABottleneck']
@@ -144,7 +146,10 @@ class EPSABottleneck(nn.Module):
 def _create_epsanet(variant: str, pretrained: bool = False, **kwargs) -> ResNet:
     if pretrained:
         kwargs = _check_pretrained_source(variant, kwargs)
-    return build_model_with_cfg(ResNet, variant, pretrained, pretrained_filter_fn=pretrained_filter_fn, **kwargs)
+    try:
+        return build_model_with_cfg(ResNet, variant, pretrained, pretrained_filter_fn=pretrained_filter_fn, **kwargs)
+    except (LocalEntryNotFoundError, SafetensorError) as e:
+        raise RuntimeError(hub_failure_message(variant, e)) from e
 
 
 def _check_pretrained_source(variant: str, kwargs: dict) -> dict:
@@ -155,8 +160,7 @@ def _check_pretrained_source(variant: str, kwargs: dict) -> dict:
         # read (and convert) it here, so a bad file is reported with its name before timm touches it
         overlay = dict(kwargs.get('pretrained_cfg_overlay') or {}, state_dict=load_checkpoint(cfg.file))
         return dict(kwargs, pretrained_cfg_overlay=overlay)
-    default_repo = cfg.hf_hub_id == hub_id(cfg.architecture or variant)
-    if not (cfg.state_dict or cfg.url) and cfg.source != 'hf-hub' and default_repo and variant not in PUBLISHED:
+    if not (cfg.state_dict or cfg.url) and cfg.source != 'hf-hub' and is_unpublished_default(variant, cfg.hf_hub_id):
         raise RuntimeError(unpublished_message(variant))
     return kwargs
 
