@@ -18,7 +18,10 @@ from torch import nn
 
 from timm.layers import SEModule, get_act_layer, get_padding
 
-__all__ = ['BranchConv2d', 'PyramidSqueezeAttention', 'SEWeight', 'depthwise_form_conv', 'depthwise_pays_off', 'default_kernel_sizes', 'default_groups']
+__all__ = [
+    'BranchConv2d', 'PyramidSqueezeAttention', 'SEWeight', 'default_groups', 'default_kernel_sizes',
+    'depthwise_form_conv', 'depthwise_pays_off',
+]
 
 
 def default_kernel_sizes(num_scales: int) -> Tuple[int, ...]:
