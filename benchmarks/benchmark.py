@@ -1,14 +1,20 @@
 """Throughput and peak memory of the EPSANet variants beside timm's ResNet-50 family, in one run.
 
-Every configuration (model x inference/training x layout x precision x eager/compiled) runs in a
-fresh subprocess, so allocator state and peak memory do not leak between them, and configurations
-are measured round-robin `--repeats` times (median kept) so drifts of the machine hit all alike.
+On CPU every configuration (model x inference/training x layout x precision x eager/compiled)
+runs in a fresh subprocess, so allocator state and peak memory do not leak between them; on CUDA,
+where peak memory is read from the allocator, one subprocess per model runs its configurations.
+Configurations are measured round-robin `--repeats` times, keeping the best (other load on the machine only ever
+slows a run down, so the fastest repeat is the least disturbed).
 Writes `<out>/benchmark.md` (a Markdown table with ratios against resnet50 of the same
 configuration) and `<out>/benchmark.png`.
 
-    python benchmarks/benchmark.py                       # CPU: fp32, NCHW + channels_last, eager
-    python benchmarks/benchmark.py --compile --amp       # + torch.compile and AMP (bf16 on CPU)
+    python benchmarks/benchmark.py                       # fp32, NCHW + channels_last, eager
+    python benchmarks/benchmark.py --precisions fp32 amp --compile   # + AMP (bf16 CPU, fp16 CUDA), torch.compile
     python benchmarks/benchmark.py --models epsanet50_small resnet50 --modes infer
+
+Model names are timm names, optionally with a suffix for EPSANet: `@official` (every PSA runs the
+official code's forward structure, see official_structure.py), `@grouped` (PSA branches always as
+grouped convs) or `@depthwise` (always in depthwise form where exact).
 """
 import argparse
 import json
@@ -18,31 +24,39 @@ import resource
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
 EPSANETS = ['epsanet50_small', 'epsanet50_large', 'epsanet101_small', 'epsanet101_large']
 BASELINES = ['resnet50', 'seresnet50', 'ecaresnet50t', 'skresnet50', 'res2net50_26w_4s']
-# EPSANet-50 Small with every PSA branch as a plain grouped conv, the official code's structure
-GROUPED = 'epsanet50_small@grouped'
+# EPSANet-50 Small computed the way the official code computes it (same weights)
+OFFICIAL = 'epsanet50_small@official'
 REFERENCE = 'resnet50'
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--models', nargs='+', default=EPSANETS + [GROUPED] + BASELINES)
+    parser.add_argument('--models', nargs='+', default=EPSANETS + [OFFICIAL] + BASELINES)
     parser.add_argument('--device', default=None, help='cpu or cuda (default: cuda when available)')
     parser.add_argument('--modes', nargs='+', default=['infer', 'train'], choices=['infer', 'train'])
     parser.add_argument('--layouts', nargs='+', default=['nchw', 'channels_last'], choices=['nchw', 'channels_last'])
-    parser.add_argument('--amp', action='store_true', help='also measure autocast (bf16 on CPU, fp16 on CUDA)')
+    parser.add_argument('--precisions', nargs='+', default=['fp32'], choices=['fp32', 'amp'],
+                        help='amp: autocast, bf16 on CPU, fp16 on CUDA')
     parser.add_argument('--compile', action='store_true', help='also measure torch.compile')
+    parser.add_argument('--eager', action=argparse.BooleanOptionalAction, default=True,
+                        help='--no-eager: with --compile, measure compiled configurations only')
+    parser.add_argument('--compile-models', nargs='+', default=None,
+                        help='measure compiled configurations for these models only (default: all)')
     parser.add_argument('--batch-size', type=int, default=None, help='default 8 on CPU, 128 on CUDA')
     parser.add_argument('--img-size', type=int, default=224)
     parser.add_argument('--iters', type=int, default=None, help='timed iterations (default 6 CPU, 30 CUDA)')
     parser.add_argument('--warmup', type=int, default=2)
-    parser.add_argument('--repeats', type=int, default=1, help='round-robin repeats, median kept')
+    parser.add_argument('--repeats', type=int, default=1, help='round-robin repeats, best kept')
     parser.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: all cores)')
     parser.add_argument('--out', type=Path, default=Path(__file__).resolve().parent / 'results')
+    parser.add_argument('--merge', nargs='+', type=Path, default=None, metavar='JSON',
+                        help='measure nothing: write one report from these benchmark.json files')
     parser.add_argument('--worker', help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -50,10 +64,16 @@ def parse_args(argv=None):
 def create(name, **kwargs):
     import timm
     import timm_epsanet  # noqa: F401  (explicit registration, also when the autoload is off)
-    if name == GROUPED:
-        kwargs['block_args'] = dict(psa_groups=(1, 4, 8, 16), psa_depthwise=False)
-        name = 'epsanet50_small'
-    return timm.create_model(name, **kwargs)
+    name, _, form = name.partition('@')
+    if form in ('grouped', 'depthwise'):
+        kwargs['block_args'] = dict(psa_depthwise=form == 'depthwise')
+    elif form not in ('', 'official'):
+        raise ValueError(f'unknown model form @{form}: use @official, @grouped or @depthwise')
+    model = timm.create_model(name, **kwargs)
+    if form == 'official':
+        from official_structure import to_official_structure
+        model = to_official_structure(model)
+    return model
 
 
 def measure(cfg):
@@ -63,6 +83,9 @@ def measure(cfg):
         torch.set_num_threads(cfg['threads'])
     device = torch.device(cfg['device'])
     cuda = device.type == 'cuda'
+    if cuda:
+        torch.backends.cudnn.benchmark = True  # as timm's train.py, validate.py and benchmark.py set it
+        torch.cuda.empty_cache()
     train = cfg['mode'] == 'train'
     baseline_mib = _current_rss_mib()
     model = create(cfg['model'], device=device)
@@ -108,6 +131,8 @@ def measure(cfg):
     else:
         # process peak (KiB on Linux) minus what the process held before the model existed
         peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - baseline_mib
+    del model, step_model, optimizer
+    torch._dynamo.reset()  # the next configuration of this process compiles afresh
     return dict(img_s=cfg['batch_size'] / statistics.median(times), peak_mib=peak_mib)
 
 
@@ -117,14 +142,15 @@ def _current_rss_mib():
 
 
 def configurations(args, device):
-    precisions = ['fp32'] + (['amp'] if args.amp else [])
-    compiles = [False] + ([True] if args.compile else [])
+    compiles = ([False] if args.eager or not args.compile else []) + ([True] if args.compile else [])
     cuda = device == 'cuda'
     for mode in args.modes:
         for layout in args.layouts:
-            for precision in precisions:
+            for precision in args.precisions:
                 for compiled in compiles:
                     for model in args.models:
+                        if compiled and args.compile_models is not None and model not in args.compile_models:
+                            continue
                         yield dict(
                             model=model, mode=mode, layout=layout, precision=precision, compile=compiled,
                             device=device, batch_size=args.batch_size or (128 if cuda else 8),
@@ -132,14 +158,36 @@ def configurations(args, device):
                             warmup=args.warmup + (3 if compiled else 0), threads=args.threads)
 
 
-def run_worker(cfg):
+def run_worker(cfgs):
+    """Measure `cfgs` in order in one fresh process; a crash fails the configurations it did not finish."""
     env = dict(os.environ, PYTHONUNBUFFERED='1')
     out = subprocess.run(
-        [sys.executable, __file__, '--worker', json.dumps(cfg)], capture_output=True, text=True, env=env)
-    if out.returncode != 0:
-        tail = out.stderr.strip().splitlines()[-1:] or ['no output']
-        return dict(error=tail[0][:200])
-    return json.loads(out.stdout.strip().splitlines()[-1])
+        [sys.executable, __file__, '--worker', json.dumps(cfgs)], capture_output=True, text=True, env=env)
+    results = [json.loads(line) for line in out.stdout.splitlines() if line.startswith('{')]
+    if len(results) < len(cfgs):
+        tail = out.stderr.strip().splitlines()[-1:] or [f'exit code {out.returncode}, no output']
+        results += [dict(error=tail[0][:200])] * (len(cfgs) - len(results))
+    return results
+
+
+def worker(cfgs):
+    for cfg in cfgs:
+        try:
+            res = measure(cfg)
+        except Exception as e:  # reported in the table; the other configurations still run
+            res = dict(error=f'{type(e).__name__}: {e}'.splitlines()[0][:200])
+        print(json.dumps(res), flush=True)
+
+
+def batches(cfgs, device):
+    """Indices of the configurations each worker process measures: one per process on CPU, one
+    model per process on CUDA."""
+    if device != 'cuda':
+        return [[i] for i in range(len(cfgs))]
+    by_model = {}
+    for i, cfg in enumerate(cfgs):
+        by_model.setdefault(cfg['model'], []).append(i)
+    return list(by_model.values())
 
 
 def key(cfg):
@@ -154,13 +202,12 @@ def machine_description(device):
     return f'{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, {threads} threads, torch {torch.__version__}'
 
 
-def write_report(results, args, device, out: Path):
-    import timm
+def write_report(results, machine, repeats, out: Path, with_plot=True):
     out.mkdir(parents=True, exist_ok=True)
     cfg0 = results[0][0]
     lines = [
-        f'Machine: {machine_description(device)}, timm {timm.__version__}; batch {cfg0["batch_size"]}, '
-        f'{cfg0["img_size"]}x{cfg0["img_size"]}, median of {cfg0["iters"]} iterations, {args.repeats} repeat(s).',
+        f'Machine: {machine}; batch {cfg0["batch_size"]}, {cfg0["img_size"]}x{cfg0["img_size"]}, '
+        f'median of {cfg0["iters"]} iterations, best of {repeats} repeat(s).',
         '',
         '| model | mode | layout | precision | compiled | img/s | x resnet50 | peak memory (MiB) [1] |',
         '|---|---|---|---|---|---|---|---|',
@@ -177,8 +224,10 @@ def write_report(results, args, device, out: Path):
     lines += ['', '[1] CUDA: peak allocated; CPU: peak RSS of the process minus its RSS before the model was built.']
     table = '\n'.join(lines) + '\n'
     (out / 'benchmark.md').write_text(table)
-    (out / 'benchmark.json').write_text(json.dumps([dict(cfg, **res) for cfg, res in results], indent=1))
-    plot(results, reference, out / 'benchmark.png', lines[0])
+    rows = [dict(cfg, **res) for cfg, res in results]
+    (out / 'benchmark.json').write_text(json.dumps(dict(machine=machine, repeats=repeats, rows=rows), indent=1))
+    if with_plot:
+        plot(results, reference, out / 'benchmark.png', lines[0])
     return table
 
 
@@ -201,39 +250,62 @@ def plot(results, reference, path, title):
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))])
     ax.set_xticklabels(['\n'.join([g[0], g[1], g[2], 'compiled' if g[3] else 'eager']) for g in groups])
     ax.set_ylabel('throughput relative to resnet50')
-    ax.set_title(title[:110], fontsize=8)
+    ax.set_title(textwrap.fill(title, 110), fontsize=8)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
+def merge(paths, out: Path):
+    """One report from the benchmark.json of several runs on the same machine."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    machines = {run['machine'] for run in runs}
+    if len(machines) != 1:
+        raise SystemExit(f'refusing to merge runs from different machines: {sorted(machines)}')
+    cfg_keys = set(json.loads(json.dumps(list(configurations(parse_args([]), 'cpu'))[0])))
+    results = [({k: v for k, v in row.items() if k in cfg_keys}, {k: v for k, v in row.items() if k not in cfg_keys})
+               for run in runs for row in run['rows']]
+    return write_report(results, machines.pop(), min(run['repeats'] for run in runs), out)
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.worker:
-        print(json.dumps(measure(json.loads(args.worker))))
+        worker(json.loads(args.worker))
+        return
+    if args.merge:
+        print(merge(args.merge, args.out))
         return
     import torch
+    import timm
     device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     cfgs = list(configurations(args, device))
+    machine = f'{machine_description(device)}, timm {timm.__version__}'
     samples = {i: [] for i in range(len(cfgs))}
     for repeat in range(args.repeats):
-        for i, cfg in enumerate(cfgs):
-            res = run_worker(cfg)
-            samples[i].append(res)
-            shown = f'{res["img_s"]:.1f} img/s' if 'img_s' in res else res['error']
-            print(f'[{repeat + 1}/{args.repeats}] {cfg["model"]:<24} {" ".join(map(str, key(cfg))):<36} {shown}',
-                  flush=True)
+        for batch in batches(cfgs, device):
+            for i, res in zip(batch, run_worker([cfgs[i] for i in batch])):
+                samples[i].append(res)
+                shown = f'{res["img_s"]:.1f} img/s' if 'img_s' in res else res['error']
+                print(f'[{repeat + 1}/{args.repeats}] {cfgs[i]["model"]:<26} {" ".join(map(str, key(cfgs[i]))):<36} '
+                      f'{shown}', flush=True)
+            # what is measured so far survives an interrupted run
+            write_report(best_of(cfgs, samples), machine, repeat + 1, args.out, with_plot=False)
+    print()
+    print(write_report(best_of(cfgs, samples), machine, args.repeats, args.out))
+
+
+def best_of(cfgs, samples):
+    """(cfg, result) of every configuration measured so far: the fastest repeat, or the error."""
     results = []
     for i, cfg in enumerate(cfgs):
         ok = [s for s in samples[i] if 'img_s' in s]
         if ok:
-            results.append((cfg, dict(img_s=statistics.median(s['img_s'] for s in ok),
-                                      peak_mib=max(s['peak_mib'] for s in ok))))
-        else:
+            results.append((cfg, dict(img_s=max(s['img_s'] for s in ok), peak_mib=max(s['peak_mib'] for s in ok),
+                                      samples=[round(s['img_s'], 2) for s in ok])))
+        elif samples[i]:
             results.append((cfg, samples[i][0]))
-    print()
-    print(write_report(results, args, device, args.out))
-
+    return results
 
 if __name__ == '__main__':
     main()

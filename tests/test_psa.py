@@ -203,6 +203,27 @@ def test_depthwise_form_equals_grouped_conv(channels_last, in_chs, out_chs, k, g
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_depthwise_form_under_autocast_matches_grouped_conv():
+    """AMP training: the depthwise path casts like autocast casts a conv, and its backward runs in
+    that dtype (a mixed fp16/fp32 backward conv fails on CUDA); gradients reach fp32 parameters."""
+    torch.manual_seed(0)
+    fast = BranchConv2d(64, 16, 9, padding=4, groups=16, bias=False, depthwise=True)
+    plain = BranchConv2d(64, 16, 9, padding=4, groups=16, bias=False, depthwise=False)
+    plain.load_state_dict(fast.state_dict())
+    x = torch.randn(2, 64, 12, 12)
+    grads = []
+    for conv in (fast, plain):
+        x_in = x.clone().requires_grad_()
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            y = conv(x_in)
+        assert y.dtype == torch.bfloat16
+        y.float().square().sum().backward()
+        assert conv.weight.grad.dtype == torch.float32 and x_in.grad.dtype == torch.float32
+        grads.append((y.float(), x_in.grad, conv.weight.grad))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2 * b.abs().max().item())
+
+
 def test_depthwise_choice_in_small_model():
     """The CPU rule picks the 7x7/9x9 branches with <= 4 outputs per group (stages 1-3 of Small)."""
     assert depthwise_pays_off(9, 4, 1) and depthwise_pays_off(7, 16, 4)

@@ -96,9 +96,17 @@ class _DepthwiseFormGroupedBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, stride, padding, dilation, groups):
+        # autocast does not reach into backward: cast as autocast would cast a conv, and save
+        # those, so that the backward conv sees one dtype (CUDA refuses fp16 input, fp32 weight)
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+            x, weight = x.to(dtype), weight.to(dtype)
+        with torch.autocast(device_type, enabled=False):
+            out = depthwise_form_conv(x, weight, stride, padding, dilation, groups)
         ctx.save_for_backward(x, weight)
         ctx.conv_args = (stride, padding, dilation, groups)
-        return depthwise_form_conv(x, weight, stride, padding, dilation, groups)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):

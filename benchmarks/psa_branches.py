@@ -1,0 +1,108 @@
+"""Time each PSA branch conv of EPSANet as a grouped conv and in depthwise form, on this device.
+
+`BranchConv2d` picks the form per branch with `depthwise_pays_off`; this script is the evidence
+for that rule. It prints one row per branch shape (EPSANet-50 stages, Small and Large) with the
+milliseconds of the forward (inference) and forward + backward (training) of both forms.
+
+    python benchmarks/psa_branches.py                                 # CPU, batch 8, fp32
+    python benchmarks/psa_branches.py --device cuda --batch-size 128 --amp
+"""
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from timm_epsanet.psa import BranchConv2d
+from timm_epsanet.epsanet import LARGE_GROUPS, PSA_KERNELS, SMALL_GROUPS
+
+# (PSA width, output resolution) of the four stages of EPSANet Small; Large is twice as wide
+STAGES = ((64, 56), (128, 28), (256, 14), (512, 7))
+
+
+def shapes():
+    for variant, groups, widen in (('small', SMALL_GROUPS, 1), ('large', LARGE_GROUPS, 2)):
+        for stage, (width, size) in enumerate(STAGES, start=1):
+            for k, g in zip(PSA_KERNELS, groups):
+                yield dict(variant=variant, stage=stage, chs=width * widen, size=size, kernel=k, groups=g)
+
+
+def time_ms(fn, device, iters, warmup=3):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def measure(shape, args, device):
+    chs, out_chs = shape['chs'], shape['chs'] // 4
+    convs = {
+        form: BranchConv2d(chs, out_chs, shape['kernel'], padding=shape['kernel'] // 2, groups=shape['groups'],
+                           bias=False, depthwise=form == 'depthwise', device=device)
+        for form in ('grouped', 'depthwise')
+    }
+    fmt = torch.channels_last if args.layout == 'channels_last' else torch.contiguous_format
+    x = torch.randn(args.batch_size, chs, shape['size'], shape['size'], device=device).contiguous(memory_format=fmt)
+    amp_dtype = (torch.float16 if device.type == 'cuda' else torch.bfloat16) if args.amp else None
+    row = dict(shape)
+    for form, conv in convs.items():
+        conv.to(memory_format=fmt)
+        if form == 'depthwise' and not conv.depthwise:  # 1 input per group: already depthwise
+            row[f'{form}_infer_ms'] = row[f'{form}_train_ms'] = float('nan')
+            continue
+        x_train = x.detach().requires_grad_()
+
+        def infer():
+            with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype, enabled=args.amp):
+                conv(x)
+
+        def train():
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=args.amp):
+                y = conv(x_train)
+            y.backward(torch.ones_like(y))
+
+        row[f'{form}_infer_ms'] = time_ms(infer, device, args.iters)
+        row[f'{form}_train_ms'] = time_ms(train, device, args.iters)
+    row['rule_picks_depthwise'] = BranchConv2d(chs, out_chs, shape['kernel'], groups=shape['groups'], bias=False).depthwise
+    return row
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--device', default='cpu')
+    parser.add_argument('--batch-size', type=int, default=8)
+    parser.add_argument('--layout', default='channels_last', choices=['nchw', 'channels_last'])
+    parser.add_argument('--amp', action='store_true')
+    parser.add_argument('--iters', type=int, default=10)
+    parser.add_argument('--json', type=Path, default=None, help='also write the rows here')
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True
+    print(f'{device}, batch {args.batch_size}, {args.layout}, {"amp" if args.amp else "fp32"}; milliseconds')
+    print('| variant | stage | chs | size | k | groups | grouped infer | depthwise infer | grouped train '
+          '| depthwise train | rule picks depthwise |')
+    print('|---|---|---|---|---|---|---|---|---|---|---|')
+    rows = []
+    for shape in shapes():
+        row = measure(shape, args, device)
+        rows.append(row)
+        print(f'| {row["variant"]} | {row["stage"]} | {row["chs"]} | {row["size"]} | {row["kernel"]} | {row["groups"]} '
+              f'| {row["grouped_infer_ms"]:.3f} | {row["depthwise_infer_ms"]:.3f} | {row["grouped_train_ms"]:.3f} '
+              f'| {row["depthwise_train_ms"]:.3f} | {row["rule_picks_depthwise"]} |', flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(dict(args=vars(args) | dict(json=str(args.json)), rows=rows), indent=1))
+
+
+if __name__ == '__main__':
+    main()
