@@ -13,8 +13,9 @@ configuration) and `<out>/benchmark.png`.
     python benchmarks/benchmark.py --models epsanet50_small resnet50 --modes infer
 
 Model names are timm names, optionally with a suffix for EPSANet: `@official` (every PSA runs the
-official code's forward structure, see official_structure.py), `@grouped` (PSA branches always as
-grouped convs) or `@depthwise` (always in depthwise form where exact).
+official code's forward structure, see official_structure.py), or a PSA branch form that applies
+on every device instead of the per-device default: `@grouped`, `@depthwise` or `@dense` (see
+timm_epsanet.psa.BranchConv2d).
 """
 import argparse
 import json
@@ -55,6 +56,8 @@ def parse_args(argv=None):
     parser.add_argument('--repeats', type=int, default=1, help='round-robin repeats, best kept')
     parser.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: all cores)')
     parser.add_argument('--out', type=Path, default=Path(__file__).resolve().parent / 'results')
+    parser.add_argument('--one-process', action='store_true',
+                        help='CUDA: measure every configuration in one process (saves start-up time)')
     parser.add_argument('--merge', nargs='+', type=Path, default=None, metavar='JSON',
                         help='measure nothing: write one report from these benchmark.json files')
     parser.add_argument('--worker', help=argparse.SUPPRESS)
@@ -65,10 +68,10 @@ def create(name, **kwargs):
     import timm
     import timm_epsanet  # noqa: F401  (explicit registration, also when the autoload is off)
     name, _, form = name.partition('@')
-    if form in ('grouped', 'depthwise'):
-        kwargs['block_args'] = dict(psa_depthwise=form == 'depthwise')
+    if form in ('grouped', 'depthwise', 'dense'):
+        kwargs['block_args'] = dict(psa_branch_form=form)
     elif form not in ('', 'official'):
-        raise ValueError(f'unknown model form @{form}: use @official, @grouped or @depthwise')
+        raise ValueError(f'unknown model form @{form}: use @official, @grouped, @depthwise or @dense')
     model = timm.create_model(name, **kwargs)
     if form == 'official':
         from official_structure import to_official_structure
@@ -159,15 +162,21 @@ def configurations(args, device):
 
 
 def run_worker(cfgs):
-    """Measure `cfgs` in order in one fresh process; a crash fails the configurations it did not finish."""
+    """Measure `cfgs` in order in one fresh process, yielding each result as soon as it is measured;
+    a crash fails the configurations it did not finish."""
     env = dict(os.environ, PYTHONUNBUFFERED='1')
-    out = subprocess.run(
-        [sys.executable, __file__, '--worker', json.dumps(cfgs)], capture_output=True, text=True, env=env)
-    results = [json.loads(line) for line in out.stdout.splitlines() if line.startswith('{')]
-    if len(results) < len(cfgs):
-        tail = out.stderr.strip().splitlines()[-1:] or [f'exit code {out.returncode}, no output']
-        results += [dict(error=tail[0][:200])] * (len(cfgs) - len(results))
-    return results
+    with subprocess.Popen([sys.executable, __file__, '--worker', json.dumps(cfgs)], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, env=env) as proc:
+        done = 0
+        for line in proc.stdout:
+            if line.startswith('{'):
+                done += 1
+                yield json.loads(line)
+        stderr = proc.stderr.read()
+    if done < len(cfgs):
+        tail = stderr.strip().splitlines()[-1:] or [f'exit code {proc.returncode}, no output']
+        for _ in range(len(cfgs) - done):
+            yield dict(error=tail[0][:200])
 
 
 def worker(cfgs):
@@ -179,11 +188,13 @@ def worker(cfgs):
         print(json.dumps(res), flush=True)
 
 
-def batches(cfgs, device):
+def batches(cfgs, device, one_process=False):
     """Indices of the configurations each worker process measures: one per process on CPU, one
-    model per process on CUDA."""
+    model per process (or all in one) on CUDA."""
     if device != 'cuda':
         return [[i] for i in range(len(cfgs))]
+    if one_process:
+        return [list(range(len(cfgs)))]
     by_model = {}
     for i, cfg in enumerate(cfgs):
         by_model.setdefault(cfg['model'], []).append(i)
@@ -283,14 +294,14 @@ def main(argv=None):
     machine = f'{machine_description(device)}, timm {timm.__version__}'
     samples = {i: [] for i in range(len(cfgs))}
     for repeat in range(args.repeats):
-        for batch in batches(cfgs, device):
+        for batch in batches(cfgs, device, args.one_process):
             for i, res in zip(batch, run_worker([cfgs[i] for i in batch])):
                 samples[i].append(res)
                 shown = f'{res["img_s"]:.1f} img/s' if 'img_s' in res else res['error']
                 print(f'[{repeat + 1}/{args.repeats}] {cfgs[i]["model"]:<26} {" ".join(map(str, key(cfgs[i]))):<36} '
                       f'{shown}', flush=True)
-            # what is measured so far survives an interrupted run
-            write_report(best_of(cfgs, samples), machine, repeat + 1, args.out, with_plot=False)
+                # what is measured so far survives an interrupted run
+                write_report(best_of(cfgs, samples), machine, repeat + 1, args.out, with_plot=False)
     print()
     print(write_report(best_of(cfgs, samples), machine, args.repeats, args.out))
 

@@ -1,8 +1,8 @@
-"""Time each PSA branch conv of EPSANet as a grouped conv and in depthwise form, on this device.
+"""Time each PSA branch conv of EPSANet in each form of `BranchConv2d`, on this device.
 
-`BranchConv2d` picks the form per branch with `depthwise_pays_off`; this script is the evidence
-for that rule. It prints one row per branch shape (EPSANet-50 stages, Small and Large) with the
-milliseconds of the forward (inference) and forward + backward (training) of both forms.
+The 'auto' form picks per branch and device (`depthwise_pays_off` on CPU); this script is the
+evidence for that rule. It prints one row per branch shape (EPSANet-50 stages, Small and Large)
+with the milliseconds of the forward (inference) and forward + backward (training) of each form.
 
     python benchmarks/psa_branches.py                                 # CPU, batch 8, fp32
     python benchmarks/psa_branches.py --device cuda --batch-size 128 --amp
@@ -48,8 +48,8 @@ def measure(shape, args, device):
     chs, out_chs = shape['chs'], shape['chs'] // 4
     convs = {
         form: BranchConv2d(chs, out_chs, shape['kernel'], padding=shape['kernel'] // 2, groups=shape['groups'],
-                           bias=False, depthwise=form == 'depthwise', device=device)
-        for form in ('grouped', 'depthwise')
+                           bias=False, form=form, device=device)
+        for form in args.forms
     }
     fmt = torch.channels_last if args.layout == 'channels_last' else torch.contiguous_format
     x = torch.randn(args.batch_size, chs, shape['size'], shape['size'], device=device).contiguous(memory_format=fmt)
@@ -57,7 +57,7 @@ def measure(shape, args, device):
     row = dict(shape)
     for form, conv in convs.items():
         conv.to(memory_format=fmt)
-        if form == 'depthwise' and not conv.depthwise:  # 1 input per group: already depthwise
+        if conv.form != form:  # 1 input per group or 1 group: nothing to reformulate
             row[f'{form}_infer_ms'] = row[f'{form}_train_ms'] = float('nan')
             continue
         x_train = x.detach().requires_grad_()
@@ -73,7 +73,7 @@ def measure(shape, args, device):
 
         row[f'{form}_infer_ms'] = time_ms(infer, device, args.iters)
         row[f'{form}_train_ms'] = time_ms(train, device, args.iters)
-    row['rule_picks_depthwise'] = BranchConv2d(chs, out_chs, shape['kernel'], groups=shape['groups'], bias=False).depthwise
+    row['auto'] = BranchConv2d(chs, out_chs, shape['kernel'], groups=shape['groups'], bias=False).form_for(device.type)
     return row
 
 
@@ -84,22 +84,27 @@ def main(argv=None):
     parser.add_argument('--layout', default='channels_last', choices=['nchw', 'channels_last'])
     parser.add_argument('--amp', action='store_true')
     parser.add_argument('--iters', type=int, default=10)
+    parser.add_argument('--forms', nargs='+', default=['grouped', 'depthwise', 'dense'],
+                        choices=['grouped', 'depthwise', 'dense'])
+    parser.add_argument('--variants', nargs='+', default=['small', 'large'], choices=['small', 'large'])
     parser.add_argument('--json', type=Path, default=None, help='also write the rows here')
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
     print(f'{device}, batch {args.batch_size}, {args.layout}, {"amp" if args.amp else "fp32"}; milliseconds')
-    print('| variant | stage | chs | size | k | groups | grouped infer | depthwise infer | grouped train '
-          '| depthwise train | rule picks depthwise |')
-    print('|---|---|---|---|---|---|---|---|---|---|---|')
+    cols = [f'{form} {mode}' for mode in ('infer', 'train') for form in args.forms]
+    print('| variant | stage | chs | size | k | groups | ' + ' | '.join(cols) + ' | auto picks |')
+    print('|' + '---|' * (7 + len(cols)))
     rows = []
     for shape in shapes():
+        if shape['variant'] not in args.variants:
+            continue
         row = measure(shape, args, device)
         rows.append(row)
-        print(f'| {row["variant"]} | {row["stage"]} | {row["chs"]} | {row["size"]} | {row["kernel"]} | {row["groups"]} '
-              f'| {row["grouped_infer_ms"]:.3f} | {row["depthwise_infer_ms"]:.3f} | {row["grouped_train_ms"]:.3f} '
-              f'| {row["depthwise_train_ms"]:.3f} | {row["rule_picks_depthwise"]} |', flush=True)
+        times = [row[f'{form}_{mode}_ms'] for mode in ('infer', 'train') for form in args.forms]
+        print(f'| {row["variant"]} | {row["stage"]} | {row["chs"]} | {row["size"]} | {row["kernel"]} | {row["groups"]} | '
+              + ' | '.join(f'{t:.3f}' for t in times) + f' | {row["auto"]} |', flush=True)
     if args.json:
         args.json.write_text(json.dumps(dict(args=vars(args) | dict(json=str(args.json)), rows=rows), indent=1))
 

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from timm_epsanet import EPSABottleneck, PyramidSqueezeAttention, default_groups, default_kernel_sizes
-from timm_epsanet.psa import BranchConv2d, depthwise_pays_off
+from timm_epsanet.psa import BranchConv2d, block_diagonal_weight, depthwise_pays_off
 
 
 def test_paper_defaults_follow_eq3():
@@ -179,36 +179,40 @@ def test_block_matches_official_forward(inplanes, planes, stride, groups, train)
     (64, 16, 7, 8, 2),    # 2 outputs per group, strided
     (128, 32, 7, 8, 1),   # 4 outputs per group
 ])
-def test_depthwise_form_equals_grouped_conv(channels_last, in_chs, out_chs, k, groups, stride):
-    """BranchConv2d's depthwise form: same output, memory layout and gradients as the grouped conv."""
+@pytest.mark.parametrize('form', ['depthwise', 'dense'])
+def test_branch_form_equals_grouped_conv(form, channels_last, in_chs, out_chs, k, groups, stride):
+    """BranchConv2d's depthwise and dense forms: same output, memory layout and gradients as the grouped conv."""
     torch.manual_seed(0)
-    fast = BranchConv2d(in_chs, out_chs, k, stride=stride, padding=k // 2, groups=groups, bias=False, depthwise=True)
-    plain = BranchConv2d(in_chs, out_chs, k, stride=stride, padding=k // 2, groups=groups, bias=False, depthwise=False)
-    assert fast.depthwise and not plain.depthwise
+    fast = BranchConv2d(in_chs, out_chs, k, stride=stride, padding=k // 2, groups=groups, bias=False, form=form)
+    plain = BranchConv2d(in_chs, out_chs, k, stride=stride, padding=k // 2, groups=groups, bias=False, form='grouped')
+    assert fast.form_for('cpu') == form and plain.form_for('cpu') == 'grouped'
     plain.load_state_dict(fast.state_dict())
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(2, in_chs, 15, 15).contiguous(memory_format=fmt)
     with torch.no_grad():
         y_fast, y_plain = fast(x), plain(x)
-    assert not torch.equal(y_fast, y_plain)  # a different computation...
+    if form == 'depthwise':
+        assert not torch.equal(y_fast, y_plain)  # a different computation...
     torch.testing.assert_close(y_fast, y_plain, rtol=1e-5, atol=1e-5)  # ...of the same function
     assert y_fast.is_contiguous(memory_format=fmt)
-    # training: depthwise forward, grouped-conv backward
+    # training (depthwise: depthwise forward, grouped-conv backward)
     x.requires_grad_()
     y_fast, y_plain = fast(x), plain(x)
-    assert y_fast.grad_fn is not None and 'DepthwiseForm' in type(y_fast.grad_fn).__name__
+    assert y_fast.grad_fn is not None and ('DepthwiseForm' in type(y_fast.grad_fn).__name__) == (form == 'depthwise')
+    if form == 'dense':  # the conv's weight is the block-diagonal expansion, not the parameter itself
+        assert type(y_fast.grad_fn.next_functions[1][0]).__name__ != 'AccumulateGrad'
     torch.testing.assert_close(y_fast, y_plain, rtol=1e-5, atol=1e-5)
     grad = torch.randn_like(y_plain)
     for a, b in zip(torch.autograd.grad(y_fast, (x, fast.weight), grad), torch.autograd.grad(y_plain, (x, plain.weight), grad)):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)  # sums of 450 products: float order
 
 
 def test_depthwise_form_under_autocast_matches_grouped_conv():
     """AMP training: the depthwise path casts like autocast casts a conv, and its backward runs in
     that dtype (a mixed fp16/fp32 backward conv fails on CUDA); gradients reach fp32 parameters."""
     torch.manual_seed(0)
-    fast = BranchConv2d(64, 16, 9, padding=4, groups=16, bias=False, depthwise=True)
-    plain = BranchConv2d(64, 16, 9, padding=4, groups=16, bias=False, depthwise=False)
+    fast = BranchConv2d(64, 16, 9, padding=4, groups=16, bias=False, form='depthwise')
+    plain = BranchConv2d(64, 16, 9, padding=4, groups=16, bias=False, form='grouped')
     plain.load_state_dict(fast.state_dict())
     x = torch.randn(2, 64, 12, 12)
     grads = []
@@ -224,13 +228,28 @@ def test_depthwise_form_under_autocast_matches_grouped_conv():
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2 * b.abs().max().item())
 
 
-def test_depthwise_choice_in_small_model():
-    """The CPU rule picks the 7x7/9x9 branches with <= 4 outputs per group (stages 1-3 of Small)."""
+def test_branch_form_choice():
+    """'auto': on CPU the depthwise form for 7x7/9x9 branches with <= 4 outputs per group (stages
+    1-3 of Small), on other devices the grouped conv; an explicit form applies everywhere."""
     assert depthwise_pays_off(9, 4, 1) and depthwise_pays_off(7, 16, 4)
     assert not depthwise_pays_off(5, 16, 4) and not depthwise_pays_off(9, 32, 8) and not depthwise_pays_off(3, 64, 16)
     psa = PyramidSqueezeAttention(64)
-    assert [c.depthwise for c in psa.convs] == [False, False, True, True]
-    assert not any(c.depthwise for c in PyramidSqueezeAttention(64, depthwise=False).convs)
+    assert [c.form_for('cpu') for c in psa.convs] == ['grouped', 'grouped', 'depthwise', 'depthwise']
+    assert [c.form_for('cuda') for c in psa.convs] == ['grouped'] * 4
+    dense = PyramidSqueezeAttention(64, branch_form='dense')
+    assert [c.form_for('cuda') for c in dense.convs] == ['grouped', 'dense', 'dense', 'dense']  # branch 0 is dense already
+    with pytest.raises(ValueError, match="form must be one of .* got 'fast'"):
+        PyramidSqueezeAttention(64, branch_form='fast')
+
+
+def test_block_diagonal_weight():
+    w = torch.randn(6, 2, 3, 3)  # 3 groups, 2 outputs and 2 inputs each
+    dense = block_diagonal_weight(w, 3)
+    assert dense.shape == (6, 6, 3, 3)
+    for g in range(3):
+        for h in range(3):
+            block = dense[2 * g:2 * g + 2, 2 * h:2 * h + 2]
+            assert torch.equal(block, w[2 * g:2 * g + 2] if g == h else torch.zeros_like(block))
 
 
 def test_inference_reweights_in_place_but_training_keeps_autograd():

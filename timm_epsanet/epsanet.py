@@ -68,7 +68,7 @@ class EPSABottleneck(nn.Module):
             psa_kernel_sizes: Sequence[int] = PSA_KERNELS,
             psa_groups: Sequence[int] = SMALL_GROUPS,
             psa_se_reduction: int = 16,
-            psa_depthwise: Optional[bool] = None,
+            psa_branch_form: str = 'auto',
             device=None,
             dtype=None,
     ):
@@ -96,7 +96,7 @@ class EPSABottleneck(nn.Module):
             groups=psa_groups,
             se_reduction=psa_se_reduction,
             dilation=first_dilation,
-            depthwise=psa_depthwise,
+            branch_form=psa_branch_form,
             act_layer=act_layer,
             **dd,
         )

@@ -19,9 +19,12 @@ from torch import nn
 from timm.layers import SEModule, get_act_layer, get_padding
 
 __all__ = [
-    'BranchConv2d', 'PyramidSqueezeAttention', 'SEWeight', 'default_groups', 'default_kernel_sizes',
-    'depthwise_form_conv', 'depthwise_pays_off',
+    'BRANCH_FORMS', 'BranchConv2d', 'PyramidSqueezeAttention', 'SEWeight', 'block_diagonal_weight',
+    'default_groups', 'default_kernel_sizes', 'depthwise_form_conv', 'depthwise_pays_off',
 ]
+
+# How a PSA branch's grouped conv is computed; every form gives the same function and state dict.
+BRANCH_FORMS = ('auto', 'grouped', 'depthwise', 'dense')
 
 
 def default_kernel_sizes(num_scales: int) -> Tuple[int, ...]:
@@ -48,10 +51,13 @@ class SEWeight(SEModule):
 
 
 def depthwise_pays_off(kernel_size: int, in_per_group: int, outs_per_group: int) -> bool:
-    """Whether `BranchConv2d` should run in depthwise form: measured on CPU (oneDNN, 2 threads).
+    """Whether `BranchConv2d` should run in depthwise form on CPU (measured with oneDNN, 2 threads,
+    benchmarks/psa_branches.py).
 
     Large kernels with at most 4 outputs per group: the 7x7 and 9x9 branches of stages 1-3 of
-    EPSANet Small. With more outputs, or small kernels, the grouped conv is faster.
+    EPSANet Small. With more outputs, or small kernels, the grouped conv is faster. On CUDA
+    (H200, cuDNN, fp16 channels-last) the grouped conv was faster for every Small branch, and
+    the depthwise form's 9x9 convs 3-7x slower, so the rule is for CPU only.
     """
     return kernel_size >= 7 and in_per_group > 1 and outs_per_group <= 4
 
@@ -118,25 +124,54 @@ class _DepthwiseFormGroupedBackward(torch.autograd.Function):
         return grad_x, grad_w, None, None, None, None
 
 
-class BranchConv2d(nn.Conv2d):
-    """A PSA branch: a grouped conv whose forward runs as depthwise convs when that pays off.
+def block_diagonal_weight(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """The weight of the dense conv equal to a grouped conv: each group's block, zeros elsewhere.
 
-    CPU backends run `depthwise_form_conv` several times faster than a grouped conv with 1-4
-    outputs per group (the large-kernel branches of the first stages, where the official code
-    spends most of its time), but not its backward, so training uses the grouped conv's backward.
-    Weights and state dict are those of the plain grouped conv.
+    Differentiable, so training the dense form trains the grouped weight.
+    """
+    out_chs, in_per_group, k_h, k_w = weight.shape
+    w = weight.reshape(groups, out_chs // groups, 1, in_per_group, k_h, k_w)
+    mask = torch.eye(groups, dtype=weight.dtype, device=weight.device).reshape(groups, 1, groups, 1, 1, 1)
+    return (w * mask).reshape(out_chs, groups * in_per_group, k_h, k_w)
+
+
+class BranchConv2d(nn.Conv2d):
+    """A PSA branch: a grouped conv, computed in the form that is fastest where it runs.
+
+    Forms (`form`), all exact up to float summation order, all with the grouped conv's weights
+    and state dict:
+      * grouped: the plain grouped conv.
+      * depthwise: `depthwise_form_conv`. CPU backends run it several times faster than a grouped
+        conv with 1-4 outputs per group (the large-kernel branches of the first stages, where the
+        official code spends most of its time), but not its backward, so training uses the
+        grouped conv's backward.
+      * dense: a dense conv with `block_diagonal_weight`: `groups` times the MACs, but on one
+        of the backends' best-tuned kernels.
+      * auto: depthwise on CPU where `depthwise_pays_off`, grouped elsewhere.
     """
 
-    def __init__(self, *args, depthwise: Optional[bool] = None, **kwargs):
+    def __init__(self, *args, form: str = 'auto', **kwargs):
         super().__init__(*args, **kwargs)
+        if form not in BRANCH_FORMS:
+            raise ValueError(f'BranchConv2d form must be one of {BRANCH_FORMS}, got {form!r}')
         in_per_group = self.in_channels // self.groups
-        outs_per_group = self.out_channels // self.groups
-        if depthwise is None:
-            depthwise = depthwise_pays_off(self.kernel_size[0], in_per_group, outs_per_group)
-        self.depthwise = bool(depthwise and in_per_group > 1)
+        if self.groups == 1 or in_per_group == 1 or self.bias is not None:
+            form = 'grouped'  # dense or depthwise already: nothing to reformulate
+        self.form = form
+        self.cpu_depthwise = depthwise_pays_off(self.kernel_size[0], in_per_group, self.out_channels // self.groups)
+
+    def form_for(self, device_type: str) -> str:
+        """The form this branch computes on a device of `device_type` ('cpu', 'cuda', ...)."""
+        if self.form != 'auto':
+            return self.form
+        return 'depthwise' if device_type == 'cpu' and self.cpu_depthwise else 'grouped'
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.depthwise or self.bias is not None:
+        form = self.form_for(x.device.type)
+        if form == 'dense':
+            weight = block_diagonal_weight(self.weight, self.groups)
+            return F.conv2d(x, weight, None, self.stride, self.padding, self.dilation, 1)
+        if form == 'grouped':
             return self._conv_forward(x, self.weight, self.bias)
         if not torch.is_grad_enabled():
             return depthwise_form_conv(x, self.weight, self.stride, self.padding, self.dilation, self.groups)
@@ -163,8 +198,8 @@ class PyramidSqueezeAttention(nn.Module):
         se_reduction: r of the shared SEWeight; it squeezes C' = out_chs / S to max(1, C' // r).
         dilation: dilation of every branch (timm's output_stride support).
         act_layer: activation inside SEWeight (ReLU in the paper).
-        depthwise: run the branches in depthwise form (see `BranchConv2d`): None chooses per
-            branch by `depthwise_pays_off`, False never, True whenever exact.
+        branch_form: how the branch convs are computed, one of `BRANCH_FORMS` (see
+            `BranchConv2d`); the default picks per branch and device. Same weights and function.
     """
 
     def __init__(
@@ -178,7 +213,7 @@ class PyramidSqueezeAttention(nn.Module):
             se_reduction: int = 16,
             dilation: int = 1,
             act_layer: Union[str, Type[nn.Module]] = nn.ReLU,
-            depthwise: Optional[bool] = None,
+            branch_form: str = 'auto',
             device=None,
             dtype=None,
     ):
@@ -205,7 +240,7 @@ class PyramidSqueezeAttention(nn.Module):
                 dilation=dilation,
                 groups=g,
                 bias=False,
-                depthwise=depthwise,
+                form=branch_form,
                 **dd,
             )
             for k, g in zip(kernel_sizes, groups)
