@@ -73,7 +73,8 @@ def measure(shape, args, device):
 
         row[f'{form}_infer_ms'] = time_ms(infer, device, args.iters)
         row[f'{form}_train_ms'] = time_ms(train, device, args.iters)
-    row['auto'] = BranchConv2d(chs, out_chs, shape['kernel'], groups=shape['groups'], bias=False).form_for(device.type)
+    auto = BranchConv2d(chs, out_chs, shape['kernel'], groups=shape['groups'], bias=False)
+    row['auto'] = f"{auto.form_for(device.type, False)}/{auto.form_for(device.type, True)}"
     return row
 
 
@@ -94,7 +95,7 @@ def main(argv=None):
         torch.backends.cudnn.benchmark = True
     print(f'{device}, batch {args.batch_size}, {args.layout}, {"amp" if args.amp else "fp32"}; milliseconds')
     cols = [f'{form} {mode}' for mode in ('infer', 'train') for form in args.forms]
-    print('| variant | stage | chs | size | k | groups | ' + ' | '.join(cols) + ' | auto picks |')
+    print('| variant | stage | chs | size | k | groups | ' + ' | '.join(cols) + ' | auto picks (infer/train) |')
     print('|' + '---|' * (7 + len(cols)))
     rows = []
     for shape in shapes():

@@ -1,5 +1,8 @@
 """Official-script and train.py checkpoints -> this package's weights: exact, safe, clear errors."""
+import os
 import pickle
+import subprocess
+import sys
 
 import pytest
 import timm
@@ -208,3 +211,13 @@ def test_unpublished_weights_fail_clearly():
     msg = str(info.value)
     assert 'No pretrained weights are published for epsanet101_large' in msg
     assert 'recipes/imagenet_paper.yaml' in msg and 'pretrained_cfg_overlay=dict(file=' in msg
+
+
+def test_pretrained_listing_follows_publication():
+    """timm.list_models(pretrained=True) lists a variant only once its weights exist somewhere."""
+    assert timm.list_models('epsanet*', pretrained=True) == []
+    code = 'import timm, timm_epsanet; print(",".join(timm.list_models("epsanet*", pretrained=True)))'
+    env = dict(os.environ, TIMM_EPSANET_HUB_ORG='someorg')
+    out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, check=True)
+    assert set(out.stdout.strip().split(',')) == {
+        'epsanet50_small.in1k', 'epsanet50_large.in1k', 'epsanet101_small.in1k', 'epsanet101_large.in1k'}

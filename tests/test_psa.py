@@ -185,7 +185,7 @@ def test_branch_form_equals_grouped_conv(form, channels_last, in_chs, out_chs, k
     torch.manual_seed(0)
     fast = BranchConv2d(in_chs, out_chs, k, stride=stride, padding=k // 2, groups=groups, bias=False, form=form)
     plain = BranchConv2d(in_chs, out_chs, k, stride=stride, padding=k // 2, groups=groups, bias=False, form='grouped')
-    assert fast.form_for('cpu') == form and plain.form_for('cpu') == 'grouped'
+    assert fast.form_for('cpu', True) == form and plain.form_for('cpu', True) == 'grouped'
     plain.load_state_dict(fast.state_dict())
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(2, in_chs, 15, 15).contiguous(memory_format=fmt)
@@ -230,14 +230,20 @@ def test_depthwise_form_under_autocast_matches_grouped_conv():
 
 def test_branch_form_choice():
     """'auto': on CPU the depthwise form for 7x7/9x9 branches with <= 4 outputs per group (stages
-    1-3 of Small), on other devices the grouped conv; an explicit form applies everywhere."""
+    1-3 of Small); on CUDA the dense form for inference with <= 16 groups, else the grouped conv;
+    an explicit form applies everywhere."""
     assert depthwise_pays_off(9, 4, 1) and depthwise_pays_off(7, 16, 4)
     assert not depthwise_pays_off(5, 16, 4) and not depthwise_pays_off(9, 32, 8) and not depthwise_pays_off(3, 64, 16)
-    psa = PyramidSqueezeAttention(64)
-    assert [c.form_for('cpu') for c in psa.convs] == ['grouped', 'grouped', 'depthwise', 'depthwise']
-    assert [c.form_for('cuda') for c in psa.convs] == ['grouped'] * 4
+    small = PyramidSqueezeAttention(64)
+    for grad in (False, True):
+        assert [c.form_for('cpu', grad) for c in small.convs] == ['grouped', 'grouped', 'depthwise', 'depthwise']
+        assert [c.form_for('mps', grad) for c in small.convs] == ['grouped'] * 4
+    assert [c.form_for('cuda', False) for c in small.convs] == ['grouped', 'dense', 'dense', 'dense']
+    assert [c.form_for('cuda', True) for c in small.convs] == ['grouped'] * 4
+    large = PyramidSqueezeAttention(128, groups=(32,) * 4)
+    assert [c.form_for('cuda', False) for c in large.convs] == ['grouped'] * 4
     dense = PyramidSqueezeAttention(64, branch_form='dense')
-    assert [c.form_for('cuda') for c in dense.convs] == ['grouped', 'dense', 'dense', 'dense']  # branch 0 is dense already
+    assert [c.form_for('cuda', True) for c in dense.convs] == ['grouped', 'dense', 'dense', 'dense']  # branch 0 is dense already
     with pytest.raises(ValueError, match="form must be one of .* got 'fast'"):
         PyramidSqueezeAttention(64, branch_form='fast')
 

@@ -30,7 +30,7 @@ from timm.models._builder import resolve_pretrained_cfg
 from timm.models.resnet import ResNet
 
 from .convert import load_checkpoint, pretrained_filter_fn
-from .hub import PRETRAINED_TAG, hub_failure_message, hub_id, is_unpublished_default, unpublished_message
+from .hub import PRETRAINED_TAG, hub_failure_message, is_unpublished_default, published_hub_id, unpublished_message
 from .psa import PyramidSqueezeAttention
 
 __all__ = ['EPSABottleneck']
@@ -160,7 +160,8 @@ def _check_pretrained_source(variant: str, kwargs: dict) -> dict:
         # read (and convert) it here, so a bad file is reported with its name before timm touches it
         overlay = dict(kwargs.get('pretrained_cfg_overlay') or {}, state_dict=load_checkpoint(cfg.file))
         return dict(kwargs, pretrained_cfg_overlay=overlay)
-    if not (cfg.state_dict or cfg.url) and cfg.source != 'hf-hub' and is_unpublished_default(variant, cfg.hf_hub_id):
+    own_source = cfg.state_dict or cfg.url or cfg.file or cfg.source in ('hf-hub', 'local-dir')
+    if not own_source and is_unpublished_default(variant, cfg.hf_hub_id):
         raise RuntimeError(unpublished_message(variant))
     return kwargs
 
@@ -189,17 +190,17 @@ _LARGE_NOTE = (
 
 default_cfgs = generate_default_cfgs({
     f'epsanet50_small.{PRETRAINED_TAG}': _cfg(
-        hf_hub_id=hub_id('epsanet50_small'),
+        hf_hub_id=published_hub_id('epsanet50_small'),
         description='EPSANet(Small)-50: 22.56M params, 3.60 GMACs; paper top-1 77.49 (ImageNet-1k).'),
     f'epsanet101_small.{PRETRAINED_TAG}': _cfg(
-        hf_hub_id=hub_id('epsanet101_small'),
+        hf_hub_id=published_hub_id('epsanet101_small'),
         description='EPSANet(Small)-101: 38.90M params, 6.79 GMACs; paper top-1 78.43 (ImageNet-1k).'),
     f'epsanet50_large.{PRETRAINED_TAG}': _cfg(
-        hf_hub_id=hub_id('epsanet50_large'),
+        hf_hub_id=published_hub_id('epsanet50_large'),
         description='EPSANet(Large)-50: 30.10M params, 5.05 GMACs; paper top-1 78.64 (ImageNet-1k).',
         notes=(_LARGE_NOTE,)),
     f'epsanet101_large.{PRETRAINED_TAG}': _cfg(
-        hf_hub_id=hub_id('epsanet101_large'),
+        hf_hub_id=published_hub_id('epsanet101_large'),
         description='EPSANet(Large)-101: 53.74M params, 9.67 GMACs; paper top-1 79.38 (ImageNet-1k).',
         notes=(_LARGE_NOTE,)),
 })

@@ -4,6 +4,7 @@ The organisation can be overridden with TIMM_EPSANET_HUB_ORG (e.g. for a mirror 
 model's repo with `pretrained_cfg_overlay=dict(hf_hub_id="org/repo")`.
 """
 import os
+from typing import Optional
 
 DEFAULT_ORG = 'timm-epsanet'
 HUB_ORG = os.environ.get('TIMM_EPSANET_HUB_ORG', DEFAULT_ORG)
@@ -20,7 +21,19 @@ def hub_id(variant: str) -> str:
     return f'{HUB_ORG}/{variant}.{PRETRAINED_TAG}'
 
 
-def is_unpublished_default(variant: str, repo_id: str) -> bool:
+def published_hub_id(variant: str) -> Optional[str]:
+    """The `hf_hub_id` of a variant's pretrained cfg: its repo once it holds weights, else None.
+
+    timm lists a model under `list_models(pretrained=True)` when its cfg names a weight source, so
+    an unpublished variant must name none.
+    """
+    return hub_id(variant) if variant in PUBLISHED or HUB_ORG != DEFAULT_ORG else None
+
+
+def is_unpublished_default(variant: str, repo_id: Optional[str]) -> bool:
+    """Whether `repo_id` (from a resolved pretrained cfg) is the variant's default, weightless repo."""
+    if repo_id is None:
+        return published_hub_id(variant) is None
     return HUB_ORG == DEFAULT_ORG and repo_id == hub_id(variant) and variant not in PUBLISHED
 
 
