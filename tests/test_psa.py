@@ -229,15 +229,16 @@ def test_depthwise_form_under_autocast_matches_grouped_conv():
 
 
 def test_branch_form_choice():
-    """'auto': on CPU the depthwise form for 7x7/9x9 branches with <= 4 outputs per group (stages
-    1-3 of Small); on CUDA the dense form for inference with <= 16 groups, else the grouped conv;
-    an explicit form applies everywhere."""
-    assert depthwise_pays_off(9, 4, 1) and depthwise_pays_off(7, 16, 4)
-    assert not depthwise_pays_off(5, 16, 4) and not depthwise_pays_off(9, 32, 8) and not depthwise_pays_off(3, 64, 16)
-    small = PyramidSqueezeAttention(64)
+    """'auto': on CPU the depthwise form for 1-2 outputs per group, or up to 4 with kernels >= 5;
+    on CUDA the dense form for inference with <= 16 groups, else the grouped conv; an explicit
+    form applies everywhere."""
+    assert depthwise_pays_off(3, 4, 1) and depthwise_pays_off(5, 16, 4) and depthwise_pays_off(9, 16, 4)
+    assert not depthwise_pays_off(3, 16, 4) and not depthwise_pays_off(9, 32, 8) and not depthwise_pays_off(9, 1, 1)
+    small = PyramidSqueezeAttention(64)  # stage 1 of Small: 4 outputs per group for k=5, 2 for k=7, 1 for k=9
     for grad in (False, True):
-        assert [c.form_for('cpu', grad) for c in small.convs] == ['grouped', 'grouped', 'depthwise', 'depthwise']
+        assert [c.form_for('cpu', grad) for c in small.convs] == ['grouped', 'depthwise', 'depthwise', 'depthwise']
         assert [c.form_for('mps', grad) for c in small.convs] == ['grouped'] * 4
+    assert [c.form_for('cpu', False) for c in PyramidSqueezeAttention(512).convs] == ['grouped'] * 4  # stage 4
     assert [c.form_for('cuda', False) for c in small.convs] == ['grouped', 'dense', 'dense', 'dense']
     assert [c.form_for('cuda', True) for c in small.convs] == ['grouped'] * 4
     large = PyramidSqueezeAttention(128, groups=(32,) * 4)

@@ -51,15 +51,15 @@ class SEWeight(SEModule):
 
 
 def depthwise_pays_off(kernel_size: int, in_per_group: int, outs_per_group: int) -> bool:
-    """Whether `BranchConv2d` should run in depthwise form on CPU (measured with oneDNN, 2 threads,
-    benchmarks/psa_branches.py).
+    """Whether `BranchConv2d` should run in depthwise form on CPU.
 
-    Large kernels with at most 4 outputs per group: the 7x7 and 9x9 branches of stages 1-3 of
-    EPSANet Small. With more outputs, or small kernels, the grouped conv is faster. On CUDA
-    (H200, cuDNN, fp16 channels-last) the grouped conv was faster for every Small branch, and
-    the depthwise form's 9x9 convs 3-7x slower, so the rule is for CPU only.
+    Measured with oneDNN, 2 threads, batch 8, channels-last (benchmarks/psa_branches.py, saved in
+    benchmarks/results/psa_branches_cpu.json): the depthwise form wins with 1-2 outputs per group,
+    and with up to 4 for kernels of 5 and more; with more outputs per group the grouped conv is
+    faster. On CUDA (H200, cuDNN, fp16 channels-last) it lost for every branch shape, its 9x9
+    convs 3-7x slower, so the rule is for CPU only.
     """
-    return kernel_size >= 7 and in_per_group > 1 and outs_per_group <= 4
+    return in_per_group > 1 and (outs_per_group <= 2 or (outs_per_group <= 4 and kernel_size >= 5))
 
 
 def depthwise_form_conv(
@@ -141,8 +141,8 @@ class BranchConv2d(nn.Conv2d):
     Forms (`form`), all exact up to float summation order, all with the grouped conv's weights
     and state dict:
       * grouped: the plain grouped conv.
-      * depthwise: `depthwise_form_conv`. CPU backends run it several times faster than a grouped
-        conv with 1-4 outputs per group (the large-kernel branches of the first stages, where the
+      * depthwise: `depthwise_form_conv`. CPU backends run it up to 6x faster than a grouped conv
+        with 1-4 outputs per group (the large-kernel branches of the first stages, where the
         official code spends most of its time), but not its backward, so training uses the
         grouped conv's backward.
       * dense: a dense conv with `block_diagonal_weight`: `groups` times the MACs, but on one
