@@ -234,11 +234,15 @@ def test_branch_form_choice():
     form applies everywhere."""
     assert depthwise_pays_off(3, 4, 1) and depthwise_pays_off(5, 16, 4) and depthwise_pays_off(9, 16, 4)
     assert not depthwise_pays_off(3, 16, 4) and not depthwise_pays_off(9, 32, 8) and not depthwise_pays_off(9, 1, 1)
+    # bf16: only 7x7 and 9x9 with 1-2 outputs per group
+    assert depthwise_pays_off(9, 4, 1, low_precision=True) and depthwise_pays_off(7, 8, 2, low_precision=True)
+    assert not depthwise_pays_off(5, 16, 4, low_precision=True) and not depthwise_pays_off(9, 16, 4, low_precision=True)
     small = PyramidSqueezeAttention(64)  # stage 1 of Small: 4 outputs per group for k=5, 2 for k=7, 1 for k=9
     for grad in (False, True):
         assert [c.form_for('cpu', grad) for c in small.convs] == ['grouped', 'depthwise', 'depthwise', 'depthwise']
         assert [c.form_for('mps', grad) for c in small.convs] == ['grouped'] * 4
     assert [c.form_for('cpu', False) for c in PyramidSqueezeAttention(512).convs] == ['grouped'] * 4  # stage 4
+    assert [c.form_for('cpu', False, low_precision=True) for c in small.convs] == ['grouped', 'grouped', 'depthwise', 'depthwise']
     assert [c.form_for('cuda', False) for c in small.convs] == ['grouped', 'dense', 'dense', 'dense']
     assert [c.form_for('cuda', True) for c in small.convs] == ['grouped'] * 4
     large = PyramidSqueezeAttention(128, groups=(32,) * 4)
@@ -269,3 +273,22 @@ def test_inference_reweights_in_place_but_training_keeps_autograd():
     torch.testing.assert_close(y_inplace, y.detach())
     y.sum().backward()
     assert x_grad.grad is not None
+
+
+@pytest.mark.parametrize('mode', ['fp32', 'autocast', 'bf16'])
+def test_branch_form_follows_the_compute_dtype(mode):
+    """On CPU the 5x5 branch of stage 1 runs in depthwise form in fp32 but not in bf16, where
+    oneDNN's depthwise convs are slower; every form gives the grouped conv's result."""
+    torch.manual_seed(0)
+    conv = BranchConv2d(64, 16, 5, padding=2, groups=4, bias=False)
+    x = torch.randn(2, 64, 10, 10)
+    if mode == 'bf16':
+        conv, x = conv.to(torch.bfloat16), x.to(torch.bfloat16)
+    calls = []
+    conv.register_forward_hook(lambda m, inp, out: calls.append(m._computes_in_low_precision(inp[0])))
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16, enabled=mode == 'autocast'):
+        y = conv(x)
+        expected = F.conv2d(x, conv.weight, None, 1, 2, 1, 4)
+    assert calls == [mode != 'fp32']
+    assert conv.form_for('cpu', False, calls[0]) == ('depthwise' if mode == 'fp32' else 'grouped')
+    torch.testing.assert_close(y.float(), expected.float(), rtol=2e-2, atol=2e-2)

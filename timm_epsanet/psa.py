@@ -50,16 +50,21 @@ class SEWeight(SEModule):
         return self.gate(x_se)
 
 
-def depthwise_pays_off(kernel_size: int, in_per_group: int, outs_per_group: int) -> bool:
+def depthwise_pays_off(kernel_size: int, in_per_group: int, outs_per_group: int, low_precision: bool = False) -> bool:
     """Whether `BranchConv2d` should run in depthwise form on CPU.
 
     Measured with oneDNN, 2 threads, batch 8, channels-last (benchmarks/psa_branches.py, saved in
-    benchmarks/results/psa_branches_cpu.json): the depthwise form wins with 1-2 outputs per group,
-    and with up to 4 for kernels of 5 and more; with more outputs per group the grouped conv is
-    faster. On CUDA (H200, cuDNN, fp16 channels-last) it lost for every branch shape, its 9x9
+    benchmarks/results/psa_branches_cpu*.json). fp32: the depthwise form wins with 1-2 outputs per
+    group, and with up to 4 for kernels of 5 and more. bf16 (`low_precision`, e.g. CPU autocast):
+    its depthwise convs are slower, and it wins only for kernels of 7 and more with 1-2 outputs
+    per group. On CUDA (H200, cuDNN, fp16 channels-last) it lost for every branch shape, its 9x9
     convs 3-7x slower, so the rule is for CPU only.
     """
-    return in_per_group > 1 and (outs_per_group <= 2 or (outs_per_group <= 4 and kernel_size >= 5))
+    if in_per_group == 1:
+        return False
+    if low_precision:
+        return outs_per_group <= 2 and kernel_size >= 7
+    return outs_per_group <= 2 or (outs_per_group <= 4 and kernel_size >= 5)
 
 
 def depthwise_form_conv(
@@ -161,20 +166,27 @@ class BranchConv2d(nn.Conv2d):
         if self.groups == 1 or in_per_group == 1 or self.bias is not None:
             form = 'grouped'  # dense or depthwise already: nothing to reformulate
         self.form = form
-        self.cpu_depthwise = depthwise_pays_off(self.kernel_size[0], in_per_group, self.out_channels // self.groups)
+        shape = (self.kernel_size[0], in_per_group, self.out_channels // self.groups)
+        self.cpu_depthwise = depthwise_pays_off(*shape)
+        self.cpu_depthwise_low_precision = depthwise_pays_off(*shape, low_precision=True)
 
-    def form_for(self, device_type: str, grad_enabled: bool) -> str:
-        """The form this branch computes on a device of `device_type` ('cpu', 'cuda', ...)."""
+    def form_for(self, device_type: str, grad_enabled: bool, low_precision: bool = False) -> str:
+        """The form this branch computes on a device of `device_type` ('cpu', 'cuda', ...), with
+        or without autograd, in fp32 or a 16-bit float (`low_precision`)."""
         if self.form != 'auto':
             return self.form
-        if device_type == 'cpu' and self.cpu_depthwise:
+        if device_type == 'cpu' and (self.cpu_depthwise_low_precision if low_precision else self.cpu_depthwise):
             return 'depthwise'
         if device_type == 'cuda' and not grad_enabled and 1 < self.groups <= 16:
             return 'dense'
         return 'grouped'
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        form = self.form_for(x.device.type, torch.is_grad_enabled())
+        if torch.jit.is_scripting():
+            low_precision = x.dtype != torch.float32
+        else:
+            low_precision = self._computes_in_low_precision(x)
+        form = self.form_for(x.device.type, torch.is_grad_enabled(), low_precision)
         if form == 'dense':
             weight = block_diagonal_weight(self.weight, self.groups)
             return F.conv2d(x, weight, None, self.stride, self.padding, self.dilation, 1)
@@ -185,6 +197,14 @@ class BranchConv2d(nn.Conv2d):
         if torch.jit.is_scripting():
             return self._conv_forward(x, self.weight, self.bias)
         return self._train_forward(x)
+
+    @torch.jit.unused
+    def _computes_in_low_precision(self, x: torch.Tensor) -> bool:
+        """Whether this conv will run in a 16-bit float: autocast, or 16-bit input and weights.
+        Only the CPU rule asks (other device types, e.g. meta, have no autocast state to read)."""
+        if x.device.type == 'cpu' and torch.is_autocast_enabled('cpu'):
+            return torch.get_autocast_dtype('cpu') != torch.float32
+        return x.dtype != torch.float32
 
     @torch.jit.unused
     def _train_forward(self, x: torch.Tensor) -> torch.Tensor:
