@@ -262,7 +262,7 @@ def plot(results, reference, path, title):
     ax.set_xticklabels(['\n'.join([g[0], g[1], g[2], 'compiled' if g[3] else 'eager']) for g in groups])
     ax.set_ylabel('throughput relative to resnet50')
     ax.set_title(textwrap.fill(title, 110), fontsize=8)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.0, 1.0))  # beside the bars, not over them
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -276,7 +276,8 @@ def merge(paths, out: Path):
     cfg_keys = set(json.loads(json.dumps(list(configurations(parse_args([]), 'cpu'))[0])))
     results = [({k: v for k, v in row.items() if k in cfg_keys}, {k: v for k, v in row.items() if k not in cfg_keys})
                for run in runs for row in run['rows']]
-    return write_report(results, machines.pop(), min(run['repeats'] for run in runs), out)
+    repeats = sorted({run['repeats'] for run in runs})
+    return write_report(results, machines.pop(), '-'.join(map(str, repeats)), out)
 
 
 def main(argv=None):

@@ -74,7 +74,7 @@ def measure(shape, args, device):
         row[f'{form}_infer_ms'] = time_ms(infer, device, args.iters)
         row[f'{form}_train_ms'] = time_ms(train, device, args.iters)
     auto = BranchConv2d(chs, out_chs, shape['kernel'], groups=shape['groups'], bias=False)
-    row['auto'] = f"{auto.form_for(device.type, False)}/{auto.form_for(device.type, True)}"
+    row['auto'] = f"{auto.form_for(device.type, False, args.amp)}/{auto.form_for(device.type, True, args.amp)}"
     return row
 
 

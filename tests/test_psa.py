@@ -234,9 +234,10 @@ def test_branch_form_choice():
     form applies everywhere."""
     assert depthwise_pays_off(3, 4, 1) and depthwise_pays_off(5, 16, 4) and depthwise_pays_off(9, 16, 4)
     assert not depthwise_pays_off(3, 16, 4) and not depthwise_pays_off(9, 32, 8) and not depthwise_pays_off(9, 1, 1)
-    # bf16: only 7x7 and 9x9 with 1-2 outputs per group
-    assert depthwise_pays_off(9, 4, 1, low_precision=True) and depthwise_pays_off(7, 8, 2, low_precision=True)
+    # bf16: only kernels >= 5 with 1-2 outputs per group
+    assert depthwise_pays_off(9, 4, 1, low_precision=True) and depthwise_pays_off(5, 8, 2, low_precision=True)
     assert not depthwise_pays_off(5, 16, 4, low_precision=True) and not depthwise_pays_off(9, 16, 4, low_precision=True)
+    assert not depthwise_pays_off(3, 4, 1, low_precision=True)
     small = PyramidSqueezeAttention(64)  # stage 1 of Small: 4 outputs per group for k=5, 2 for k=7, 1 for k=9
     for grad in (False, True):
         assert [c.form_for('cpu', grad) for c in small.convs] == ['grouped', 'depthwise', 'depthwise', 'depthwise']

@@ -56,14 +56,14 @@ def depthwise_pays_off(kernel_size: int, in_per_group: int, outs_per_group: int,
     Measured with oneDNN, 2 threads, batch 8, channels-last (benchmarks/psa_branches.py, saved in
     benchmarks/results/psa_branches_cpu*.json). fp32: the depthwise form wins with 1-2 outputs per
     group, and with up to 4 for kernels of 5 and more. bf16 (`low_precision`, e.g. CPU autocast):
-    its depthwise convs are slower, and it wins only for kernels of 7 and more with 1-2 outputs
+    its depthwise convs are slower, and it wins only for kernels of 5 and more with 1-2 outputs
     per group. On CUDA (H200, cuDNN, fp16 channels-last) it lost for every branch shape, its 9x9
     convs 3-7x slower, so the rule is for CPU only.
     """
     if in_per_group == 1:
         return False
     if low_precision:
-        return outs_per_group <= 2 and kernel_size >= 7
+        return outs_per_group <= 2 and kernel_size >= 5
     return outs_per_group <= 2 or (outs_per_group <= 4 and kernel_size >= 5)
 
 
