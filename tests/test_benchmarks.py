@@ -1,0 +1,46 @@
+"""The benchmark's baselines and bookkeeping: a speed comparison is only fair if it compares the same function."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import timm_epsanet  # noqa: F401
+from timm_epsanet import PyramidSqueezeAttention
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
+import benchmark  # noqa: E402
+from official_structure import OfficialStructurePSA  # noqa: E402
+
+
+def test_official_structure_computes_psa_in_reversed_branch_order():
+    psa = PyramidSqueezeAttention(64, stride=2).eval()
+    official = OfficialStructurePSA(psa).eval()
+    assert all(a.weight is b.weight for a, b in zip(official.convs, psa.convs))  # shared, not copied
+    x = torch.randn(2, 64, 16, 16)
+    with torch.no_grad():
+        ours, theirs = psa(x), official(x)
+    torch.testing.assert_close(theirs, torch.cat(ours.chunk(4, dim=1)[::-1], dim=1), rtol=1e-5, atol=1e-5)
+
+
+def test_model_forms():
+    official = benchmark.create('epsanet50_small@official')
+    assert sum(isinstance(m, OfficialStructurePSA) for m in official.modules()) == 16
+    assert not any(isinstance(m, PyramidSqueezeAttention) for m in official.modules())
+    dense = benchmark.create('epsanet50_small@dense')
+    assert {c.form for c in dense.layer1[0].conv2.convs} == {'grouped', 'dense'}  # branch 0 has one group
+    with pytest.raises(ValueError, match='unknown model form @fast'):
+        benchmark.create('epsanet50_small@fast')
+
+
+def test_merge_refuses_runs_from_different_machines(tmp_path):
+    rows = [dict(model='resnet50', mode='infer', layout='nchw', precision='fp32', compile=False, device='cpu',
+                 batch_size=8, img_size=224, iters=6, warmup=2, threads=None, img_s=10.0, peak_mib=1.0)]
+    for name, machine in (('a', 'machine A'), ('b', 'machine B')):
+        (tmp_path / f'{name}.json').write_text(json.dumps(dict(machine=machine, repeats=1, rows=rows)))
+    with pytest.raises(SystemExit, match='different machines'):
+        benchmark.merge([tmp_path / 'a.json', tmp_path / 'b.json'], tmp_path / 'out')
+    table = benchmark.merge([tmp_path / 'a.json'], tmp_path / 'out')
+    assert '| resnet50 | infer | nchw | fp32 | False | 10.0 | 1.00 |' in table
+    assert (tmp_path / 'out' / 'benchmark.png').stat().st_size > 0
