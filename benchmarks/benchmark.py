@@ -34,6 +34,8 @@ BASELINES = ['resnet50', 'seresnet50', 'ecaresnet50t', 'skresnet50', 'res2net50_
 # EPSANet-50 Small computed the way the official code computes it (same weights)
 OFFICIAL = 'epsanet50_small@official'
 REFERENCE = 'resnet50'
+# what a measurement adds to its configuration in benchmark.json
+RESULT_KEYS = {'img_s', 'peak_mib', 'samples', 'error'}
 
 
 def parse_args(argv=None):
@@ -273,9 +275,9 @@ def merge(paths, out: Path):
     machines = {run['machine'] for run in runs}
     if len(machines) != 1:
         raise SystemExit(f'refusing to merge runs from different machines: {sorted(machines)}')
-    cfg_keys = set(json.loads(json.dumps(list(configurations(parse_args([]), 'cpu'))[0])))
-    results = [({k: v for k, v in row.items() if k in cfg_keys}, {k: v for k, v in row.items() if k not in cfg_keys})
-               for run in runs for row in run['rows']]
+    rows = [row for run in runs for row in run['rows']]
+    results = [({k: v for k, v in row.items() if k not in RESULT_KEYS},
+                {k: v for k, v in row.items() if k in RESULT_KEYS}) for row in rows]
     repeats = sorted({run['repeats'] for run in runs})
     return write_report(results, machines.pop(), '-'.join(map(str, repeats)), out)
 
@@ -318,6 +320,7 @@ def best_of(cfgs, samples):
         elif samples[i]:
             results.append((cfg, samples[i][0]))
     return results
+
 
 if __name__ == '__main__':
     main()

@@ -31,10 +31,9 @@ def published_hub_id(variant: str) -> Optional[str]:
 
 
 def is_unpublished_default(variant: str, repo_id: Optional[str]) -> bool:
-    """Whether `repo_id` (from a resolved pretrained cfg) is the variant's default, weightless repo."""
-    if repo_id is None:
-        return published_hub_id(variant) is None
-    return HUB_ORG == DEFAULT_ORG and repo_id == hub_id(variant) and variant not in PUBLISHED
+    """Whether `repo_id` (from a resolved pretrained cfg) names no weights: none at all (the cfg of
+    an unpublished variant), or the variant's default repo before it is published."""
+    return repo_id is None or (HUB_ORG == DEFAULT_ORG and repo_id == hub_id(variant) and variant not in PUBLISHED)
 
 
 def unpublished_message(variant: str) -> str:

@@ -177,16 +177,18 @@ class BranchConv2d(nn.Conv2d):
             return self.form
         if device_type == 'cpu' and (self.cpu_depthwise_low_precision if low_precision else self.cpu_depthwise):
             return 'depthwise'
-        if device_type == 'cuda' and not grad_enabled and 1 < self.groups <= 16:
+        if device_type == 'cuda' and not grad_enabled and self.groups <= 16:
             return 'dense'
         return 'grouped'
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_scripting():
-            low_precision = x.dtype != torch.float32
-        else:
-            low_precision = self._computes_in_low_precision(x)
-        form = self.form_for(x.device.type, torch.is_grad_enabled(), low_precision)
+        form = self.form
+        if form == 'auto':
+            if torch.jit.is_scripting():
+                low_precision = x.dtype != torch.float32
+            else:
+                low_precision = self._computes_in_low_precision(x)
+            form = self.form_for(x.device.type, torch.is_grad_enabled(), low_precision)
         if form == 'dense':
             weight = block_diagonal_weight(self.weight, self.groups)
             return F.conv2d(x, weight, None, self.stride, self.padding, self.dilation, 1)
