@@ -2,10 +2,12 @@
 
 The 'auto' form picks per branch and device (`depthwise_pays_off` on CPU); this script is the
 evidence for that rule. It prints one row per branch shape (EPSANet-50 stages, Small and Large)
-with the milliseconds of the forward (inference) and forward + backward (training) of each form.
+with the milliseconds of the forward (inference) and forward + backward (training) of each form
+in each memory layout of the input (the PSA module hands each branch the layout it runs fastest in).
+The depthwise form is timed channels-last only: its NCHW depthwise convs were 3-6x slower on CPU.
 
     python benchmarks/psa_branches.py                                 # CPU, batch 8, fp32
-    python benchmarks/psa_branches.py --device cuda --batch-size 128 --amp
+    python benchmarks/psa_branches.py --device cuda --batch-size 128 --amp --layouts channels_last
 """
 import argparse
 import json
@@ -44,22 +46,28 @@ def time_ms(fn, device, iters, warmup=3):
     return 1e3 * statistics.median(times)
 
 
+LAYOUTS = {'nchw': torch.contiguous_format, 'channels_last': torch.channels_last}
+
+
+def candidates(args):
+    """(form, layout) pairs to time; column names are form/layout."""
+    return [(form, layout) for form in args.forms for layout in args.layouts
+            if not (form == 'depthwise' and layout == 'nchw')]
+
+
 def measure(shape, args, device):
     chs, out_chs = shape['chs'], shape['chs'] // 4
-    convs = {
-        form: BranchConv2d(chs, out_chs, shape['kernel'], padding=shape['kernel'] // 2, groups=shape['groups'],
-                           bias=False, form=form, device=device)
-        for form in args.forms
-    }
-    fmt = torch.channels_last if args.layout == 'channels_last' else torch.contiguous_format
-    x = torch.randn(args.batch_size, chs, shape['size'], shape['size'], device=device).contiguous(memory_format=fmt)
+    x_any = torch.randn(args.batch_size, chs, shape['size'], shape['size'], device=device)
     amp_dtype = (torch.float16 if device.type == 'cuda' else torch.bfloat16) if args.amp else None
     row = dict(shape)
-    for form, conv in convs.items():
-        conv.to(memory_format=fmt)
+    for form, layout in candidates(args):
+        conv = BranchConv2d(chs, out_chs, shape['kernel'], padding=shape['kernel'] // 2, groups=shape['groups'],
+                            bias=False, form=form, device=device).to(memory_format=LAYOUTS[layout])
+        key = f'{form}/{layout}'
         if conv.form != form:  # 1 input per group or 1 group: nothing to reformulate
-            row[f'{form}_infer_ms'] = row[f'{form}_train_ms'] = float('nan')
+            row[f'{key}_infer_ms'] = row[f'{key}_train_ms'] = float('nan')
             continue
+        x = x_any.contiguous(memory_format=LAYOUTS[layout])
         x_train = x.detach().requires_grad_()
 
         def infer():
@@ -71,10 +79,11 @@ def measure(shape, args, device):
                 y = conv(x_train)
             y.backward(torch.ones_like(y))
 
-        row[f'{form}_infer_ms'] = time_ms(infer, device, args.iters)
-        row[f'{form}_train_ms'] = time_ms(train, device, args.iters)
+        row[f'{key}_infer_ms'] = time_ms(infer, device, args.iters)
+        row[f'{key}_train_ms'] = time_ms(train, device, args.iters)
     auto = BranchConv2d(chs, out_chs, shape['kernel'], groups=shape['groups'], bias=False)
-    row['auto'] = f"{auto.form_for(device.type, False, args.amp)}/{auto.form_for(device.type, True, args.amp)}"
+    row['auto'] = ' / '.join(
+        '{}/{}'.format(*auto.plan_for(device.type, grad, args.amp)) for grad in (False, True))
     return row
 
 
@@ -82,7 +91,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--batch-size', type=int, default=8)
-    parser.add_argument('--layout', default='channels_last', choices=['nchw', 'channels_last'])
+    parser.add_argument('--layouts', nargs='+', default=list(LAYOUTS), choices=list(LAYOUTS))
     parser.add_argument('--amp', action='store_true')
     parser.add_argument('--iters', type=int, default=10)
     parser.add_argument('--forms', nargs='+', default=['grouped', 'depthwise', 'dense'],
@@ -93,8 +102,9 @@ def main(argv=None):
     device = torch.device(args.device)
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
-    print(f'{device}, batch {args.batch_size}, {args.layout}, {"amp" if args.amp else "fp32"}; milliseconds')
-    cols = [f'{form} {mode}' for mode in ('infer', 'train') for form in args.forms]
+    print(f'{device}, batch {args.batch_size}, {"amp" if args.amp else "fp32"}; milliseconds')
+    keys = [f'{form}/{layout}' for form, layout in candidates(args)]
+    cols = [f'{key} {mode}' for mode in ('infer', 'train') for key in keys]
     print('| variant | stage | chs | size | k | groups | ' + ' | '.join(cols) + ' | auto picks (infer/train) |')
     print('|' + '---|' * (7 + len(cols)))
     rows = []
@@ -103,7 +113,7 @@ def main(argv=None):
             continue
         row = measure(shape, args, device)
         rows.append(row)
-        times = [row[f'{form}_{mode}_ms'] for mode in ('infer', 'train') for form in args.forms]
+        times = [row[f'{key}_{mode}_ms'] for mode in ('infer', 'train') for key in keys]
         print(f'| {row["variant"]} | {row["stage"]} | {row["chs"]} | {row["size"]} | {row["kernel"]} | {row["groups"]} | '
               + ' | '.join(f'{t:.3f}' for t in times) + f' | {row["auto"]} |', flush=True)
     if args.json:

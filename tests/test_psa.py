@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from timm_epsanet import EPSABottleneck, PyramidSqueezeAttention, default_groups, default_kernel_sizes
-from timm_epsanet.psa import BranchConv2d, block_diagonal_weight, depthwise_pays_off
+from timm_epsanet.psa import BranchConv2d, block_diagonal_weight, computes_in_low_precision, cpu_branch_plan
 
 
 def test_paper_defaults_follow_eq3():
@@ -185,7 +185,7 @@ def test_branch_form_equals_grouped_conv(form, channels_last, in_chs, out_chs, k
     torch.manual_seed(0)
     fast = BranchConv2d(in_chs, out_chs, k, stride=stride, padding=k // 2, groups=groups, bias=False, form=form)
     plain = BranchConv2d(in_chs, out_chs, k, stride=stride, padding=k // 2, groups=groups, bias=False, form='grouped')
-    assert fast.form_for('cpu', True) == form and plain.form_for('cpu', True) == 'grouped'
+    assert fast.plan_for('cpu', True)[0] == form and plain.plan_for('cpu', True)[0] == 'grouped'
     plain.load_state_dict(fast.state_dict())
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(2, in_chs, 15, 15).contiguous(memory_format=fmt)
@@ -228,30 +228,69 @@ def test_depthwise_form_under_autocast_matches_grouped_conv():
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2 * b.abs().max().item())
 
 
-def test_branch_form_choice():
-    """'auto': on CPU the depthwise form for 1-2 outputs per group, or up to 4 with kernels >= 5;
-    on CUDA the dense form for inference with <= 16 groups, else the grouped conv; an explicit
-    form applies everywhere."""
-    assert depthwise_pays_off(3, 4, 1) and depthwise_pays_off(5, 16, 4) and depthwise_pays_off(9, 16, 4)
-    assert not depthwise_pays_off(3, 16, 4) and not depthwise_pays_off(9, 32, 8) and not depthwise_pays_off(9, 1, 1)
-    # bf16: only kernels >= 5 with 1-2 outputs per group
-    assert depthwise_pays_off(9, 4, 1, low_precision=True) and depthwise_pays_off(5, 8, 2, low_precision=True)
-    assert not depthwise_pays_off(5, 16, 4, low_precision=True) and not depthwise_pays_off(9, 16, 4, low_precision=True)
-    assert not depthwise_pays_off(3, 4, 1, low_precision=True)
+def test_branch_plan_choice():
+    """'auto' on CPU: the depthwise form channels-last for few outputs per group; NCHW grouped
+    convs for >= 32 inputs per group and kernels >= 5 (inference); else channels-last, the dense
+    branch in whichever layout the others use; bf16 depthwise only for k >= 5 and <= 2 outputs.
+    On CUDA the dense form for inference with <= 16 groups, else the grouped conv, in the caller's
+    layout; an explicit form applies everywhere."""
+    cl, nchw, any_ = ('grouped', 'channels_last'), ('grouped', 'nchw'), ('grouped', 'any')
+    dw = ('depthwise', 'channels_last')
+    assert cpu_branch_plan(9, 4, 1) == dw and cpu_branch_plan(7, 8, 2) == dw and cpu_branch_plan(3, 4, 1) == dw
+    assert cpu_branch_plan(5, 16, 4) == dw and cpu_branch_plan(7, 16, 4) == dw and cpu_branch_plan(3, 16, 4) == cl
+    assert cpu_branch_plan(5, 32, 8) == nchw and cpu_branch_plan(9, 32, 8) == nchw and cpu_branch_plan(7, 16, 8) == cl
+    assert cpu_branch_plan(9, 1, 1) == any_
+    # training: NCHW's backward wins by less, and not after a convert: the caller's layout
+    assert cpu_branch_plan(5, 32, 8, training=True) == any_ and cpu_branch_plan(9, 4, 1, training=True) == dw
+    # bf16: depthwise only for kernels >= 5 with 1-2 outputs per group, always channels-last
+    assert cpu_branch_plan(9, 4, 1, low_precision=True) == dw and cpu_branch_plan(5, 8, 2, low_precision=True) == dw
+    assert cpu_branch_plan(5, 16, 4, low_precision=True) == cl and cpu_branch_plan(3, 4, 1, low_precision=True) == cl
+
     small = PyramidSqueezeAttention(64)  # stage 1 of Small: 4 outputs per group for k=5, 2 for k=7, 1 for k=9
     for grad in (False, True):
-        assert [c.form_for('cpu', grad) for c in small.convs] == ['grouped', 'depthwise', 'depthwise', 'depthwise']
-        assert [c.form_for('mps', grad) for c in small.convs] == ['grouped'] * 4
-    assert [c.form_for('cpu', False) for c in PyramidSqueezeAttention(512).convs] == ['grouped'] * 4  # stage 4
-    assert [c.form_for('cpu', False, low_precision=True) for c in small.convs] == ['grouped', 'grouped', 'depthwise', 'depthwise']
-    assert [c.form_for('cuda', False) for c in small.convs] == ['grouped', 'dense', 'dense', 'dense']
-    assert [c.form_for('cuda', True) for c in small.convs] == ['grouped'] * 4
+        assert [c.plan_for('cpu', grad) for c in small.convs] == [any_, dw, dw, dw]
+    assert [c.plan_for('cpu', False) for c in PyramidSqueezeAttention(512).convs] == [any_, nchw, nchw, nchw]
+    assert [c.plan_for('cpu', False, low_precision=True) for c in small.convs] == [cl, cl, dw, dw]
+    for grad in (False, True):
+        assert [c.plan_for('mps', grad) for c in small.convs] == [('grouped', 'any')] * 4
+    assert [c.plan_for('cuda', False)[0] for c in small.convs] == ['grouped', 'dense', 'dense', 'dense']
+    assert [c.plan_for('cuda', True)[0] for c in small.convs] == ['grouped'] * 4
     large = PyramidSqueezeAttention(128, groups=(32,) * 4)
-    assert [c.form_for('cuda', False) for c in large.convs] == ['grouped'] * 4
+    assert [c.plan_for('cuda', False)[0] for c in large.convs] == ['grouped'] * 4
     dense = PyramidSqueezeAttention(64, branch_form='dense')
-    assert [c.form_for('cuda', True) for c in dense.convs] == ['grouped', 'dense', 'dense', 'dense']  # branch 0 is dense already
+    assert [c.plan_for('cuda', True)[0] for c in dense.convs] == ['grouped', 'dense', 'dense', 'dense']  # branch 0 is dense already
+    assert [c.plan_for('cpu', True) for c in dense.convs] == [any_] + [('dense', 'channels_last')] * 3
     with pytest.raises(ValueError, match="form must be one of .* got 'fast'"):
         PyramidSqueezeAttention(64, branch_form='fast')
+
+
+@pytest.mark.parametrize('channels_last', [False, True])
+@pytest.mark.parametrize('chs', [128, 512])
+def test_psa_mixed_branch_layouts_keep_the_callers_layout(chs, channels_last):
+    """On CPU the branches of one PSA run in different layouts and forms (stage 2: NCHW grouped
+    5x5, channels-last depthwise 7x7 and 9x9); the output equals plain grouped convs' and comes
+    back in the caller's layout, at inference and in training (values and gradients)."""
+    torch.manual_seed(0)
+    fast = PyramidSqueezeAttention(chs)
+    plain = PyramidSqueezeAttention(chs, branch_form='grouped')
+    plain.load_state_dict(fast.state_dict())
+    assert {c.plan_for('cpu', False)[1] for c in fast.convs} == {'any', 'nchw'} | ({'channels_last'} if chs == 128 else set())
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    fast, plain = fast.to(memory_format=fmt), plain.to(memory_format=fmt)
+    x = torch.randn(2, chs, 12, 12).contiguous(memory_format=fmt)
+    with torch.inference_mode():
+        y_fast, y_plain = fast(x), plain(x)
+    torch.testing.assert_close(y_fast, y_plain, rtol=1e-5, atol=1e-5)
+    assert y_fast.is_contiguous(memory_format=fmt)
+    x_fast, x_plain = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_fast, y_plain = fast(x_fast), plain(x_plain)
+    assert y_fast.is_contiguous(memory_format=fmt)
+    grad = torch.randn_like(y_plain)
+    (y_fast * grad).sum().backward()
+    (y_plain * grad).sum().backward()
+    torch.testing.assert_close(x_fast.grad, x_plain.grad, rtol=1e-4, atol=1e-4)
+    for a, b in zip(fast.parameters(), plain.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-4)
 
 
 def test_block_diagonal_weight():
@@ -278,18 +317,18 @@ def test_inference_reweights_in_place_but_training_keeps_autograd():
 
 @pytest.mark.parametrize('mode', ['fp32', 'autocast', 'bf16'])
 def test_branch_form_follows_the_compute_dtype(mode):
-    """On CPU the 5x5 branch of stage 1 runs in depthwise form in fp32 but not in bf16, where
-    oneDNN's depthwise convs are slower; every form gives the grouped conv's result."""
+    """On CPU the 3x3 branch of EPSANet Large's stage 1 runs in depthwise form in fp32 but not
+    in bf16, where oneDNN's depthwise convs are slower; every form gives the grouped conv's result."""
     torch.manual_seed(0)
-    conv = BranchConv2d(64, 16, 5, padding=2, groups=4, bias=False)
-    x = torch.randn(2, 64, 10, 10)
+    conv = BranchConv2d(128, 32, 3, padding=1, groups=32, bias=False)
+    x = torch.randn(2, 128, 10, 10)
     if mode == 'bf16':
         conv, x = conv.to(torch.bfloat16), x.to(torch.bfloat16)
     calls = []
-    conv.register_forward_hook(lambda m, inp, out: calls.append(m._computes_in_low_precision(inp[0])))
+    conv.register_forward_hook(lambda m, inp, out: calls.append(computes_in_low_precision(inp[0])))
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16, enabled=mode == 'autocast'):
         y = conv(x)
-        expected = F.conv2d(x, conv.weight, None, 1, 2, 1, 4)
+        expected = F.conv2d(x, conv.weight, None, 1, 1, 1, 32)
     assert calls == [mode != 'fp32']
-    assert conv.form_for('cpu', False, calls[0]) == ('depthwise' if mode == 'fp32' else 'grouped')
+    assert conv.plan_for('cpu', False, calls[0])[0] == ('depthwise' if mode == 'fp32' else 'grouped')
     torch.testing.assert_close(y.float(), expected.float(), rtol=2e-2, atol=2e-2)

@@ -10,7 +10,7 @@ across the S scales + channel-wise reweighting + concatenation (paper eqs. 3-11)
 Branches are concatenated in paper order (branch 0 first). The official code concatenates them
 reversed; converting its weights is a permutation of the channels that follow PSA.
 """
-from typing import Optional, Sequence, Tuple, Type, Union
+from typing import List, Optional, Sequence, Tuple, Type, Union
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +20,7 @@ from timm.layers import SEModule, get_act_layer, get_padding
 
 __all__ = [
     'BRANCH_FORMS', 'BranchConv2d', 'PyramidSqueezeAttention', 'SEWeight', 'block_diagonal_weight',
-    'default_groups', 'default_kernel_sizes', 'depthwise_form_conv', 'depthwise_pays_off',
+    'cpu_branch_plan', 'default_groups', 'default_kernel_sizes', 'depthwise_form_conv',
 ]
 
 # How a PSA branch's grouped conv is computed; every form gives the same function and state dict.
@@ -50,21 +50,57 @@ class SEWeight(SEModule):
         return self.gate(x_se)
 
 
-def depthwise_pays_off(kernel_size: int, in_per_group: int, outs_per_group: int, low_precision: bool = False) -> bool:
-    """Whether `BranchConv2d` should run in depthwise form on CPU.
+def cpu_branch_plan(
+        kernel_size: int,
+        in_per_group: int,
+        outs_per_group: int,
+        training: bool = False,
+        low_precision: bool = False,
+) -> Tuple[str, str]:
+    """(form, memory layout) in which a PSA branch conv runs fastest on CPU.
 
-    Measured with oneDNN, 2 threads, batch 8, channels-last (benchmarks/psa_branches.py, saved in
-    benchmarks/results/psa_branches_cpu*.json). fp32: the depthwise form wins with 1-2 outputs per
-    group, and with up to 4 for kernels of 5 and more. bf16 (`low_precision`, e.g. CPU autocast):
-    its depthwise convs are slower, and it wins only for kernels of 5 and more with 1-2 outputs
-    per group. On CUDA (H200, cuDNN, fp16 channels-last) it lost for every branch shape, its 9x9
-    convs 3-7x slower, so the rule is for CPU only.
+    Layouts: 'nchw', 'channels_last', or 'any': channels-last when the PSA has a channels-last
+    copy of its input anyway, else NCHW. Measured with oneDNN, 2 threads, batch 8, per branch
+    shape of EPSANet (benchmarks/psa_branches.py, saved in benchmarks/results/psa_branches_cpu*.json):
+      * with few outputs per group (1-2, or up to 4 for kernels of 5 and more) the depthwise form,
+        channels-last, wins: up to 6x for the 9x9 branch of stage 1.
+      * oneDNN's grouped convs with 32 or more inputs per group and kernels of 5 and more run up
+        to 1.7x faster in NCHW than channels-last at inference (the convert is paid once per PSA);
+        in training NCHW wins by less, and only without the convert, so they keep the caller's.
+      * other grouped convs run faster channels-last (1.5-3x in NCHW's disfavour for few inputs
+        per group); the dense branch is as fast in either.
+    bf16 (`low_precision`, e.g. CPU autocast): oneDNN's bf16 depthwise convs are slower, so the
+    depthwise form only for kernels of 5 and more with 1-2 outputs per group, else channels-last.
     """
-    if in_per_group == 1:
-        return False
     if low_precision:
-        return outs_per_group <= 2 and kernel_size >= 5
-    return outs_per_group <= 2 or (outs_per_group <= 4 and kernel_size >= 5)
+        if in_per_group > 1 and outs_per_group <= 2 and kernel_size >= 5:
+            return 'depthwise', 'channels_last'
+        return 'grouped', 'channels_last'
+    if in_per_group == 1:  # a depthwise conv already
+        return 'grouped', 'any'
+    if outs_per_group <= 2 or (outs_per_group <= 4 and kernel_size >= 5):
+        return 'depthwise', 'channels_last'
+    if in_per_group >= 32 and kernel_size >= 5:
+        return 'grouped', 'any' if training else 'nchw'
+    return 'grouped', 'channels_last'
+
+
+def layout_of(x: torch.Tensor) -> str:
+    """'nchw' or 'channels_last': the layout `x` is stored in (NCHW when it is both or neither)."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return 'channels_last'
+    return 'nchw'
+
+
+def in_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last if layout == 'channels_last' else torch.contiguous_format)
+
+
+def computes_in_low_precision(x: torch.Tensor) -> bool:
+    """Whether a CPU conv of `x` will run in a 16-bit float: autocast, or 16-bit input."""
+    if x.device.type == 'cpu' and torch.is_autocast_enabled('cpu'):
+        return torch.get_autocast_dtype('cpu') != torch.float32
+    return x.dtype != torch.float32
 
 
 def depthwise_form_conv(
@@ -79,27 +115,48 @@ def depthwise_form_conv(
 
     Output r of group j is the sum over the group's input channels i of w[j, r, i] * x[i]: one
     depthwise conv of x with the weights w[:, r] followed by a sum over each group's channels.
-    Same MACs, exact up to float summation order. Reduces and interleaves along the dimension
-    that is innermost in memory, so the output keeps x's layout.
+    Same conv MACs, exact up to float summation order. The output keeps x's memory layout.
+
+    The group sum is a reduction over channels, innermost in channels-last memory, where torch's
+    reductions are slow: for narrow outputs (<= 16 channels, stage 1 of EPSANet Small) it runs as
+    a 1x1 conv with 0/1 weights instead (2-3x faster there; it costs out_chs MACs per input read).
     """
     in_chs = x.shape[1]
-    outs = weight.shape[0] // groups
-    k_h, k_w = weight.shape[2], weight.shape[3]
-    weight = weight.reshape(groups, outs, in_chs // groups, k_h, k_w)
-    channels_last = x.is_contiguous(memory_format=torch.channels_last)
-    ys = []
+    out_chs, in_per_group, k_h, k_w = weight.shape
+    outs = out_chs // groups
+    # depthwise weights of output r: input channel c = j * in_per_group + i gets w[j * outs + r, i]
+    dw_weight = weight.reshape(groups, outs, in_per_group, k_h, k_w).transpose(0, 1).reshape(outs, in_chs, 1, k_h, k_w)
+    if out_chs <= 16:
+        sum_weight = _group_sum_weight(in_chs, groups, outs, x)
+        y = x.new_empty(0)
+        for r in range(outs):
+            y_r = F.conv2d(F.conv2d(x, dw_weight[r], None, stride, padding, dilation, in_chs), sum_weight[r])
+            y = y_r if r == 0 else y.add_(y_r)
+        return y
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    ys: List[torch.Tensor] = []
     for r in range(outs):
-        w_r = weight[:, r].reshape(in_chs, 1, k_h, k_w).contiguous()  # plain layout, whatever the module's
-        y = F.conv2d(x, w_r, None, stride, padding, dilation, in_chs)
+        y = F.conv2d(x, dw_weight[r], None, stride, padding, dilation, in_chs)
         B, _, H, W = y.shape
         if channels_last:
-            ys.append(y.permute(0, 2, 3, 1).reshape(B, H, W, groups, in_chs // groups).sum(-1))
+            ys.append(y.permute(0, 2, 3, 1).reshape(B, H, W, groups, in_per_group).sum(-1))
         else:
-            ys.append(y.reshape(B, groups, in_chs // groups, H, W).sum(2))
+            ys.append(y.reshape(B, groups, in_per_group, H, W).sum(2))
     if channels_last:
         y = ys[0] if outs == 1 else torch.stack(ys, dim=-1).flatten(3)
         return y.permute(0, 3, 1, 2)
     return ys[0] if outs == 1 else torch.stack(ys, dim=2).flatten(1, 2)
+
+
+def _group_sum_weight(in_chs: int, groups: int, outs: int, like: torch.Tensor) -> torch.Tensor:
+    """(outs, groups * outs, in_chs, 1, 1) 0/1 weights: [r] maps input channel j * in_per_group + i
+    to output j * outs + r, so the 1x1 conv sums each group's channels into its r-th output."""
+    in_per_group = in_chs // groups
+    c = torch.arange(in_chs, device=like.device)
+    r = torch.arange(outs, device=like.device).unsqueeze(1)
+    weight = torch.zeros(outs, groups * outs, in_chs, dtype=like.dtype, device=like.device)
+    weight[r, torch.div(c, in_per_group, rounding_mode='floor') * outs + r, c] = 1.0
+    return weight.reshape(outs, groups * outs, in_chs, 1, 1)
 
 
 class _DepthwiseFormGroupedBackward(torch.autograd.Function):
@@ -152,10 +209,13 @@ class BranchConv2d(nn.Conv2d):
         grouped conv's backward.
       * dense: a dense conv with `block_diagonal_weight`: `groups` times the MACs, but on one
         of the backends' best-tuned kernels.
-      * auto: the form measured fastest (benchmarks/results): on CPU the depthwise form where
-        `depthwise_pays_off`; on CUDA the dense form for inference when groups <= 16 (H200,
-        EPSANet-50 Small, fp16 channels-last: 5542 img/s against 4467 grouped), the grouped
-        conv in training (1589 img/s against 1506 dense); elsewhere the grouped conv.
+      * auto: the form measured fastest (benchmarks/results): on CPU `cpu_branch_plan`, which
+        also names the memory layout the branch runs fastest in; on CUDA the dense form for
+        inference when groups <= 16 (H200, EPSANet-50 Small, fp16 channels-last: 5542 img/s
+        against 4467 grouped), the grouped conv in training (1589 img/s against 1506 dense);
+        elsewhere the grouped conv.
+    The module computes in its input's layout; `PyramidSqueezeAttention` hands each branch the
+    layout of its `plan_for`.
     """
 
     def __init__(self, *args, form: str = 'auto', **kwargs):
@@ -167,19 +227,28 @@ class BranchConv2d(nn.Conv2d):
             form = 'grouped'  # dense or depthwise already: nothing to reformulate
         self.form = form
         shape = (self.kernel_size[0], in_per_group, self.out_channels // self.groups)
-        self.cpu_depthwise = depthwise_pays_off(*shape)
-        self.cpu_depthwise_low_precision = depthwise_pays_off(*shape, low_precision=True)
+        # CPU plans at index 2 * training + low_precision
+        self.cpu_plans: List[Tuple[str, str]] = [
+            self._cpu_plan(shape, training, low) for training in (False, True) for low in (False, True)]
 
-    def form_for(self, device_type: str, grad_enabled: bool, low_precision: bool = False) -> str:
-        """The form this branch computes on a device of `device_type` ('cpu', 'cuda', ...), with
-        or without autograd, in fp32 or a 16-bit float (`low_precision`)."""
+    def _cpu_plan(self, shape: Tuple[int, int, int], training: bool, low_precision: bool) -> Tuple[str, str]:
+        if self.form == 'auto':
+            return cpu_branch_plan(*shape, training=training, low_precision=low_precision)
+        if self.groups == 1 and not low_precision:
+            return 'grouped', 'any'  # a dense conv is as fast in either layout
+        return self.form, 'channels_last'  # any other form: channels-last, fastest for grouped convs
+
+    def plan_for(self, device_type: str, grad_enabled: bool, low_precision: bool = False) -> Tuple[str, str]:
+        """(form, memory layout) of this branch on a device of `device_type` ('cpu', 'cuda', ...),
+        with or without autograd, in fp32 or a 16-bit float (`low_precision`). Layouts are only
+        chosen on CPU; elsewhere the branch runs in the caller's layout ('any')."""
+        if device_type == 'cpu':
+            return self.cpu_plans[2 * int(grad_enabled) + int(low_precision)]
         if self.form != 'auto':
-            return self.form
-        if device_type == 'cpu' and (self.cpu_depthwise_low_precision if low_precision else self.cpu_depthwise):
-            return 'depthwise'
+            return self.form, 'any'
         if device_type == 'cuda' and not grad_enabled and self.groups <= 16:
-            return 'dense'
-        return 'grouped'
+            return 'dense', 'any'
+        return 'grouped', 'any'
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         form = self.form
@@ -187,26 +256,24 @@ class BranchConv2d(nn.Conv2d):
             if torch.jit.is_scripting():
                 low_precision = x.dtype != torch.float32
             else:
-                low_precision = self._computes_in_low_precision(x)
-            form = self.form_for(x.device.type, torch.is_grad_enabled(), low_precision)
+                low_precision = computes_in_low_precision(x)
+            form = self.plan_for(x.device.type, torch.is_grad_enabled(), low_precision)[0]
+        return self.forward_as(x, form)
+
+    def forward_as(self, x: torch.Tensor, form: str) -> torch.Tensor:
+        """The branch computed in `form`, in `x`'s memory layout."""
         if form == 'dense':
             weight = block_diagonal_weight(self.weight, self.groups)
             return F.conv2d(x, weight, None, self.stride, self.padding, self.dilation, 1)
         if form == 'grouped':
-            return self._conv_forward(x, self.weight, self.bias)
+            # oneDNN runs a conv channels-last if its input OR its weight is: keep an NCHW input NCHW
+            weight = self.weight if layout_of(x) == 'channels_last' else self.weight.contiguous()
+            return self._conv_forward(x, weight, self.bias)
         if not torch.is_grad_enabled():
             return depthwise_form_conv(x, self.weight, self.stride, self.padding, self.dilation, self.groups)
         if torch.jit.is_scripting():
             return self._conv_forward(x, self.weight, self.bias)
         return self._train_forward(x)
-
-    @torch.jit.unused
-    def _computes_in_low_precision(self, x: torch.Tensor) -> bool:
-        """Whether this conv will run in a 16-bit float: autocast, or 16-bit input and weights.
-        Only the CPU rule asks (other device types, e.g. meta, have no autocast state to read)."""
-        if x.device.type == 'cpu' and torch.is_autocast_enabled('cpu'):
-            return torch.get_autocast_dtype('cpu') != torch.float32
-        return x.dtype != torch.float32
 
     @torch.jit.unused
     def _train_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -282,24 +349,45 @@ class PyramidSqueezeAttention(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # CPU backends run these grouped and depthwise convs (and their backward) several times
-        # faster channels-last: convert once for all branches, and give the caller its layout back
-        to_nchw = x.device.type == 'cpu' and not x.is_contiguous(memory_format=torch.channels_last)
-        if to_nchw:
-            x = x.contiguous(memory_format=torch.channels_last)
+        if torch.jit.is_scripting():
+            feats = [conv(x) for conv in self.convs]
+            return self._attend(torch.cat(feats, dim=1))
+        return self._attend(self._branches(x))
+
+    @torch.jit.unused
+    def _branches(self, x: torch.Tensor) -> torch.Tensor:
+        """The concatenated branch outputs, in x's layout. Each branch runs in the form and memory
+        layout of its plan (on CPU up to 2x apart), converting x at most once per layout."""
+        grad_enabled = torch.is_grad_enabled()
+        low_precision = x.device.type == 'cpu' and computes_in_low_precision(x)
+        plans = [conv.plan_for(x.device.type, grad_enabled, low_precision) for conv in self.convs]
+        caller = layout_of(x)
+        flexible = 'channels_last' if any(layout == 'channels_last' for _, layout in plans) else caller
+        inputs = {caller: x}
         feats = []
-        for conv in self.convs:
-            feats.append(conv(x))
-        x = torch.cat(feats, dim=1)
+        for conv, (form, layout) in zip(self.convs, plans):
+            layout = flexible if layout == 'any' else layout
+            if layout not in inputs:
+                inputs[layout] = in_layout(x, layout)
+            feats.append(conv.forward_as(inputs[layout], form))
+        if grad_enabled or torch.compiler.is_compiling():
+            return in_layout(torch.cat(feats, dim=1), caller)
+        # write the concat straight into the caller's layout (a mixed-layout cat returns NCHW)
+        B, _, H, W = feats[0].shape
+        out = torch.empty(
+            (B, self.num_scales * self.split_chs, H, W), dtype=feats[0].dtype, device=x.device,
+            memory_format=torch.channels_last if caller == 'channels_last' else torch.contiguous_format)
+        return torch.cat(feats, dim=1, out=out)
+
+    def _attend(self, x: torch.Tensor) -> torch.Tensor:
+        """SEWeight once over all S scales, softmax across the scales, reweighting."""
         B, _, H, W = x.shape
         x = x.reshape(B, self.num_scales, self.split_chs, H, W)
-        # one pass of the shared SEWeight over all S scales, then softmax across the scales
         attn = self.se(x.mean((3, 4)).reshape(B * self.num_scales, self.split_chs, 1, 1))
         attn = attn.reshape(B, self.num_scales, self.split_chs, 1, 1).softmax(dim=1)
         # x is this module's own buffer (the concat): reweight it in place when autograd is off
         x = x.mul_(attn) if not torch.is_grad_enabled() else x * attn
-        x = x.reshape(B, self.num_scales * self.split_chs, H, W)
-        return x.contiguous() if to_nchw else x
+        return x.reshape(B, self.num_scales * self.split_chs, H, W)
 
 
 def _check_config(
