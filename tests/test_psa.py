@@ -5,7 +5,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from timm_epsanet import EPSABottleneck, PyramidSqueezeAttention, default_groups, default_kernel_sizes
-from timm_epsanet.psa import BranchConv2d, block_diagonal_weight, computes_in_low_precision, cpu_branch_plan
+from timm_epsanet.psa import (
+    BranchConv2d, block_diagonal_weight, computes_in_low_precision, cpu_branch_plan, fft_weight_grad,
+    fft_weight_grad_pays_off,
+)
 
 
 def test_paper_defaults_follow_eq3():
@@ -205,6 +208,47 @@ def test_branch_form_equals_grouped_conv(form, channels_last, in_chs, out_chs, k
     grad = torch.randn_like(y_plain)
     for a, b in zip(torch.autograd.grad(y_fast, (x, fast.weight), grad), torch.autograd.grad(y_plain, (x, plain.weight), grad)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)  # sums of 450 products: float order
+
+
+@pytest.mark.parametrize('in_chs, out_chs, k, groups, padding', [
+    (64, 16, 9, 16, (4, 4)),   # stage 1 of Small: 1 output per group
+    (32, 16, 9, 8, (4, 4)),    # 2 outputs per group
+    (8, 4, (5, 3), 2, (1, 2)), # rectangular kernel, padding other than k // 2
+])
+def test_fft_weight_grad_equals_the_convs(in_chs, out_chs, k, groups, padding):
+    torch.manual_seed(0)
+    k_h, k_w = (k, k) if isinstance(k, int) else k
+    x = torch.randn(3, in_chs, 30, 29)
+    w = torch.randn(out_chs, in_chs // groups, k_h, k_w)
+    grad_out = torch.randn_like(F.conv2d(x, w, None, 1, padding, 1, groups))
+    expected = torch.ops.aten.convolution_backward(
+        grad_out, x, w, None, [1, 1], list(padding), [1, 1], False, [0, 0], groups, [False, True, False])[1]
+    got = fft_weight_grad(x, grad_out, (k_h, k_w), padding, groups)
+    assert got.shape == w.shape
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5 * expected.abs().max().item())
+
+
+def test_depthwise_form_training_takes_the_fft_weight_grad_where_it_pays():
+    """9x9 branch of stage 1 in training: depthwise forward, FFT weight gradient; same gradients
+    as the grouped conv. Strided, 7x7, bf16 and small inputs keep oneDNN's weight gradient."""
+    torch.manual_seed(0)
+    fast = BranchConv2d(64, 16, 9, padding=4, groups=16, bias=False, form='depthwise')
+    plain = BranchConv2d(64, 16, 9, padding=4, groups=16, bias=False, form='grouped')
+    plain.load_state_dict(fast.state_dict())
+    x = torch.randn(2, 64, 28, 28).contiguous(memory_format=torch.channels_last)
+    assert fft_weight_grad_pays_off(x, fast.weight, (1, 1), (1, 1))
+    assert not fft_weight_grad_pays_off(x, fast.weight, (2, 2), (1, 1))
+    assert not fft_weight_grad_pays_off(x[..., :14, :14], fast.weight, (1, 1), (1, 1))
+    assert not fft_weight_grad_pays_off(x.bfloat16(), fast.weight, (1, 1), (1, 1))
+    assert not fft_weight_grad_pays_off(x, torch.empty(16, 8, 7, 7), (1, 1), (1, 1))
+    grads = []
+    for conv in (fast, plain):
+        x_in = x.clone().requires_grad_()
+        y = conv(x_in)
+        y.square().sum().backward()
+        grads.append((x_in.grad, conv.weight.grad))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
 
 
 def test_depthwise_form_under_autocast_matches_grouped_conv():
