@@ -30,7 +30,7 @@ stage() {  # stage NAME SECONDS COMMAND...
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
 stage checks 100 python3 benchmarks/cuda_checks.py
-stage branches 50 python3 benchmarks/psa_branches.py --device cuda --batch-size 128 --amp \
+stage branches 50 python3 benchmarks/psa_branches.py --device cuda --batch-size 128 --amp --layouts channels_last \
     --json "$OUT_DIR/branches.json"
 # the targets: AMP + channels_last, every model, eager
 stage amp_cl 165 $BENCH --precisions amp --layouts channels_last \

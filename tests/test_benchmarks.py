@@ -44,3 +44,24 @@ def test_merge_refuses_runs_from_different_machines(tmp_path):
     table = benchmark.merge([tmp_path / 'a.json'], tmp_path / 'out')
     assert '| resnet50 | infer | nchw | fp32 | False | 10.0 | 1.00 |' in table
     assert (tmp_path / 'out' / 'benchmark.png').stat().st_size > 0
+
+
+def test_psa_branches_times_every_form_in_every_layout(tmp_path):
+    """The evidence behind cpu_branch_plan: one row per EPSANet branch shape, a time per form and
+    layout (no depthwise NCHW, none for the dense 3x3 branch), and the plans 'auto' picks."""
+    import psa_branches
+    from timm_epsanet.psa import cpu_branch_plan
+    out = tmp_path / 'branches.json'
+    psa_branches.main(['--batch-size', '1', '--iters', '1', '--variants', 'small', '--forms', 'grouped', 'depthwise',
+                       '--json', str(out)])
+    rows = json.loads(out.read_text())['rows']
+    assert [(r['stage'], r['kernel']) for r in rows] == [(s, k) for s in (1, 2, 3, 4) for k in (3, 5, 7, 9)]
+    for row in rows:
+        times = {key: v for key, v in row.items() if key.endswith('_ms')}
+        assert set(times) == {f'{f}_{m}_ms' for f in ('grouped/nchw', 'grouped/channels_last', 'depthwise/channels_last')
+                              for m in ('infer', 'train')}
+        dense_branch = row['groups'] == 1
+        assert all((t != t) == (dense_branch and key.startswith('depthwise')) for key, t in times.items())  # nan
+        if not dense_branch:
+            shape = (row['kernel'], row['chs'] // row['groups'], row['chs'] // 4 // row['groups'])
+            assert row['auto'] == ' / '.join('/'.join(cpu_branch_plan(*shape, training=t)) for t in (False, True))
