@@ -128,12 +128,11 @@ def depthwise_form_conv(
     dw_weight = weight.reshape(groups, outs, in_per_group, k_h, k_w).transpose(0, 1).reshape(outs, in_chs, 1, k_h, k_w)
     if out_chs <= 16:
         sum_weight = _group_sum_weight(in_chs, groups, outs, x)
-        y = x.new_empty(0)
-        for r in range(outs):
-            y_r = F.conv2d(F.conv2d(x, dw_weight[r], None, stride, padding, dilation, in_chs), sum_weight[r])
-            y = y_r if r == 0 else y.add_(y_r)
+        y = F.conv2d(F.conv2d(x, dw_weight[0], None, stride, padding, dilation, in_chs), sum_weight[0])
+        for r in range(1, outs):
+            y.add_(F.conv2d(F.conv2d(x, dw_weight[r], None, stride, padding, dilation, in_chs), sum_weight[r]))
         return y
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    channels_last = layout_of(x) == 'channels_last'
     ys: List[torch.Tensor] = []
     for r in range(outs):
         y = F.conv2d(x, dw_weight[r], None, stride, padding, dilation, in_chs)
@@ -191,10 +190,10 @@ class _DepthwiseFormGroupedBackward(torch.autograd.Function):
 
 
 def fft_weight_grad_pays_off(x: torch.Tensor, weight: torch.Tensor, stride, dilation) -> bool:
-    """Whether `fft_weight_grad` beats oneDNN's weight gradient: CPU, fp32, stride and dilation 1,
-    kernels of 9 and more on inputs of 28x28 and more with few outputs per group (2 threads,
-    batch 8: 18 -> 7 ms for the 9x9 branch of stage 1, 8.4 -> 4.5 ms in stage 2; slower for 7x7
-    and for stage 3's 14x14)."""
+    """Whether `fft_weight_grad` beats oneDNN's weight gradient of a depthwise-form branch (1-4
+    outputs per group): CPU, fp32, stride and dilation 1, kernels of 9 and more on inputs of 28x28
+    and more (2 threads, batch 8: 18 -> 7 ms for the 9x9 branch of stage 1, 8.4 -> 4.5 ms in
+    stage 2; slower for 7x7 and for stage 3's 14x14)."""
     return (x.device.type == 'cpu' and x.dtype == torch.float32 and tuple(stride) == (1, 1)
             and tuple(dilation) == (1, 1) and min(weight.shape[-2:]) >= 9 and min(x.shape[-2:]) >= 28)
 
