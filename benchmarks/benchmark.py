@@ -11,6 +11,12 @@ configuration) and `<out>/benchmark.png`.
     python benchmarks/benchmark.py                       # fp32, NCHW + channels_last, eager
     python benchmarks/benchmark.py --precisions fp32 amp --compile   # + AMP (bf16 CPU, fp16 CUDA), torch.compile
     python benchmarks/benchmark.py --models epsanet50_small resnet50 --modes infer
+    python benchmarks/benchmark.py --malloc-keep         # glibc keeps freed memory: no page faults
+
+Each row also records the process's minor page faults per iteration. With glibc's default malloc,
+memory of freed large tensors goes back to the OS and every iteration faults it in again; on this
+project's VM that costs 10-20% of a CPU forward, by a different amount for each model, so
+`--malloc-keep` measures the same configurations without it (a separate machine line in the report).
 
 Model names are timm names, optionally with a suffix for EPSANet: `@official` (every PSA runs the
 official code's forward structure, see official_structure.py), or a PSA branch form that applies
@@ -35,7 +41,9 @@ BASELINES = ['resnet50', 'seresnet50', 'ecaresnet50t', 'skresnet50', 'res2net50_
 OFFICIAL = 'epsanet50_small@official'
 REFERENCE = 'resnet50'
 # what a measurement adds to its configuration in benchmark.json
-RESULT_KEYS = {'img_s', 'peak_mib', 'samples', 'error'}
+RESULT_KEYS = {'img_s', 'peak_mib', 'faults', 'samples', 'error'}
+# --malloc-keep: glibc keeps freed memory instead of returning it to the OS (and faulting it in again)
+MALLOC_KEEP_ENV = {'MALLOC_TRIM_THRESHOLD_': str(2 ** 40), 'MALLOC_MMAP_THRESHOLD_': str(2 ** 30)}
 
 
 def parse_args(argv=None):
@@ -57,6 +65,9 @@ def parse_args(argv=None):
     parser.add_argument('--warmup', type=int, default=2)
     parser.add_argument('--repeats', type=int, default=1, help='round-robin repeats, best kept')
     parser.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: all cores)')
+    parser.add_argument('--malloc-keep', action='store_true',
+                        help='glibc: keep freed memory in the process (no trimming, no mmap per large tensor), '
+                             'so that page faults do not count; a separate machine setting in the report')
     parser.add_argument('--out', type=Path, default=Path(__file__).resolve().parent / 'results')
     parser.add_argument('--one-process', action='store_true',
                         help='CUDA: measure every configuration in one process (saves start-up time)')
@@ -126,11 +137,13 @@ def measure(cfg):
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     times = []
+    faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(cfg['iters']):
         start = time.perf_counter()
         step()
         sync()
         times.append(time.perf_counter() - start)
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before) / cfg['iters']
     if cuda:
         peak_mib = torch.cuda.max_memory_allocated() / 2 ** 20
     else:
@@ -138,7 +151,7 @@ def measure(cfg):
         peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - baseline_mib
     del model, step_model, optimizer
     torch._dynamo.reset()  # the next configuration of this process compiles afresh
-    return dict(img_s=cfg['batch_size'] / statistics.median(times), peak_mib=peak_mib)
+    return dict(img_s=cfg['batch_size'] / statistics.median(times), peak_mib=peak_mib, faults=faults)
 
 
 def _current_rss_mib():
@@ -163,10 +176,10 @@ def configurations(args, device):
                             warmup=args.warmup + (3 if compiled else 0), threads=args.threads)
 
 
-def run_worker(cfgs):
+def run_worker(cfgs, env_extra=None):
     """Measure `cfgs` in order in one fresh process, yielding each result as soon as it is measured;
     a crash fails the configurations it did not finish."""
-    env = dict(os.environ, PYTHONUNBUFFERED='1')
+    env = dict(os.environ, PYTHONUNBUFFERED='1', **(env_extra or {}))
     with subprocess.Popen([sys.executable, __file__, '--worker', json.dumps(cfgs)], stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True, env=env) as proc:
         done = 0
@@ -207,12 +220,16 @@ def key(cfg):
     return (cfg['mode'], cfg['layout'], cfg['precision'], cfg['compile'])
 
 
-def machine_description(device):
+def machine_description(device, malloc_keep=False):
     import torch
     if device == 'cuda':
-        return f'{torch.cuda.get_device_name()}, torch {torch.__version__}'
-    threads = torch.get_num_threads()
-    return f'{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, {threads} threads, torch {torch.__version__}'
+        desc = f'{torch.cuda.get_device_name()}, torch {torch.__version__}'
+    else:
+        threads = torch.get_num_threads()
+        desc = f'{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, {threads} threads, torch {torch.__version__}'
+    if malloc_keep:
+        desc += ', glibc malloc keeping freed memory (' + ' '.join(f'{k}={v}' for k, v in MALLOC_KEEP_ENV.items()) + ')'
+    return desc
 
 
 def write_report(results, machine, repeats, out: Path, with_plot=True):
@@ -222,19 +239,22 @@ def write_report(results, machine, repeats, out: Path, with_plot=True):
         f'Machine: {machine}; batch {cfg0["batch_size"]}, {cfg0["img_size"]}x{cfg0["img_size"]}, '
         f'median of {cfg0["iters"]} iterations, best of {repeats} repeat(s).',
         '',
-        '| model | mode | layout | precision | compiled | img/s | x resnet50 | peak memory (MiB) [1] |',
-        '|---|---|---|---|---|---|---|---|',
+        '| model | mode | layout | precision | compiled | img/s | x resnet50 | peak memory (MiB) [1] | page faults / iter [2] |',
+        '|---|---|---|---|---|---|---|---|---|',
     ]
     reference = {key(c): r['img_s'] for c, r in results if c['model'] == REFERENCE and 'img_s' in r}
     for cfg, res in results:
         if 'error' in res:
             lines.append(f'| {cfg["model"]} | {cfg["mode"]} | {cfg["layout"]} | {cfg["precision"]} | '
-                         f'{cfg["compile"]} | failed: {res["error"]} | | |')
+                         f'{cfg["compile"]} | failed: {res["error"]} | | | |')
             continue
         ratio = res['img_s'] / reference[key(cfg)] if key(cfg) in reference else float('nan')
+        faults = f'{res["faults"]:.0f}' if 'faults' in res else 'not recorded'
         lines.append(f'| {cfg["model"]} | {cfg["mode"]} | {cfg["layout"]} | {cfg["precision"]} | {cfg["compile"]} | '
-                     f'{res["img_s"]:.1f} | {ratio:.2f} | {res["peak_mib"]:.0f} |')
-    lines += ['', '[1] CUDA: peak allocated; CPU: peak RSS of the process minus its RSS before the model was built.']
+                     f'{res["img_s"]:.1f} | {ratio:.2f} | {res["peak_mib"]:.0f} | {faults} |')
+    lines += ['', '[1] CUDA: peak allocated; CPU: peak RSS of the process minus its RSS before the model was built.',
+              '[2] Minor page faults of the process per timed iteration (of the fastest repeat): memory the allocator '
+              'returned to the OS and touched again; on CPU each costs time inside the ops (see --malloc-keep).']
     table = '\n'.join(lines) + '\n'
     (out / 'benchmark.md').write_text(table)
     rows = [dict(cfg, **res) for cfg, res in results]
@@ -294,11 +314,12 @@ def main(argv=None):
     import timm
     device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     cfgs = list(configurations(args, device))
-    machine = f'{machine_description(device)}, timm {timm.__version__}'
+    machine = f'{machine_description(device, args.malloc_keep)}, timm {timm.__version__}'
+    env_extra = MALLOC_KEEP_ENV if args.malloc_keep else None
     samples = {i: [] for i in range(len(cfgs))}
     for repeat in range(args.repeats):
         for batch in batches(cfgs, device, args.one_process):
-            for i, res in zip(batch, run_worker([cfgs[i] for i in batch])):
+            for i, res in zip(batch, run_worker([cfgs[i] for i in batch], env_extra)):
                 samples[i].append(res)
                 shown = f'{res["img_s"]:.1f} img/s' if 'img_s' in res else res['error']
                 print(f'[{repeat + 1}/{args.repeats}] {cfgs[i]["model"]:<26} {" ".join(map(str, key(cfgs[i]))):<36} '
@@ -315,8 +336,9 @@ def best_of(cfgs, samples):
     for i, cfg in enumerate(cfgs):
         ok = [s for s in samples[i] if 'img_s' in s]
         if ok:
-            results.append((cfg, dict(img_s=max(s['img_s'] for s in ok), peak_mib=max(s['peak_mib'] for s in ok),
-                                      samples=[round(s['img_s'], 2) for s in ok])))
+            fastest = max(ok, key=lambda s: s['img_s'])
+            results.append((cfg, dict(img_s=fastest['img_s'], peak_mib=max(s['peak_mib'] for s in ok),
+                                      faults=fastest['faults'], samples=[round(s['img_s'], 2) for s in ok])))
         elif samples[i]:
             results.append((cfg, samples[i][0]))
     return results

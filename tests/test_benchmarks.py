@@ -65,3 +65,23 @@ def test_psa_branches_times_every_form_in_every_layout(tmp_path):
         if not dense_branch:
             shape = (row['kernel'], row['chs'] // row['groups'], row['chs'] // 4 // row['groups'])
             assert row['auto'] == ' / '.join('/'.join(cpu_branch_plan(*shape, training=t)) for t in (False, True))
+
+
+def test_benchmark_run_records_page_faults_and_malloc_keep(tmp_path):
+    """A small run end to end, in worker processes as a real run: each row has its page faults per
+    iteration. By default glibc returns the memory of large freed tensors to the OS and faults it in
+    again every iteration (tens of thousands of faults here); --malloc-keep must reach the workers and
+    remove most of them, and is part of the machine line, so such runs never merge with default ones."""
+    common = ['--models', 'epsanet50_small', '--modes', 'infer', '--layouts', 'nchw',
+              '--batch-size', '4', '--iters', '2', '--warmup', '1']
+    runs = {}
+    for name, extra in (('default', []), ('keep', ['--malloc-keep'])):
+        benchmark.main(common + extra + ['--out', str(tmp_path / name)])
+        runs[name] = json.loads((tmp_path / name / 'benchmark.json').read_text())
+    assert 'MALLOC_TRIM_THRESHOLD_' in runs['keep']['machine'] and 'MALLOC' not in runs['default']['machine']
+    default_faults, keep_faults = (runs[name]['rows'][0]['faults'] for name in ('default', 'keep'))
+    assert default_faults > 10000 and keep_faults < default_faults / 4, (default_faults, keep_faults)
+    table = (tmp_path / 'keep' / 'benchmark.md').read_text()
+    assert '| page faults / iter [2] |' in table and f'| {keep_faults:.0f} |' in table
+    with pytest.raises(SystemExit, match='different machines'):
+        benchmark.merge([tmp_path / 'keep' / 'benchmark.json', tmp_path / 'default' / 'benchmark.json'], tmp_path / 'm')
