@@ -210,15 +210,18 @@ def test_branch_form_equals_grouped_conv(form, channels_last, in_chs, out_chs, k
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)  # sums of 450 products: float order
 
 
-@pytest.mark.parametrize('in_chs, out_chs, k, groups, padding', [
-    (64, 16, 9, 16, (4, 4)),   # stage 1 of Small: 1 output per group
-    (32, 16, 9, 8, (4, 4)),    # 2 outputs per group
-    (8, 4, (5, 3), 2, (1, 2)), # rectangular kernel, padding other than k // 2
+@pytest.mark.parametrize('in_chs, out_chs, k, groups, padding, hw', [
+    (64, 16, 9, 16, (4, 4), (30, 29)),   # stage 1 of Small: 1 output per group
+    (32, 16, 9, 8, (4, 4), (30, 29)),    # 2 outputs per group
+    (8, 4, (5, 3), 2, (1, 2), (30, 29)), # rectangular kernel, padding other than k // 2
+    (8, 4, 3, 2, (0, 0), (30, 29)),      # no padding: only non-negative lags
+    (8, 4, 3, 2, (3, 2), (30, 29)),      # padding beyond the kernel: outputs larger than the input
+    (8, 4, 9, 2, (4, 4), (3, 2)),        # input smaller than the kernel: the period is the kernel's
 ])
-def test_fft_weight_grad_equals_the_convs(in_chs, out_chs, k, groups, padding):
+def test_fft_weight_grad_equals_the_convs(in_chs, out_chs, k, groups, padding, hw):
     torch.manual_seed(0)
     k_h, k_w = (k, k) if isinstance(k, int) else k
-    x = torch.randn(3, in_chs, 30, 29)
+    x = torch.randn(3, in_chs, *hw)
     w = torch.randn(out_chs, in_chs // groups, k_h, k_w)
     grad_out = torch.randn_like(F.conv2d(x, w, None, 1, padding, 1, groups))
     expected = torch.ops.aten.convolution_backward(
@@ -230,7 +233,7 @@ def test_fft_weight_grad_equals_the_convs(in_chs, out_chs, k, groups, padding):
 
 def test_depthwise_form_training_takes_the_fft_weight_grad_where_it_pays():
     """9x9 branch of stage 1 in training: depthwise forward, FFT weight gradient; same gradients
-    as the grouped conv. Strided, 7x7, bf16 and small inputs keep oneDNN's weight gradient."""
+    as the grouped conv. Strided, 5x5, bf16 and small inputs keep oneDNN's weight gradient."""
     torch.manual_seed(0)
     fast = BranchConv2d(64, 16, 9, padding=4, groups=16, bias=False, form='depthwise')
     plain = BranchConv2d(64, 16, 9, padding=4, groups=16, bias=False, form='grouped')
@@ -240,7 +243,8 @@ def test_depthwise_form_training_takes_the_fft_weight_grad_where_it_pays():
     assert not fft_weight_grad_pays_off(x, fast.weight, (2, 2), (1, 1))
     assert not fft_weight_grad_pays_off(x[..., :14, :14], fast.weight, (1, 1), (1, 1))
     assert not fft_weight_grad_pays_off(x.bfloat16(), fast.weight, (1, 1), (1, 1))
-    assert not fft_weight_grad_pays_off(x, torch.empty(16, 8, 7, 7), (1, 1), (1, 1))
+    assert fft_weight_grad_pays_off(x, torch.empty(16, 8, 7, 7), (1, 1), (1, 1))
+    assert not fft_weight_grad_pays_off(x, torch.empty(16, 16, 5, 5), (1, 1), (1, 1))
     grads = []
     for conv in (fast, plain):
         x_in = x.clone().requires_grad_()

@@ -191,11 +191,12 @@ class _DepthwiseFormGroupedBackward(torch.autograd.Function):
 
 def fft_weight_grad_pays_off(x: torch.Tensor, weight: torch.Tensor, stride, dilation) -> bool:
     """Whether `fft_weight_grad` beats oneDNN's weight gradient of a depthwise-form branch (1-4
-    outputs per group): CPU, fp32, stride and dilation 1, kernels of 9 and more on inputs of 28x28
-    and more (2 threads, batch 8: 18 -> 7 ms for the 9x9 branch of stage 1, 8.4 -> 4.5 ms in
-    stage 2; slower for 7x7 and for stage 3's 14x14)."""
+    outputs per group): CPU, fp32, stride and dilation 1, kernels of 7 and more on inputs of 28x28
+    and more (2 threads, batch 8, channels-last; EPSANet Small: stage 1's 9x9 18.3 -> 6.7 ms and
+    7x7 11.7 -> 6.6 ms, stage 2's 9x9 8.6 -> 3.5 ms and 7x7 5.6 -> 4.9 ms; slower for 5x5 and on
+    stage 3's 14x14)."""
     return (x.device.type == 'cpu' and x.dtype == torch.float32 and tuple(stride) == (1, 1)
-            and tuple(dilation) == (1, 1) and min(weight.shape[-2:]) >= 9 and min(x.shape[-2:]) >= 28)
+            and tuple(dilation) == (1, 1) and min(weight.shape[-2:]) >= 7 and min(x.shape[-2:]) >= 28)
 
 
 def fft_weight_grad(
@@ -211,18 +212,33 @@ def fft_weight_grad(
     oneDNN computes it directly at a few GMAC/s for large kernels with few channels per group;
     in the frequency domain it is one elementwise product per (group, output, input) pair.
     Float error ~1e-6 of the largest gradient (cuDNN offers FFT algorithms for the same reason).
+
+    The conv's zero padding is not materialized: x is transformed zero-extended at its end, and the
+    kernel tap (a, b) is the circular correlation at lag (a - p_h, b - p_w), negative lags wrapping
+    to the end of a period long enough (>= H + p_h) that they only meet the zeros.
     """
     B, C, H, W = x.shape
-    out_chs = grad_out.shape[1]
+    out_chs, H_out, W_out = grad_out.shape[1:]
     in_per_group, outs = C // groups, out_chs // groups
     (k_h, k_w), (p_h, p_w) = kernel_size, padding
-    size = (H + 2 * p_h, W + 2 * p_w)  # the padded input; the correlation's lags < k never wrap
-    x_f = torch.fft.rfft2(F.pad(x, (p_w, p_w, p_h, p_h)))
-    g_f = torch.fft.rfft2(grad_out, s=size).conj()
-    x_f = x_f.reshape(B, groups, 1, in_per_group, size[0], -1)
-    g_f = g_f.reshape(B, groups, outs, 1, size[0], -1)
-    corr = torch.fft.irfft2((x_f * g_f).sum(0), s=size)[..., :k_h, :k_w]
+    size = (_fft_size(max(H + p_h, H_out, k_h)), _fft_size(max(W + p_w, W_out, k_w)))
+    x_f = torch.fft.rfft2(x, s=size).reshape(B, groups, 1, in_per_group, size[0], -1)
+    g_f = torch.fft.rfft2(grad_out, s=size).conj().reshape(B, groups, outs, 1, size[0], -1)
+    corr = torch.fft.irfft2((x_f * g_f).sum(0), s=size)
+    corr = torch.roll(corr, (p_h, p_w), (-2, -1))[..., :k_h, :k_w]
     return corr.reshape(out_chs, in_per_group, k_h, k_w).contiguous()
+
+
+def _fft_size(n: int) -> int:
+    """The smallest length >= n with no prime factor above 5, where FFTs are fastest."""
+    while True:
+        m = n
+        for p in (2, 3, 5):
+            while m % p == 0:
+                m //= p
+        if m == 1:
+            return n
+        n += 1
 
 
 def block_diagonal_weight(weight: torch.Tensor, groups: int) -> torch.Tensor:
