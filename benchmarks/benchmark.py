@@ -298,7 +298,8 @@ def merge(paths, out: Path):
     rows = [row for run in runs for row in run['rows']]
     results = [({k: v for k, v in row.items() if k not in RESULT_KEYS},
                 {k: v for k, v in row.items() if k in RESULT_KEYS}) for row in rows]
-    repeats = sorted({run['repeats'] for run in runs})
+    # a merged report's repeats read e.g. '1-2': merging it again keeps every count
+    repeats = sorted({int(r) for run in runs for r in str(run['repeats']).split('-')})
     return write_report(results, machines.pop(), '-'.join(map(str, repeats)), out)
 
 

@@ -43,6 +43,11 @@ def test_merge_refuses_runs_from_different_machines(tmp_path):
         benchmark.merge([tmp_path / 'a.json', tmp_path / 'b.json'], tmp_path / 'out')
     table = benchmark.merge([tmp_path / 'a.json'], tmp_path / 'out')
     assert '| resnet50 | infer | nchw | fp32 | False | 10.0 | 1.00 |' in table
+    # a merged report merges again (its repeats read '1-2'), e.g. to replace some of its rows
+    (tmp_path / 'c.json').write_text(json.dumps(dict(machine='machine A', repeats=2, rows=rows)))
+    benchmark.merge([tmp_path / 'a.json', tmp_path / 'c.json'], tmp_path / 'ac')
+    table = benchmark.merge([tmp_path / 'ac' / 'benchmark.json', tmp_path / 'a.json'], tmp_path / 'again')
+    assert 'best of 1-2 repeat(s)' in table
     assert (tmp_path / 'out' / 'benchmark.png').stat().st_size > 0
 
 
