@@ -231,6 +231,37 @@ def test_fft_weight_grad_equals_the_convs(in_chs, out_chs, k, groups, padding, h
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5 * expected.abs().max().item())
 
 
+def test_group_sum_weights_are_a_buffer_built_once_and_rebuilt_by_timms_hook():
+    """Stage 1's depthwise form sums groups with 0/1 weights held as a non-persistent buffer: the
+    forward uses it (no rebuild per call), it stays out of the state dict, follows the module's
+    dtype, and timm's reinit_non_persistent_buffers restores it after a meta-device build."""
+    from timm.models._manipulate import reinit_non_persistent_buffers
+    torch.manual_seed(0)
+    psa = PyramidSqueezeAttention(64).eval()
+    assert [c.group_sum_weight is not None for c in psa.convs] == [False, True, True, True]  # branch 0 is dense
+    assert not any('group_sum_weight' in k for k in psa.state_dict())
+    assert psa.to(torch.bfloat16).convs[3].group_sum_weight.dtype == torch.bfloat16
+    psa.float()
+    x = torch.randn(2, 64, 12, 12)
+    conv = psa.convs[1]  # 5x5, 4 groups, 4 outputs per group
+    with torch.no_grad():
+        expected = F.conv2d(x, conv.weight, None, 1, 2, 1, 4)
+        torch.testing.assert_close(conv.forward_as(x, 'depthwise'), expected, rtol=1e-5, atol=1e-5)
+        saved = conv.group_sum_weight.clone()
+        conv.group_sum_weight.zero_()
+        assert conv.forward_as(x, 'depthwise').abs().max() == 0  # the buffer is what the forward sums with
+        conv.group_sum_weight.copy_(saved)
+
+    meta = PyramidSqueezeAttention(64, device='meta').to_empty(device='cpu').eval()
+    meta.load_state_dict(psa.state_dict())
+    assert 'convs.1' in reinit_non_persistent_buffers(meta)
+    for a, b in zip(meta.convs, psa.convs):
+        if b.group_sum_weight is not None:
+            assert torch.equal(a.group_sum_weight, b.group_sum_weight)
+    with torch.no_grad():
+        torch.testing.assert_close(meta(x), psa(x))
+
+
 def test_depthwise_form_training_takes_the_fft_weight_grad_where_it_pays():
     """9x9 branch of stage 1 in training: depthwise forward, FFT weight gradient; same gradients
     as the grouped conv. Strided, 5x5, bf16 and small inputs keep oneDNN's weight gradient."""

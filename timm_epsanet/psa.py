@@ -20,7 +20,7 @@ from timm.layers import SEModule, get_act_layer, get_padding
 
 __all__ = [
     'BRANCH_FORMS', 'BranchConv2d', 'PyramidSqueezeAttention', 'SEWeight', 'block_diagonal_weight',
-    'cpu_branch_plan', 'default_groups', 'default_kernel_sizes', 'depthwise_form_conv',
+    'cpu_branch_plan', 'default_groups', 'default_kernel_sizes', 'depthwise_form_conv', 'group_sum_weight',
 ]
 
 # How a PSA branch's grouped conv is computed; every form gives the same function and state dict.
@@ -103,6 +103,11 @@ def computes_in_low_precision(x: torch.Tensor) -> bool:
     return x.dtype != torch.float32
 
 
+def sums_groups_by_conv(out_chs: int) -> bool:
+    """Whether the depthwise form sums its groups with a 1x1 conv (`depthwise_form_conv`)."""
+    return out_chs <= 16
+
+
 def depthwise_form_conv(
         x: torch.Tensor,
         weight: torch.Tensor,
@@ -110,6 +115,7 @@ def depthwise_form_conv(
         padding: Tuple[int, int],
         dilation: Tuple[int, int],
         groups: int,
+        sum_weight: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """`F.conv2d(x, weight, None, stride, padding, dilation, groups)` computed as depthwise convs.
 
@@ -120,17 +126,21 @@ def depthwise_form_conv(
     The group sum is a reduction over channels, innermost in channels-last memory, where torch's
     reductions are slow: for narrow outputs (<= 16 channels, stage 1 of EPSANet Small) it runs as
     a 1x1 conv with 0/1 weights instead (2-3x faster there; it costs out_chs MACs per input read).
+    `sum_weight`: those weights (`group_sum_weight`), built here when not given.
     """
     in_chs = x.shape[1]
     out_chs, in_per_group, k_h, k_w = weight.shape
     outs = out_chs // groups
     # depthwise weights of output r: input channel c = j * in_per_group + i gets w[j * outs + r, i]
     dw_weight = weight.reshape(groups, outs, in_per_group, k_h, k_w).transpose(0, 1).reshape(outs, in_chs, 1, k_h, k_w)
-    if out_chs <= 16:
-        sum_weight = _group_sum_weight(in_chs, groups, outs, x)
-        y = F.conv2d(F.conv2d(x, dw_weight[0], None, stride, padding, dilation, in_chs), sum_weight[0])
+    if sums_groups_by_conv(out_chs):
+        if sum_weight is None:
+            sum_weight = group_sum_weight(in_chs, groups, outs, x.device, x.dtype)
+        sum_weight = sum_weight.to(x.dtype)  # a no-op unless a caller cast x (autocast in training)
+        y = F.conv2d(F.conv2d(x, dw_weight[0], None, stride, padding, dilation, in_chs), sum_weight[:out_chs])
         for r in range(1, outs):
-            y.add_(F.conv2d(F.conv2d(x, dw_weight[r], None, stride, padding, dilation, in_chs), sum_weight[r]))
+            y.add_(F.conv2d(F.conv2d(x, dw_weight[r], None, stride, padding, dilation, in_chs),
+                            sum_weight[r * out_chs:(r + 1) * out_chs]))
         return y
     channels_last = layout_of(x) == 'channels_last'
     ys: List[torch.Tensor] = []
@@ -147,15 +157,22 @@ def depthwise_form_conv(
     return ys[0] if outs == 1 else torch.stack(ys, dim=2).flatten(1, 2)
 
 
-def _group_sum_weight(in_chs: int, groups: int, outs: int, like: torch.Tensor) -> torch.Tensor:
-    """(outs, groups * outs, in_chs, 1, 1) 0/1 weights: [r] maps input channel j * in_per_group + i
-    to output j * outs + r, so the 1x1 conv sums each group's channels into its r-th output."""
+def group_sum_weight(
+        in_chs: int,
+        groups: int,
+        outs: int,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """(outs * out_chs, in_chs, 1, 1) 0/1 weights, out_chs = groups * outs: rows r * out_chs to
+    (r + 1) * out_chs map input channel j * in_per_group + i to output j * outs + r, so that 1x1
+    conv sums each group's channels into its r-th output."""
     in_per_group = in_chs // groups
-    c = torch.arange(in_chs, device=like.device)
-    r = torch.arange(outs, device=like.device).unsqueeze(1)
-    weight = torch.zeros(outs, groups * outs, in_chs, dtype=like.dtype, device=like.device)
+    c = torch.arange(in_chs, device=device)
+    r = torch.arange(outs, device=device).unsqueeze(1)
+    weight = torch.zeros(outs, groups * outs, in_chs, dtype=dtype, device=device)
     weight[r, torch.div(c, in_per_group, rounding_mode='floor') * outs + r, c] = 1.0
-    return weight.reshape(outs, groups * outs, in_chs, 1, 1)
+    return weight.reshape(outs * groups * outs, in_chs, 1, 1)
 
 
 class _DepthwiseFormGroupedBackward(torch.autograd.Function):
@@ -163,7 +180,7 @@ class _DepthwiseFormGroupedBackward(torch.autograd.Function):
     weight gradient through FFTs where `fft_weight_grad_pays_off`."""
 
     @staticmethod
-    def forward(ctx, x, weight, stride, padding, dilation, groups):
+    def forward(ctx, x, weight, stride, padding, dilation, groups, sum_weight):
         # autocast does not reach into backward: cast as autocast would cast a conv, and save
         # those, so that the backward conv sees one dtype (CUDA refuses fp16 input, fp32 weight)
         device_type = x.device.type
@@ -171,7 +188,7 @@ class _DepthwiseFormGroupedBackward(torch.autograd.Function):
             dtype = torch.get_autocast_dtype(device_type)
             x, weight = x.to(dtype), weight.to(dtype)
         with torch.autocast(device_type, enabled=False):
-            out = depthwise_form_conv(x, weight, stride, padding, dilation, groups)
+            out = depthwise_form_conv(x, weight, stride, padding, dilation, groups, sum_weight)
         ctx.save_for_backward(x, weight)
         ctx.conv_args = (stride, padding, dilation, groups)
         return out
@@ -186,7 +203,7 @@ class _DepthwiseFormGroupedBackward(torch.autograd.Function):
             [ctx.needs_input_grad[0], ctx.needs_input_grad[1] and not fft_grad_w, False])
         if fft_grad_w:
             grad_w = fft_weight_grad(x, grad_out, weight.shape[-2:], padding, groups)
-        return grad_x, grad_w, None, None, None, None
+        return grad_x, grad_w, None, None, None, None, None
 
 
 def fft_weight_grad_pays_off(x: torch.Tensor, weight: torch.Tensor, stride, dilation) -> bool:
@@ -285,6 +302,20 @@ class BranchConv2d(nn.Conv2d):
         # CPU plans at index 2 * training + low_precision
         self.cpu_plans: List[Tuple[str, str]] = [
             self._cpu_plan(shape, training, low) for training in (False, True) for low in (False, True)]
+        # the depthwise form's group-sum weights: computed once, moved and cast with the module,
+        # not part of the state dict (None where the form or the output width never uses them)
+        uses_sum_conv = form in ('auto', 'depthwise') and sums_groups_by_conv(self.out_channels)
+        self.register_buffer('group_sum_weight', self._group_sum_weight() if uses_sum_conv else None, persistent=False)
+
+    def _group_sum_weight(self) -> torch.Tensor:
+        return group_sum_weight(
+            self.in_channels, self.groups, self.out_channels // self.groups, self.weight.device, self.weight.dtype)
+
+    def init_non_persistent_buffers(self) -> None:
+        """Recompute `group_sum_weight` (timm's hook, e.g. after `to_empty()` of a meta-device model)."""
+        if self.group_sum_weight is not None:
+            with torch.no_grad():
+                self.group_sum_weight.copy_(self._group_sum_weight())
 
     def _cpu_plan(self, shape: Tuple[int, int, int], training: bool, low_precision: bool) -> Tuple[str, str]:
         if self.form == 'auto':
@@ -325,14 +356,16 @@ class BranchConv2d(nn.Conv2d):
             weight = self.weight if layout_of(x) == 'channels_last' else self.weight.contiguous()
             return self._conv_forward(x, weight, self.bias)
         if not torch.is_grad_enabled():
-            return depthwise_form_conv(x, self.weight, self.stride, self.padding, self.dilation, self.groups)
+            return depthwise_form_conv(
+                x, self.weight, self.stride, self.padding, self.dilation, self.groups, self.group_sum_weight)
         if torch.jit.is_scripting():
             return self._conv_forward(x, self.weight, self.bias)
         return self._train_forward(x)
 
     @torch.jit.unused
     def _train_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _DepthwiseFormGroupedBackward.apply(x, self.weight, self.stride, self.padding, self.dilation, self.groups)
+        return _DepthwiseFormGroupedBackward.apply(
+            x, self.weight, self.stride, self.padding, self.dilation, self.groups, self.group_sum_weight)
 
 
 class PyramidSqueezeAttention(nn.Module):
