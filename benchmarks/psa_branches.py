@@ -1,10 +1,11 @@
 """Time each PSA branch conv of EPSANet in each form of `BranchConv2d`, on this device.
 
-The 'auto' form picks per branch and device (`depthwise_pays_off` on CPU); this script is the
-evidence for that rule. It prints one row per branch shape (EPSANet-50 stages, Small and Large)
+The 'auto' form picks per branch and device (`cpu_branch_plan` on CPU); this script is the
+evidence for that rule, with benchmarks/psa_plans.py for choices that interact within a PSA. It prints one row per branch shape (EPSANet-50 stages, Small and Large)
 with the milliseconds of the forward (inference) and forward + backward (training) of each form
 in each memory layout of the input (the PSA module hands each branch the layout it runs fastest in).
-The depthwise form is timed channels-last only: its NCHW depthwise convs were 3-6x slower on CPU.
+The depthwise form is timed channels-last only (its NCHW depthwise convs were 3-6x slower on
+CPU), the volumetric form NCHW only (it views NCHW memory as a volume).
 
     python benchmarks/psa_branches.py                                 # CPU, batch 8, fp32
     python benchmarks/psa_branches.py --device cuda --batch-size 128 --amp --layouts channels_last
@@ -51,8 +52,8 @@ LAYOUTS = {'nchw': torch.contiguous_format, 'channels_last': torch.channels_last
 
 def candidates(args):
     """(form, layout) pairs to time; column names are form/layout."""
-    return [(form, layout) for form in args.forms for layout in args.layouts
-            if not (form == 'depthwise' and layout == 'nchw')]
+    only = {'depthwise': 'channels_last', 'volumetric': 'nchw'}
+    return [(form, layout) for form in args.forms for layout in args.layouts if only.get(form, layout) == layout]
 
 
 def measure(shape, args, device):
@@ -94,8 +95,8 @@ def main(argv=None):
     parser.add_argument('--layouts', nargs='+', default=list(LAYOUTS), choices=list(LAYOUTS))
     parser.add_argument('--amp', action='store_true')
     parser.add_argument('--iters', type=int, default=10)
-    parser.add_argument('--forms', nargs='+', default=['grouped', 'depthwise', 'dense'],
-                        choices=['grouped', 'depthwise', 'dense'])
+    parser.add_argument('--forms', nargs='+', default=['grouped', 'depthwise', 'volumetric', 'dense'],
+                        choices=['grouped', 'depthwise', 'volumetric', 'dense'])
     parser.add_argument('--variants', nargs='+', default=['small', 'large'], choices=['small', 'large'])
     parser.add_argument('--json', type=Path, default=None, help='also write the rows here')
     args = parser.parse_args(argv)

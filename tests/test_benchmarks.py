@@ -53,23 +53,40 @@ def test_merge_refuses_runs_from_different_machines(tmp_path):
 
 def test_psa_branches_times_every_form_in_every_layout(tmp_path):
     """The evidence behind cpu_branch_plan: one row per EPSANet branch shape, a time per form and
-    layout (no depthwise NCHW, none for the dense 3x3 branch), and the plans 'auto' picks."""
+    layout (no depthwise NCHW, no volumetric channels-last, none for the dense 3x3 branch), and the
+    plans 'auto' picks."""
     import psa_branches
     from timm_epsanet.psa import cpu_branch_plan
     out = tmp_path / 'branches.json'
     psa_branches.main(['--batch-size', '1', '--iters', '1', '--variants', 'small', '--forms', 'grouped', 'depthwise',
-                       '--json', str(out)])
+                       'volumetric', '--json', str(out)])
     rows = json.loads(out.read_text())['rows']
     assert [(r['stage'], r['kernel']) for r in rows] == [(s, k) for s in (1, 2, 3, 4) for k in (3, 5, 7, 9)]
     for row in rows:
         times = {key: v for key, v in row.items() if key.endswith('_ms')}
-        assert set(times) == {f'{f}_{m}_ms' for f in ('grouped/nchw', 'grouped/channels_last', 'depthwise/channels_last')
-                              for m in ('infer', 'train')}
+        forms = ('grouped/nchw', 'grouped/channels_last', 'depthwise/channels_last', 'volumetric/nchw')
+        assert set(times) == {f'{f}_{m}_ms' for f in forms for m in ('infer', 'train')}
         dense_branch = row['groups'] == 1
-        assert all((t != t) == (dense_branch and key.startswith('depthwise')) for key, t in times.items())  # nan
+        assert all((t != t) == (dense_branch and not key.startswith('grouped')) for key, t in times.items())  # nan
         if not dense_branch:
-            shape = (row['kernel'], row['chs'] // row['groups'], row['chs'] // 4 // row['groups'])
+            shape = (row['kernel'], row['chs'] // row['groups'], row['chs'] // 4 // row['groups'], row['groups'])
             assert row['auto'] == ' / '.join('/'.join(cpu_branch_plan(*shape, training=t)) for t in (False, True))
+
+
+def test_psa_plans_times_auto_against_every_one_branch_change(tmp_path):
+    """The check of cpu_branch_plan inside whole PSA modules: every EPSANet Small PSA shape (strided
+    first blocks included), auto's plan as the PSA picks it, and all 9 plans that change one of its
+    3 reformulable branches, each verified to compute the same output before it is timed."""
+    import psa_plans
+    out = tmp_path / 'plans.json'
+    psa_plans.main(['--batch-size', '1', '--rounds', '2', '--variants', 'small', '--json', str(out)])
+    rows = json.loads(out.read_text())['rows']
+    assert [(r['stage'], r['stride']) for r in rows] == [(1, 1), (2, 2), (2, 1), (3, 2), (3, 1), (4, 2), (4, 1)]
+    for row in rows:
+        psa = PyramidSqueezeAttention(row['chs'], stride=row['stride'], groups=row['groups'])
+        assert row['auto'] == psa_plans.plan_name([conv.plan_for('cpu', False) for conv in psa.convs])
+        assert row['neighbours'] == 9 and row['best_neighbour'] != row['auto']
+        assert row['auto_ms'] > 0 and row['best_neighbour_ms'] > 0
 
 
 def test_benchmark_run_records_page_faults_and_malloc_keep(tmp_path):

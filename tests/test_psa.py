@@ -182,9 +182,10 @@ def test_block_matches_official_forward(inplanes, planes, stride, groups, train)
     (64, 16, 7, 8, 2),    # 2 outputs per group, strided
     (128, 32, 7, 8, 1),   # 4 outputs per group
 ])
-@pytest.mark.parametrize('form', ['depthwise', 'dense'])
+@pytest.mark.parametrize('form', ['depthwise', 'volumetric', 'dense'])
 def test_branch_form_equals_grouped_conv(form, channels_last, in_chs, out_chs, k, groups, stride):
-    """BranchConv2d's depthwise and dense forms: same output, memory layout and gradients as the grouped conv."""
+    """BranchConv2d's depthwise, volumetric and dense forms: same output, memory layout and
+    gradients as the grouped conv."""
     torch.manual_seed(0)
     fast = BranchConv2d(in_chs, out_chs, k, stride=stride, padding=k // 2, groups=groups, bias=False, form=form)
     plain = BranchConv2d(in_chs, out_chs, k, stride=stride, padding=k // 2, groups=groups, bias=False, form='grouped')
@@ -198,10 +199,14 @@ def test_branch_form_equals_grouped_conv(form, channels_last, in_chs, out_chs, k
         assert not torch.equal(y_fast, y_plain)  # a different computation...
     torch.testing.assert_close(y_fast, y_plain, rtol=1e-5, atol=1e-5)  # ...of the same function
     assert y_fast.is_contiguous(memory_format=fmt)
-    # training (depthwise: depthwise forward, grouped-conv backward)
+    # training (depthwise, volumetric: their forward, the grouped conv's backward)
     x.requires_grad_()
     y_fast, y_plain = fast(x), plain(x)
-    assert y_fast.grad_fn is not None and ('DepthwiseForm' in type(y_fast.grad_fn).__name__) == (form == 'depthwise')
+    assert y_fast.grad_fn is not None
+    node = y_fast.grad_fn  # the volumetric form's NCHW output is copied back to a channels-last input's layout
+    node = node.next_functions[0][0] if type(node).__name__ == 'CloneBackward0' else node
+    assert ('FastForm' in type(node).__name__) == (form in ('depthwise', 'volumetric'))
+    assert y_fast.is_contiguous(memory_format=fmt)
     if form == 'dense':  # the conv's weight is the block-diagonal expansion, not the parameter itself
         assert type(y_fast.grad_fn.next_functions[1][0]).__name__ != 'AccumulateGrad'
     torch.testing.assert_close(y_fast, y_plain, rtol=1e-5, atol=1e-5)
@@ -319,6 +324,16 @@ def test_branch_plan_choice():
     assert cpu_branch_plan(5, 16, 4) == dw and cpu_branch_plan(7, 16, 4) == dw and cpu_branch_plan(3, 16, 4) == cl
     assert cpu_branch_plan(5, 32, 8) == nchw and cpu_branch_plan(9, 32, 8) == nchw and cpu_branch_plan(7, 16, 8) == cl
     assert cpu_branch_plan(9, 1, 1) == any_
+    # inference with >= 16 groups and 2-4 outputs each: the volumetric form (stages 2-3), not when strided
+    vol = ('volumetric', 'nchw')
+    assert cpu_branch_plan(9, 8, 2, groups=16) == vol and cpu_branch_plan(9, 16, 4, groups=16) == vol
+    assert cpu_branch_plan(3, 8, 2, groups=32) == vol and cpu_branch_plan(9, 8, 2, groups=8) == dw
+    assert cpu_branch_plan(9, 4, 1, groups=16) == dw and cpu_branch_plan(9, 32, 8, groups=16) == nchw
+    assert cpu_branch_plan(9, 8, 2, groups=16, stride=2) == dw and cpu_branch_plan(9, 8, 2, groups=16, training=True) == dw
+    # strided: NCHW grouped convs from 16 inputs per group, with up to 16 groups
+    assert cpu_branch_plan(7, 16, 4, groups=8, stride=2) == nchw and cpu_branch_plan(9, 16, 4, groups=16, stride=2) == nchw
+    assert cpu_branch_plan(7, 16, 4, groups=32, stride=2) == dw and cpu_branch_plan(7, 16, 4, groups=8) == dw
+    assert cpu_branch_plan(7, 16, 4, groups=8, stride=2, training=True) == dw
     # training: NCHW's backward wins by less, and not after a convert: the caller's layout
     assert cpu_branch_plan(5, 32, 8, training=True) == any_ and cpu_branch_plan(9, 4, 1, training=True) == dw
     # bf16: depthwise only for kernels >= 5 with 1-2 outputs per group, always channels-last
@@ -329,6 +344,10 @@ def test_branch_plan_choice():
     for grad in (False, True):
         assert [c.plan_for('cpu', grad) for c in small.convs] == [any_, dw, dw, dw]
     assert [c.plan_for('cpu', False) for c in PyramidSqueezeAttention(512).convs] == [any_, nchw, nchw, nchw]
+    assert [c.plan_for('cpu', False) for c in PyramidSqueezeAttention(128).convs] == [any_, nchw, dw, vol]
+    assert [c.plan_for('cpu', False) for c in PyramidSqueezeAttention(128, stride=2).convs] == [any_, nchw, nchw, dw]
+    assert [c.plan_for('cpu', True) for c in PyramidSqueezeAttention(128).convs] == [any_, any_, dw, dw]
+    assert BranchConv2d(64, 16, 9, padding=4, groups=16, bias=False, form='volumetric').plan_for('cpu', False) == vol  # forced: NCHW
     assert [c.plan_for('cpu', False, low_precision=True) for c in small.convs] == [cl, cl, dw, dw]
     for grad in (False, True):
         assert [c.plan_for('mps', grad) for c in small.convs] == [('grouped', 'any')] * 4

@@ -21,10 +21,11 @@ from timm.layers import SEModule, get_act_layer, get_padding
 __all__ = [
     'BRANCH_FORMS', 'BranchConv2d', 'PyramidSqueezeAttention', 'SEWeight', 'block_diagonal_weight',
     'cpu_branch_plan', 'default_groups', 'default_kernel_sizes', 'depthwise_form_conv', 'group_sum_weight',
+    'volumetric_form_conv',
 ]
 
 # How a PSA branch's grouped conv is computed; every form gives the same function and state dict.
-BRANCH_FORMS = ('auto', 'grouped', 'depthwise', 'dense')
+BRANCH_FORMS = ('auto', 'grouped', 'depthwise', 'volumetric', 'dense')
 
 
 def default_kernel_sizes(num_scales: int) -> Tuple[int, ...]:
@@ -54,6 +55,8 @@ def cpu_branch_plan(
         kernel_size: int,
         in_per_group: int,
         outs_per_group: int,
+        groups: int = 1,
+        stride: int = 1,
         training: bool = False,
         low_precision: bool = False,
 ) -> Tuple[str, str]:
@@ -61,12 +64,17 @@ def cpu_branch_plan(
 
     Layouts: 'nchw', 'channels_last', or 'any': channels-last when the PSA has a channels-last
     copy of its input anyway, else NCHW. Measured with oneDNN, 2 threads, batch 8, per branch
-    shape of EPSANet (benchmarks/psa_branches.py, saved in benchmarks/results/psa_branches_cpu*.json):
+    shape of EPSANet (benchmarks/psa_branches.py, saved in benchmarks/results/psa_branches_cpu*.json)
+    and per whole PSA module (benchmarks/psa_plans.py, the choices that interact through layouts):
       * with few outputs per group (1-2, or up to 4 for kernels of 5 and more) the depthwise form,
         channels-last, wins: up to 6x for the 9x9 branch of stage 1.
+      * at inference, with 16 or more groups (a full AVX-512 vector of fp32 channels) and 2-4
+        outputs per group, the volumetric form beats it by 10-30% where the PSA has an NCHW copy
+        of its input anyway (stages 2-3; stride 1: oneDNN's strided conv3d is slow).
       * oneDNN's grouped convs with 32 or more inputs per group and kernels of 5 and more run up
         to 1.7x faster in NCHW than channels-last at inference (the convert is paid once per PSA);
         in training NCHW wins by less, and only without the convert, so they keep the caller's.
+        At stride 2 the same holds from 16 inputs per group with at most 16 groups.
       * other grouped convs run faster channels-last (1.5-3x in NCHW's disfavour for few inputs
         per group); the dense branch is as fast in either.
     bf16 (`low_precision`, e.g. CPU autocast): oneDNN's bf16 depthwise convs are slower, so the
@@ -78,6 +86,11 @@ def cpu_branch_plan(
         return 'grouped', 'channels_last'
     if in_per_group == 1:  # a depthwise conv already
         return 'grouped', 'any'
+    if not training:
+        if stride == 1 and groups >= 16 and 2 <= outs_per_group <= 4:
+            return 'volumetric', 'nchw'
+        if stride > 1 and groups <= 16 and in_per_group >= 16 and kernel_size >= 5:
+            return 'grouped', 'nchw'
     if outs_per_group <= 2 or (outs_per_group <= 4 and kernel_size >= 5):
         return 'depthwise', 'channels_last'
     if in_per_group >= 32 and kernel_size >= 5:
@@ -175,12 +188,40 @@ def group_sum_weight(
     return weight.reshape(outs * groups * outs, in_chs, 1, 1)
 
 
-class _DepthwiseFormGroupedBackward(torch.autograd.Function):
-    """Training: the depthwise form's fast forward, the grouped conv's (faster) backward, its
-    weight gradient through FFTs where `fft_weight_grad_pays_off`."""
+def volumetric_form_conv(
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        stride: Tuple[int, int],
+        padding: Tuple[int, int],
+        dilation: Tuple[int, int],
+        groups: int,
+) -> torch.Tensor:
+    """`F.conv2d(x, weight, None, stride, padding, dilation, groups)` computed as depthwise conv3ds.
+
+    Viewed as a volume (N, groups, in_per_group, H, W), NCHW x holds each group as one channel
+    whose depth is the group's input channels; output r of every group is then a depthwise
+    conv3d with kernel depth in_per_group and no depth padding (output depth 1). Same MACs as
+    the grouped conv, no intermediate the size of x (unlike the depthwise form), one conv3d per
+    output of a group. Exact up to float summation order; returns NCHW.
+    """
+    B, in_chs, H, W = x.shape
+    out_chs, in_per_group, k_h, k_w = weight.shape
+    outs = out_chs // groups
+    volume = x.contiguous().view(B, groups, in_per_group, H, W)
+    # weights of output r of every group: (groups, 1, in_per_group, k_h, k_w)
+    weights = weight.reshape(groups, outs, 1, in_per_group, k_h, k_w).transpose(0, 1).contiguous()
+    ys = [F.conv3d(volume, weights[r], None, (1, stride[0], stride[1]), (0, padding[0], padding[1]),
+                   (1, dilation[0], dilation[1]), groups) for r in range(outs)]
+    y = ys[0] if outs == 1 else torch.cat(ys, dim=2)  # (B, groups, outs, H_out, W_out)
+    return y.flatten(1, 2)
+
+
+class _FastFormGroupedBackward(torch.autograd.Function):
+    """Training: the depthwise or volumetric form's fast forward, the grouped conv's (faster)
+    backward, its weight gradient through FFTs where `fft_weight_grad_pays_off`."""
 
     @staticmethod
-    def forward(ctx, x, weight, stride, padding, dilation, groups, sum_weight):
+    def forward(ctx, x, weight, conv, form):
         # autocast does not reach into backward: cast as autocast would cast a conv, and save
         # those, so that the backward conv sees one dtype (CUDA refuses fp16 input, fp32 weight)
         device_type = x.device.type
@@ -188,9 +229,9 @@ class _DepthwiseFormGroupedBackward(torch.autograd.Function):
             dtype = torch.get_autocast_dtype(device_type)
             x, weight = x.to(dtype), weight.to(dtype)
         with torch.autocast(device_type, enabled=False):
-            out = depthwise_form_conv(x, weight, stride, padding, dilation, groups, sum_weight)
+            out = conv.fast_form(x, weight, form)
         ctx.save_for_backward(x, weight)
-        ctx.conv_args = (stride, padding, dilation, groups)
+        ctx.conv_args = (conv.stride, conv.padding, conv.dilation, conv.groups)
         return out
 
     @staticmethod
@@ -203,7 +244,7 @@ class _DepthwiseFormGroupedBackward(torch.autograd.Function):
             [ctx.needs_input_grad[0], ctx.needs_input_grad[1] and not fft_grad_w, False])
         if fft_grad_w:
             grad_w = fft_weight_grad(x, grad_out, weight.shape[-2:], padding, groups)
-        return grad_x, grad_w, None, None, None, None, None
+        return grad_x, grad_w, None, None
 
 
 def fft_weight_grad_pays_off(x: torch.Tensor, weight: torch.Tensor, stride, dilation) -> bool:
@@ -279,6 +320,9 @@ class BranchConv2d(nn.Conv2d):
         with 1-4 outputs per group (the large-kernel branches of the first stages, where the
         official code spends most of its time), but not its backward, so training uses the
         grouped conv's backward.
+      * volumetric: `volumetric_form_conv`, depthwise conv3ds over NCHW x viewed as a volume:
+        faster than the depthwise form at inference where 16 or more groups fill a SIMD vector
+        and there are 2-4 outputs per group; trains like the depthwise form.
       * dense: a dense conv with `block_diagonal_weight`: `groups` times the MACs, but on one
         of the backends' best-tuned kernels.
       * auto: the form measured fastest (benchmarks/results): on CPU `cpu_branch_plan`, which
@@ -298,7 +342,7 @@ class BranchConv2d(nn.Conv2d):
         if self.groups == 1 or in_per_group == 1 or self.bias is not None:
             form = 'grouped'  # dense or depthwise already: nothing to reformulate
         self.form = form
-        shape = (self.kernel_size[0], in_per_group, self.out_channels // self.groups)
+        shape = (self.kernel_size[0], in_per_group, self.out_channels // self.groups, self.groups, max(self.stride))
         # CPU plans at index 2 * training + low_precision
         self.cpu_plans: List[Tuple[str, str]] = [
             self._cpu_plan(shape, training, low) for training in (False, True) for low in (False, True)]
@@ -317,11 +361,13 @@ class BranchConv2d(nn.Conv2d):
             with torch.no_grad():
                 self.group_sum_weight.copy_(self._group_sum_weight())
 
-    def _cpu_plan(self, shape: Tuple[int, int, int], training: bool, low_precision: bool) -> Tuple[str, str]:
+    def _cpu_plan(self, shape: Tuple[int, int, int, int, int], training: bool, low_precision: bool) -> Tuple[str, str]:
         if self.form == 'auto':
             return cpu_branch_plan(*shape, training=training, low_precision=low_precision)
         if self.groups == 1 and not low_precision:
             return 'grouped', 'any'  # a dense conv is as fast in either layout
+        if self.form == 'volumetric':
+            return self.form, 'nchw'  # its input is viewed as a volume: NCHW without a copy
         return self.form, 'channels_last'  # any other form: channels-last, fastest for grouped convs
 
     def plan_for(self, device_type: str, grad_enabled: bool, low_precision: bool = False) -> Tuple[str, str]:
@@ -356,16 +402,23 @@ class BranchConv2d(nn.Conv2d):
             weight = self.weight if layout_of(x) == 'channels_last' else self.weight.contiguous()
             return self._conv_forward(x, weight, self.bias)
         if not torch.is_grad_enabled():
-            return depthwise_form_conv(
-                x, self.weight, self.stride, self.padding, self.dilation, self.groups, self.group_sum_weight)
-        if torch.jit.is_scripting():
+            y = self.fast_form(x, self.weight, form)
+        elif torch.jit.is_scripting():
             return self._conv_forward(x, self.weight, self.bias)
-        return self._train_forward(x)
+        else:
+            y = self._train_forward(x, form)
+        return in_layout(y, layout_of(x))  # the volumetric form computes NCHW
+
+    def fast_form(self, x: torch.Tensor, weight: torch.Tensor, form: str) -> torch.Tensor:
+        """The conv of `x` and `weight` (the module's, or a cast of it) in the depthwise or volumetric form."""
+        if form == 'volumetric':
+            return volumetric_form_conv(x, weight, self.stride, self.padding, self.dilation, self.groups)
+        return depthwise_form_conv(
+            x, weight, self.stride, self.padding, self.dilation, self.groups, self.group_sum_weight)
 
     @torch.jit.unused
-    def _train_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _DepthwiseFormGroupedBackward.apply(
-            x, self.weight, self.stride, self.padding, self.dilation, self.groups, self.group_sum_weight)
+    def _train_forward(self, x: torch.Tensor, form: str) -> torch.Tensor:
+        return _FastFormGroupedBackward.apply(x, self.weight, self, form)
 
 
 class PyramidSqueezeAttention(nn.Module):
