@@ -312,6 +312,24 @@ def test_depthwise_form_under_autocast_matches_grouped_conv():
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2 * b.abs().max().item())
 
 
+def test_branch_weights_stay_nchw_when_the_model_goes_channels_last():
+    """Branches that run NCHW need an NCHW weight (oneDNN goes channels-last if the weight is): a
+    channels-last conversion leaves branch weights NCHW, and the output is unchanged."""
+    torch.manual_seed(0)
+    psa = PyramidSqueezeAttention(256).eval()
+    x = torch.randn(2, 256, 14, 14)
+    with torch.no_grad():
+        expected = psa(x)
+        psa.to(memory_format=torch.channels_last)
+        y = psa(x.contiguous(memory_format=torch.channels_last))
+    assert all(conv.weight.is_contiguous() and not conv.weight.is_contiguous(memory_format=torch.channels_last)
+               for conv in psa.convs)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    psa.to(torch.float64)
+    assert all(conv.weight.is_contiguous() and conv.weight.dtype == torch.float64 for conv in psa.convs)
+
+
 def test_branch_plan_choice():
     """'auto' on CPU: the depthwise form channels-last for few outputs per group; NCHW grouped
     convs for >= 32 inputs per group and kernels >= 5 (inference); else channels-last, the dense
