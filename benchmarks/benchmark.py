@@ -20,7 +20,7 @@ project's VM that costs 10-20% of a CPU forward, by a different amount for each 
 
 Model names are timm names, optionally with a suffix for EPSANet: `@official` (every PSA runs the
 official code's forward structure, see official_structure.py), or a PSA branch form that applies
-on every device instead of the per-device default: `@grouped`, `@depthwise` or `@dense` (see
+on every device instead of the per-device default: `@grouped`, `@depthwise`, `@volumetric` or `@dense` (see
 timm_epsanet.psa.BranchConv2d).
 """
 import argparse
@@ -81,10 +81,10 @@ def create(name, **kwargs):
     import timm
     import timm_epsanet  # noqa: F401  (explicit registration, also when the autoload is off)
     name, _, form = name.partition('@')
-    if form in ('grouped', 'depthwise', 'dense'):
+    if form in ('grouped', 'depthwise', 'volumetric', 'dense'):
         kwargs['block_args'] = dict(psa_branch_form=form)
     elif form not in ('', 'official'):
-        raise ValueError(f'unknown model form @{form}: use @official, @grouped, @depthwise or @dense')
+        raise ValueError(f'unknown model form @{form}: use @official, @grouped, @depthwise, @volumetric or @dense')
     model = timm.create_model(name, **kwargs)
     if form == 'official':
         from official_structure import to_official_structure
