@@ -290,17 +290,35 @@ def plot(results, reference, path, title):
 
 
 def merge(paths, out: Path):
-    """One report from the benchmark.json of several runs on the same machine."""
+    """One report from the benchmark.json of several runs of the same code on the same machine
+    (e.g. more repeats of some configurations, or other precisions)."""
     runs = [json.loads(Path(p).read_text()) for p in paths]
     machines = {run['machine'] for run in runs}
     if len(machines) != 1:
         raise SystemExit(f'refusing to merge runs from different machines: {sorted(machines)}')
-    rows = [row for run in runs for row in run['rows']]
-    results = [({k: v for k, v in row.items() if k not in RESULT_KEYS},
-                {k: v for k, v in row.items() if k in RESULT_KEYS}) for row in rows]
+    # a configuration measured by several runs keeps its fastest measurement, as repeats do
+    merged = {}
+    for row in (row for run in runs for row in run['rows']):
+        cfg = {k: v for k, v in row.items() if k not in RESULT_KEYS}
+        res = {k: v for k, v in row.items() if k in RESULT_KEYS}
+        ident = json.dumps(cfg, sort_keys=True)
+        merged[ident] = (cfg, combine(merged[ident][1], res) if ident in merged else res)
+    results = list(merged.values())
     # a merged report's repeats read e.g. '1-2': merging it again keeps every count
     repeats = sorted({int(r) for run in runs for r in str(run['repeats']).split('-')})
     return write_report(results, machines.pop(), '-'.join(map(str, repeats)), out)
+
+
+def combine(a, b):
+    """Two measurements of one configuration: the faster one, with the samples of both (an error
+    only where neither ran)."""
+    ok = [r for r in (a, b) if 'img_s' in r]
+    if not ok:
+        return a
+    best = dict(max(ok, key=lambda r: r['img_s']))
+    best['samples'] = [s for r in ok for s in r.get('samples', [r['img_s']])]
+    best['peak_mib'] = max(r['peak_mib'] for r in ok)
+    return best
 
 
 def main(argv=None):

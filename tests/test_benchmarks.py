@@ -43,12 +43,19 @@ def test_merge_refuses_runs_from_different_machines(tmp_path):
         benchmark.merge([tmp_path / 'a.json', tmp_path / 'b.json'], tmp_path / 'out')
     table = benchmark.merge([tmp_path / 'a.json'], tmp_path / 'out')
     assert '| resnet50 | infer | nchw | fp32 | False | 10.0 | 1.00 |' in table
-    # a merged report merges again (its repeats read '1-2'), e.g. to replace some of its rows
+    # a merged report merges again (its repeats read '1-2')
     (tmp_path / 'c.json').write_text(json.dumps(dict(machine='machine A', repeats=2, rows=rows)))
     benchmark.merge([tmp_path / 'a.json', tmp_path / 'c.json'], tmp_path / 'ac')
     table = benchmark.merge([tmp_path / 'ac' / 'benchmark.json', tmp_path / 'a.json'], tmp_path / 'again')
     assert 'best of 1-2 repeat(s)' in table
     assert (tmp_path / 'out' / 'benchmark.png').stat().st_size > 0
+    # the same configuration in two runs: one row, the faster measurement, the samples of both
+    faster = [dict(rows[0], img_s=12.5, peak_mib=0.5, samples=[12.5, 11.0])]
+    (tmp_path / 'd.json').write_text(json.dumps(dict(machine='machine A', repeats=2, rows=faster)))
+    table = benchmark.merge([tmp_path / 'a.json', tmp_path / 'd.json'], tmp_path / 'ad')
+    assert table.count('| resnet50 |') == 1 and '| resnet50 | infer | nchw | fp32 | False | 12.5 | 1.00 | 1 |' in table
+    row, = json.loads((tmp_path / 'ad' / 'benchmark.json').read_text())['rows']
+    assert sorted(row['samples']) == [10.0, 11.0, 12.5] and row['peak_mib'] == 1.0
 
 
 def test_psa_branches_times_every_form_in_every_layout(tmp_path):
