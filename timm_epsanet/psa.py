@@ -70,7 +70,7 @@ def cpu_branch_plan(
         channels-last, wins: up to 6x for the 9x9 branch of stage 1.
       * at inference, with 16 or more groups (a full AVX-512 vector of fp32 channels) and 2-4
         outputs per group, the volumetric form beats it by 10-30% where the PSA has an NCHW copy
-        of its input anyway (stages 2-3; stride 1: oneDNN's strided conv3d is slow).
+        of its input anyway (stages 2-3, stride 1; at stride 2 it measured slower).
       * oneDNN's grouped convs with 32 or more inputs per group and kernels of 5 and more run up
         to 1.7x faster in NCHW than channels-last at inference (the convert is paid once per PSA);
         in training NCHW wins by less, and only without the convert, so they keep the caller's.
@@ -357,10 +357,10 @@ class BranchConv2d(nn.Conv2d):
         oneDNN runs a conv channels-last when its input or its weight is, so the branches that run
         NCHW (`cpu_branch_plan`) would copy a channels-last weight back every forward (3.3 ms per
         batch for EPSANet-50 Small's 19 MB of them on this project's CPU); the other forms and
-        channels-last inputs take an NCHW weight at no cost.
+        channels-last inputs take an NCHW weight at no cost. CPU only: CUDA keeps what was measured.
         """
         super()._apply(fn, recurse)
-        if not self.weight.is_contiguous():
+        if self.weight.device.type == 'cpu' and not self.weight.is_contiguous():
             self.weight.data = self.weight.data.contiguous()
         return self
 
