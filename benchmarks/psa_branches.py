@@ -1,7 +1,8 @@
 """Time each PSA branch conv of EPSANet in each form of `BranchConv2d`, on this device.
 
 The 'auto' form picks per branch and device (`cpu_branch_plan` on CPU); this script is the
-evidence for that rule, with benchmarks/psa_plans.py for choices that interact within a PSA. It prints one row per branch shape (EPSANet-50 stages, Small and Large)
+evidence for that rule (benchmarks/psa_plans.py checks the choices that interact within a PSA).
+It prints one row per branch shape (EPSANet-50 stages, Small and Large)
 with the milliseconds of the forward (inference) and forward + backward (training) of each form
 in each memory layout of the input (the PSA module hands each branch the layout it runs fastest in).
 The depthwise form is timed channels-last only (its NCHW depthwise convs were 3-6x slower on

@@ -410,17 +410,15 @@ class BranchConv2d(nn.Conv2d):
         if form == 'dense':
             weight = block_diagonal_weight(self.weight, self.groups)
             return F.conv2d(x, weight, None, self.stride, self.padding, self.dilation, 1)
-        if form == 'grouped':
-            # oneDNN runs a conv channels-last if its input OR its weight is: keep an NCHW input NCHW
-            weight = self.weight if layout_of(x) == 'channels_last' else self.weight.contiguous()
-            return self._conv_forward(x, weight, self.bias)
+        if form == 'grouped':  # NCHW inputs stay NCHW on CPU: the weight is kept NCHW (`_apply`)
+            return self._conv_forward(x, self.weight, self.bias)
         if not torch.is_grad_enabled():
             y = self.fast_form(x, self.weight, form)
         elif torch.jit.is_scripting():
             return self._conv_forward(x, self.weight, self.bias)
         else:
             y = self._train_forward(x, form)
-        return in_layout(y, layout_of(x))  # the volumetric form computes NCHW
+        return in_layout(y, layout_of(x)) if form == 'volumetric' else y  # volumetric computes NCHW
 
     def fast_form(self, x: torch.Tensor, weight: torch.Tensor, form: str) -> torch.Tensor:
         """The conv of `x` and `weight` (the module's, or a cast of it) in the depthwise or volumetric form."""
