@@ -21,7 +21,7 @@ project's VM that costs 10-20% of a CPU forward, by a different amount for each 
 Model names are timm names, optionally with a suffix for EPSANet: `@official` (every PSA runs the
 official code's forward structure, see official_structure.py), or a PSA branch form that applies
 on every device instead of the per-device default: `@grouped`, `@depthwise`, `@volumetric` or `@dense` (see
-timm_epsanet.psa.BranchConv2d).
+timm_epsanet._branch_conv.BranchConv2d).
 """
 import argparse
 import json

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from timm_epsanet.psa import BranchConv2d
+from timm_epsanet._branch_conv import BranchConv2d
 from timm_epsanet.epsanet import LARGE_GROUPS, PSA_KERNELS, SMALL_GROUPS
 
 # (PSA width, output resolution) of the four stages of EPSANet Small; Large is twice as wide

@@ -63,7 +63,7 @@ def test_psa_branches_times_every_form_in_every_layout(tmp_path):
     layout (no depthwise NCHW, no volumetric channels-last, none for the dense 3x3 branch), and the
     plans 'auto' picks."""
     import psa_branches
-    from timm_epsanet.psa import cpu_branch_plan
+    from timm_epsanet._branch_plans import cpu_branch_plan
     out = tmp_path / 'branches.json'
     psa_branches.main(['--batch-size', '1', '--iters', '1', '--variants', 'small', '--forms', 'grouped', 'depthwise',
                        'volumetric', '--json', str(out)])

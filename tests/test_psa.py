@@ -5,10 +5,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from timm_epsanet import EPSABottleneck, PyramidSqueezeAttention, default_groups, default_kernel_sizes
-from timm_epsanet.psa import (
-    BranchConv2d, block_diagonal_weight, computes_in_low_precision, cpu_branch_plan, fft_weight_grad,
-    fft_weight_grad_pays_off,
-)
+from timm_epsanet._branch_conv import BranchConv2d
+from timm_epsanet._branch_forms import block_diagonal_weight, fft_weight_grad, fft_weight_grad_pays_off
+from timm_epsanet._branch_plans import computes_in_low_precision, cpu_branch_plan
 
 
 def test_paper_defaults_follow_eq3():
@@ -33,6 +32,13 @@ def test_paper_defaults_follow_eq3():
     (dict(in_chs=64, num_scales=3, kernel_sizes=(3, 5, 7, 9)), '4 kernel sizes (3, 5, 7, 9) for num_scales=3'),
     (dict(in_chs=64, kernel_sizes=(3, 5, 7, 9), groups=(1, 4, 8)), '3 group sizes (1, 4, 8) for num_scales=4'),
     (dict(in_chs=64, se_reduction=0), 'se_reduction must be >= 1, got 0'),
+    (dict(in_chs=30), 'in_chs (the default out_chs)=30 is not divisible by num_scales=4'),
+    (dict(in_chs=0), 'in_chs must be a positive integer, got 0'),
+    (dict(in_chs=-16), 'in_chs must be a positive integer, got -16'),
+    (dict(in_chs=64, out_chs=0), 'out_chs must be a positive integer, got 0'),
+    (dict(in_chs=64, stride=0), 'stride must be a positive integer, got 0'),
+    (dict(in_chs=64, dilation=0), 'dilation must be a positive integer, got 0'),
+    (dict(in_chs=64, branch_form='fast'), "branch_form must be one of ('auto', 'grouped', 'depthwise', 'volumetric', 'dense'), got 'fast'"),
 ])
 def test_invalid_config_names_the_numbers(kwargs, message):
     with pytest.raises(ValueError) as info:

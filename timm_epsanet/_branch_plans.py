@@ -1,0 +1,78 @@
+""" Which form and memory layout a PSA branch runs in, per device.
+
+A plan is (form, layout): a form of `_branch_forms` ('grouped', 'depthwise', 'volumetric',
+'dense') and 'nchw', 'channels_last', or 'any' (channels-last when the PSA has a channels-last
+copy of its input anyway, else NCHW). The rules come from per-branch and per-PSA timings
+(benchmarks/psa_branches.py, benchmarks/psa_plans.py; their results and the numbers behind each
+rule are in benchmarks/README.md).
+"""
+from typing import Tuple
+
+import torch
+
+Plan = Tuple[str, str]
+
+
+def cpu_branch_plan(
+        kernel_size: int,
+        in_per_group: int,
+        outs_per_group: int,
+        groups: int = 1,
+        stride: int = 1,
+        training: bool = False,
+        low_precision: bool = False,
+) -> Plan:
+    """(form, layout) in which a PSA branch conv runs fastest on CPU (oneDNN).
+
+    * Few outputs per group (1-2, or up to 4 for kernels of 5 and more): the depthwise form,
+      channels-last. oneDNN's grouped convs of that shape run far below its depthwise kernels.
+    * Inference with a full AVX-512 vector of groups (16 or more) and 2-4 outputs per group, at
+      stride 1: the volumetric form, which needs NCHW but skips the depthwise form's group sum.
+    * Grouped convs with many inputs per group and kernels of 5 and more: NCHW at inference (the
+      convert is paid once per PSA), the caller's layout in training, where NCHW wins by less.
+      At stride 2 the same from 16 inputs per group with at most 16 groups.
+    * Other grouped convs: channels-last; the dense branch is as fast in either layout.
+    * bf16 (`low_precision`, e.g. CPU autocast): oneDNN's bf16 depthwise convs are slower, so
+      the depthwise form only for kernels of 5 and more with 1-2 outputs per group.
+    """
+    if low_precision:
+        if in_per_group > 1 and outs_per_group <= 2 and kernel_size >= 5:
+            return 'depthwise', 'channels_last'
+        return 'grouped', 'channels_last'
+    if in_per_group == 1:  # a depthwise conv already
+        return 'grouped', 'any'
+    if not training:
+        if stride == 1 and groups >= 16 and 2 <= outs_per_group <= 4:
+            return 'volumetric', 'nchw'
+        if stride > 1 and groups <= 16 and in_per_group >= 16 and kernel_size >= 5:
+            return 'grouped', 'nchw'
+    if outs_per_group <= 2 or (outs_per_group <= 4 and kernel_size >= 5):
+        return 'depthwise', 'channels_last'
+    if in_per_group >= 32 and kernel_size >= 5:
+        return 'grouped', 'any' if training else 'nchw'
+    return 'grouped', 'channels_last'
+
+
+def cuda_branch_form(groups: int, training: bool) -> str:
+    """The form of a PSA branch on CUDA (cuDNN), in the caller's layout: at inference the dense
+    form for up to 16 groups, whose extra MACs cost less than cuDNN's slow grouped kernels; the
+    grouped conv in training, where the dense form's backward costs more than it saves."""
+    return 'dense' if not training and groups <= 16 else 'grouped'
+
+
+def layout_of(x: torch.Tensor) -> str:
+    """'nchw' or 'channels_last': the layout `x` is stored in (NCHW when it is both or neither)."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return 'channels_last'
+    return 'nchw'
+
+
+def in_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last if layout == 'channels_last' else torch.contiguous_format)
+
+
+def computes_in_low_precision(x: torch.Tensor) -> bool:
+    """Whether a CPU conv of `x` will run in a 16-bit float: autocast, or 16-bit input."""
+    if x.device.type == 'cpu' and torch.is_autocast_enabled('cpu'):
+        return torch.get_autocast_dtype('cpu') != torch.float32
+    return x.dtype != torch.float32
