@@ -5,8 +5,9 @@ runs in a fresh subprocess, so allocator state and peak memory do not leak betwe
 where peak memory is read from the allocator, one subprocess per model runs its configurations.
 Configurations are measured round-robin `--repeats` times, keeping the best (other load on the machine only ever
 slows a run down, so the fastest repeat is the least disturbed).
-Writes `<out>/benchmark.md` (a Markdown table with ratios against resnet50 of the same
-configuration) and `<out>/benchmark.png`.
+Writes `<out>/<name>.csv` (one row per configuration, with its ratio to resnet50 in the same
+configuration and the machine line) and `<out>/<name>.png`, named as timm names its results:
+`benchmark-cpu.csv`, `benchmark-cuda-h200.csv`, ...; prints the table in Markdown.
 
     python benchmarks/benchmark.py                       # fp32, NCHW + channels_last, eager
     python benchmarks/benchmark.py --precisions fp32 amp --compile   # + AMP (bf16 CPU, fp16 CUDA), torch.compile
@@ -19,11 +20,13 @@ project's VM that costs 10-20% of a CPU forward, by a different amount for each 
 `--malloc-keep` measures the same configurations without it (a separate machine line in the report).
 
 Model names are timm names, optionally with a suffix for EPSANet: `@official` (every PSA runs the
-official code's forward structure, see official_structure.py), or a PSA branch form that applies
+official code's forward structure, see timm_epsanet/_official.py), or a PSA branch form that applies
 on every device instead of the per-device default: `@grouped`, `@depthwise`, `@volumetric` or `@dense` (see
 timm_epsanet._branch_conv.BranchConv2d).
 """
 import argparse
+import csv
+import datetime
 import json
 import os
 import platform
@@ -40,8 +43,11 @@ BASELINES = ['resnet50', 'seresnet50', 'ecaresnet50t', 'skresnet50', 'res2net50_
 # EPSANet-50 Small computed the way the official code computes it (same weights)
 OFFICIAL = 'epsanet50_small@official'
 REFERENCE = 'resnet50'
-# what a measurement adds to its configuration in benchmark.json
-RESULT_KEYS = {'img_s', 'peak_mib', 'faults', 'samples', 'error'}
+# a configuration's columns in the CSV, then what a measurement adds to it
+CONFIG_KEYS = ['model', 'mode', 'layout', 'precision', 'compile', 'device', 'batch_size', 'img_size', 'iters',
+               'warmup', 'threads']
+RESULT_KEYS = ['img_s', 'x_resnet50', 'peak_mib', 'faults', 'samples', 'error']
+RUN_KEYS = ['machine', 'date', 'repeats']
 # --malloc-keep: glibc keeps freed memory instead of returning it to the OS (and faulting it in again)
 MALLOC_KEEP_ENV = {'MALLOC_TRIM_THRESHOLD_': str(2 ** 40), 'MALLOC_MMAP_THRESHOLD_': str(2 ** 30)}
 
@@ -68,11 +74,15 @@ def parse_args(argv=None):
     parser.add_argument('--malloc-keep', action='store_true',
                         help='glibc: keep freed memory in the process (no trimming, no mmap per large tensor), '
                              'so that page faults do not count; a separate machine setting in the report')
-    parser.add_argument('--out', type=Path, default=Path(__file__).resolve().parent / 'results')
+    parser.add_argument('--out', type=Path, default=Path(__file__).resolve().parent / 'results',
+                        help='folder of the results')
+    parser.add_argument('--name', default=None,
+                        help='file name of the results, without extension (default: benchmark-<device>, '
+                             'e.g. benchmark-cpu, benchmark-cuda-h200; -malloc_keep appended with --malloc-keep)')
     parser.add_argument('--one-process', action='store_true',
                         help='CUDA: measure every configuration in one process (saves start-up time)')
-    parser.add_argument('--merge', nargs='+', type=Path, default=None, metavar='JSON',
-                        help='measure nothing: write one report from these benchmark.json files')
+    parser.add_argument('--merge', nargs='+', type=Path, default=None, metavar='CSV',
+                        help='measure nothing: write one report from these result files (same machine)')
     parser.add_argument('--worker', help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -87,7 +97,7 @@ def create(name, **kwargs):
         raise ValueError(f'unknown model form @{form}: use @official, @grouped, @depthwise, @volumetric or @dense')
     model = timm.create_model(name, **kwargs)
     if form == 'official':
-        from official_structure import to_official_structure
+        from timm_epsanet._official import to_official_structure
         model = to_official_structure(model)
     return model
 
@@ -220,48 +230,112 @@ def key(cfg):
     return (cfg['mode'], cfg['layout'], cfg['precision'], cfg['compile'])
 
 
+def cpu_model() -> str:
+    """The CPU's model name as the OS reports it (Linux: /proc/cpuinfo), with family and model
+    numbers where the name is generic (virtual machines often report 'Intel(R) Xeon(R) Processor')."""
+    try:
+        info = dict(line.split(':', 1) for line in Path('/proc/cpuinfo').read_text().splitlines() if ':' in line)
+        info = {k.strip(): v.strip() for k, v in info.items()}
+    except OSError:
+        info = {}
+    name = info.get('model name') or platform.processor() or platform.machine()
+    if 'cpu family' in info and 'model' in info:
+        name += f' (family {info["cpu family"]}, model {info["model"]})'
+    return name
+
+
 def machine_description(device, malloc_keep=False):
     import torch
     if device == 'cuda':
-        desc = f'{torch.cuda.get_device_name()}, torch {torch.__version__}'
+        desc = f'{torch.cuda.get_device_name()}, torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}'
     else:
-        threads = torch.get_num_threads()
-        desc = f'{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, {threads} threads, torch {torch.__version__}'
+        desc = (f'{cpu_model()}, {platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, '
+                f'torch {torch.__version__}')
     if malloc_keep:
         desc += ', glibc malloc keeping freed memory (' + ' '.join(f'{k}={v}' for k, v in MALLOC_KEEP_ENV.items()) + ')'
     return desc
 
 
-def write_report(results, machine, repeats, out: Path, with_plot=True):
-    out.mkdir(parents=True, exist_ok=True)
+def default_name(device, malloc_keep=False):
+    """benchmark-cpu, benchmark-cuda-h200, ...: timm's `results/benchmark-*.csv` naming."""
+    name = 'benchmark-' + device
+    if device == 'cuda':
+        import torch
+        gpu = torch.cuda.get_device_name().lower().replace('nvidia', '').split()
+        name += '-' + '-'.join(gpu)
+    return name + ('-malloc_keep' if malloc_keep else '')
+
+
+def markdown_table(results, machine, date, repeats):
     cfg0 = results[0][0]
     lines = [
-        f'Machine: {machine}; batch {cfg0["batch_size"]}, {cfg0["img_size"]}x{cfg0["img_size"]}, '
+        f'Machine: {machine}; {date}; batch {cfg0["batch_size"]}, {cfg0["img_size"]}x{cfg0["img_size"]}, '
         f'median of {cfg0["iters"]} iterations, best of {repeats} repeat(s).',
         '',
         '| model | mode | layout | precision | compiled | img/s | x resnet50 | peak memory (MiB) [1] | page faults / iter [2] |',
         '|---|---|---|---|---|---|---|---|---|',
     ]
-    reference = {key(c): r['img_s'] for c, r in results if c['model'] == REFERENCE and 'img_s' in r}
     for cfg, res in results:
+        head = f'| {cfg["model"]} | {cfg["mode"]} | {cfg["layout"]} | {cfg["precision"]} | {cfg["compile"]} | '
         if 'error' in res:
-            lines.append(f'| {cfg["model"]} | {cfg["mode"]} | {cfg["layout"]} | {cfg["precision"]} | '
-                         f'{cfg["compile"]} | failed: {res["error"]} | | | |')
+            lines.append(head + f'failed: {res["error"]} | | | |')
             continue
-        ratio = res['img_s'] / reference[key(cfg)] if key(cfg) in reference else float('nan')
-        faults = f'{res["faults"]:.0f}' if 'faults' in res else 'not recorded'
-        lines.append(f'| {cfg["model"]} | {cfg["mode"]} | {cfg["layout"]} | {cfg["precision"]} | {cfg["compile"]} | '
-                     f'{res["img_s"]:.1f} | {ratio:.2f} | {res["peak_mib"]:.0f} | {faults} |')
+        faults = f'{res["faults"]:.0f}' if res.get('faults') is not None else 'not recorded'
+        lines.append(head + f'{res["img_s"]:.1f} | {res["x_resnet50"]:.2f} | {res["peak_mib"]:.0f} | {faults} |')
     lines += ['', '[1] CUDA: peak allocated; CPU: peak RSS of the process minus its RSS before the model was built.',
               '[2] Minor page faults of the process per timed iteration (of the fastest repeat): memory the allocator '
               'returned to the OS and touched again; on CPU each costs time inside the ops (see --malloc-keep).']
-    table = '\n'.join(lines) + '\n'
-    (out / 'benchmark.md').write_text(table)
-    rows = [dict(cfg, **res) for cfg, res in results]
-    (out / 'benchmark.json').write_text(json.dumps(dict(machine=machine, repeats=repeats, rows=rows), indent=1))
+    return '\n'.join(lines) + '\n'
+
+
+def write_report(results, machine, repeats, path: Path, date=None, with_plot=True):
+    """Write `path` (.csv) and its plot (.png); return the Markdown table."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    date = date or datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d')
+    reference = {key(c): r['img_s'] for c, r in results if c['model'] == REFERENCE and 'img_s' in r}
+    for cfg, res in results:
+        if 'img_s' in res:
+            res['x_resnet50'] = res['img_s'] / reference[key(cfg)] if key(cfg) in reference else float('nan')
+    with open(path, 'w', newline='') as f:
+        writer = csv.DictWriter(f, CONFIG_KEYS + RESULT_KEYS + RUN_KEYS)
+        writer.writeheader()
+        for cfg, res in results:
+            row = dict(cfg, **res, machine=machine, date=date, repeats=repeats)
+            row['samples'] = ' '.join(f'{s:.2f}' for s in res.get('samples', []))
+            writer.writerow({k: _csv_value(row.get(k)) for k in writer.fieldnames})
+    table = markdown_table(results, machine, date, repeats)
     if with_plot:
-        plot(results, reference, out / 'benchmark.png', lines[0])
+        plot(results, reference, path.with_suffix('.png'), table.splitlines()[0])
     return table
+
+
+def _csv_value(value):
+    if isinstance(value, float):
+        return f'{value:.6g}' if value == value else ''
+    return '' if value is None else value
+
+
+def read_results(path: Path):
+    """(cfg, result) pairs and the run's machine, date and repeats from a results CSV."""
+    with open(path, newline='') as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise SystemExit(f'{path}: no rows')
+    results = []
+    for row in rows:
+        cfg = {k: row[k] for k in CONFIG_KEYS}
+        cfg['compile'] = cfg['compile'] == 'True'
+        for k in ('batch_size', 'img_size', 'iters', 'warmup'):
+            cfg[k] = int(cfg[k])
+        cfg['threads'] = int(cfg['threads']) if cfg['threads'] else None
+        if row['error']:
+            res = dict(error=row['error'])
+        else:
+            res = dict(img_s=float(row['img_s']), peak_mib=float(row['peak_mib']),
+                       faults=float(row['faults']) if row['faults'] else None,
+                       samples=[float(s) for s in row['samples'].split()] or [float(row['img_s'])])
+        results.append((cfg, res))
+    return results, {k: rows[0][k] for k in RUN_KEYS}
 
 
 def plot(results, reference, path, title):
@@ -290,23 +364,22 @@ def plot(results, reference, path, title):
 
 
 def merge(paths, out: Path):
-    """One report from the benchmark.json of several runs of the same code on the same machine
-    (e.g. more repeats of some configurations, or other precisions)."""
-    runs = [json.loads(Path(p).read_text()) for p in paths]
-    machines = {run['machine'] for run in runs}
+    """One report (`out`, a .csv) from the results of several runs of the same code on the same
+    machine (e.g. more repeats of some configurations, or other precisions)."""
+    runs = [read_results(Path(p)) for p in paths]
+    machines = {run['machine'] for _, run in runs}
     if len(machines) != 1:
         raise SystemExit(f'refusing to merge runs from different machines: {sorted(machines)}')
     # a configuration measured by several runs keeps its fastest measurement, as repeats do
     merged = {}
-    for row in (row for run in runs for row in run['rows']):
-        cfg = {k: v for k, v in row.items() if k not in RESULT_KEYS}
-        res = {k: v for k, v in row.items() if k in RESULT_KEYS}
+    for cfg, res in (pair for results, _ in runs for pair in results):
         ident = json.dumps(cfg, sort_keys=True)
         merged[ident] = (cfg, combine(merged[ident][1], res) if ident in merged else res)
-    results = list(merged.values())
     # a merged report's repeats read e.g. '1-2': merging it again keeps every count
-    repeats = sorted({int(r) for run in runs for r in str(run['repeats']).split('-')})
-    return write_report(results, machines.pop(), '-'.join(map(str, repeats)), out)
+    repeats = sorted({int(r) for _, run in runs for r in str(run['repeats']).split('-')})
+    dates = sorted({run['date'] for _, run in runs})
+    date = dates[0] if len(dates) == 1 else f'{dates[0]} to {dates[-1]}'
+    return write_report(list(merged.values()), machines.pop(), '-'.join(map(str, repeats)), out, date)
 
 
 def combine(a, b):
@@ -318,6 +391,7 @@ def combine(a, b):
     best = dict(max(ok, key=lambda r: r['img_s']))
     best['samples'] = [s for r in ok for s in r.get('samples', [r['img_s']])]
     best['peak_mib'] = max(r['peak_mib'] for r in ok)
+    best.pop('x_resnet50', None)
     return best
 
 
@@ -327,13 +401,14 @@ def main(argv=None):
         worker(json.loads(args.worker))
         return
     if args.merge:
-        print(merge(args.merge, args.out))
+        print(merge(args.merge, args.out / f'{args.name or args.merge[0].stem}.csv'))
         return
     import torch
     import timm
     device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     cfgs = list(configurations(args, device))
     machine = f'{machine_description(device, args.malloc_keep)}, timm {timm.__version__}'
+    path = args.out / f'{args.name or default_name(device, args.malloc_keep)}.csv'
     env_extra = MALLOC_KEEP_ENV if args.malloc_keep else None
     samples = {i: [] for i in range(len(cfgs))}
     for repeat in range(args.repeats):
@@ -344,9 +419,10 @@ def main(argv=None):
                 print(f'[{repeat + 1}/{args.repeats}] {cfgs[i]["model"]:<26} {" ".join(map(str, key(cfgs[i]))):<36} '
                       f'{shown}', flush=True)
                 # what is measured so far survives an interrupted run
-                write_report(best_of(cfgs, samples), machine, repeat + 1, args.out, with_plot=False)
+                write_report(best_of(cfgs, samples), machine, repeat + 1, path, with_plot=False)
     print()
-    print(write_report(best_of(cfgs, samples), machine, args.repeats, args.out))
+    print(write_report(best_of(cfgs, samples), machine, args.repeats, path))
+    print(f'written: {path}')
 
 
 def best_of(cfgs, samples):

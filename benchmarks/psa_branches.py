@@ -1,17 +1,18 @@
 """Time each PSA branch conv of EPSANet in each form of `BranchConv2d`, on this device.
 
 The 'auto' form picks per branch and device (`cpu_branch_plan` on CPU); this script is the
-evidence for that rule (benchmarks/psa_plans.py checks the choices that interact within a PSA).
+evidence for that rule (psa_plans.py checks the choices that interact within a PSA).
 It prints one row per branch shape (EPSANet-50 stages, Small and Large)
 with the milliseconds of the forward (inference) and forward + backward (training) of each form
 in each memory layout of the input (the PSA module hands each branch the layout it runs fastest in).
 The depthwise form is timed channels-last only (its NCHW depthwise convs were 3-6x slower on
 CPU), the volumetric form NCHW only (it views NCHW memory as a volume).
 
-    python benchmarks/psa_branches.py                                 # CPU, batch 8, fp32
+    python benchmarks/psa_branches.py --json benchmarks/results/psa_branches-cpu.json        # CPU, batch 8, fp32
     python benchmarks/psa_branches.py --device cuda --batch-size 128 --amp --layouts channels_last
 """
 import argparse
+import datetime
 import json
 import statistics
 import time
@@ -19,18 +20,37 @@ from pathlib import Path
 
 import torch
 
+from benchmark import cpu_model
 from timm_epsanet._branch_conv import BranchConv2d
 from timm_epsanet.epsanet import LARGE_GROUPS, PSA_KERNELS, SMALL_GROUPS
 
-# (PSA width, output resolution) of the four stages of EPSANet Small; Large is twice as wide
+# (PSA width, output resolution of its stride-1 blocks) of the four stages of EPSANet Small;
+# Large is twice as wide
 STAGES = ((64, 56), (128, 28), (256, 14), (512, 7))
+LAYOUTS = {'nchw': torch.contiguous_format, 'channels_last': torch.channels_last}
 
 
-def shapes():
+def psa_stages(variants):
+    """(variant, stage, PSA width, resolution, branch groups) of EPSANet's PSA stages."""
     for variant, groups, widen in (('small', SMALL_GROUPS, 1), ('large', LARGE_GROUPS, 2)):
-        for stage, (width, size) in enumerate(STAGES, start=1):
-            for k, g in zip(PSA_KERNELS, groups):
-                yield dict(variant=variant, stage=stage, chs=width * widen, size=size, kernel=k, groups=g)
+        if variant in variants:
+            for stage, (width, size) in enumerate(STAGES, start=1):
+                yield dict(variant=variant, stage=stage, chs=width * widen, size=size, groups=groups)
+
+
+def shapes(variants):
+    for psa in psa_stages(variants):
+        for k, g in zip(PSA_KERNELS, psa['groups']):
+            yield dict(psa, kernel=k, groups=g)
+
+
+def write_json(path, device, args, rows):
+    """The rows, with the machine they were measured on and the date."""
+    machine = torch.cuda.get_device_name() if device.type == 'cuda' else cpu_model()
+    machine += f', {torch.get_num_threads()} threads, torch {torch.__version__}'
+    date = datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d')
+    args = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    path.write_text(json.dumps(dict(machine=machine, date=date, args=args, rows=rows), indent=1))
 
 
 def time_ms(fn, device, iters, warmup=3):
@@ -46,9 +66,6 @@ def time_ms(fn, device, iters, warmup=3):
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return 1e3 * statistics.median(times)
-
-
-LAYOUTS = {'nchw': torch.contiguous_format, 'channels_last': torch.channels_last}
 
 
 def candidates(args):
@@ -110,16 +127,14 @@ def main(argv=None):
     print('| variant | stage | chs | size | k | groups | ' + ' | '.join(cols) + ' | auto picks (infer/train) |')
     print('|' + '---|' * (7 + len(cols)))
     rows = []
-    for shape in shapes():
-        if shape['variant'] not in args.variants:
-            continue
+    for shape in shapes(args.variants):
         row = measure(shape, args, device)
         rows.append(row)
         times = [row[f'{key}_{mode}_ms'] for mode in ('infer', 'train') for key in keys]
         print(f'| {row["variant"]} | {row["stage"]} | {row["chs"]} | {row["size"]} | {row["kernel"]} | {row["groups"]} | '
               + ' | '.join(f'{t:.3f}' for t in times) + f' | {row["auto"]} |', flush=True)
     if args.json:
-        args.json.write_text(json.dumps(dict(args=vars(args) | dict(json=str(args.json)), rows=rows), indent=1))
+        write_json(args.json, device, args, rows)
 
 
 if __name__ == '__main__':

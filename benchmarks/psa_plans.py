@@ -8,38 +8,31 @@ and Large) under auto's plan and under every plan that changes one branch's (for
 interleaved (one call of each plan per round, the median over rounds), and prints a table with
 the fastest neighbour. A neighbour much faster than auto means `cpu_branch_plan` is wrong there.
 
-    python benchmarks/psa_plans.py                                   # batch 8, channels-last input
-    python benchmarks/psa_plans.py --layout nchw --json plans.json
+    python benchmarks/psa_plans.py --json benchmarks/results/psa_plans-cpu-channels_last.json   # batch 8
+    python benchmarks/psa_plans.py --layout nchw --json benchmarks/results/psa_plans-cpu-nchw.json
 
 Per-call times of 5-20 ms on a shared VM vary by several percent from run to run, and glibc's
 page faults move them further; run with MALLOC_TRIM_THRESHOLD_=1099511627776
-MALLOC_MMAP_THRESHOLD_=1073741824 in the environment for stable numbers (see the README).
+MALLOC_MMAP_THRESHOLD_=1073741824 in the environment for stable numbers (benchmarks/README.md).
 """
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from timm_epsanet.epsanet import LARGE_GROUPS, SMALL_GROUPS
+from psa_branches import LAYOUTS, psa_stages, write_json
 from timm_epsanet.psa import PyramidSqueezeAttention
 
-# (PSA width, input resolution of its stride-1 blocks) of the four stages of EPSANet Small
-STAGES = ((64, 56), (128, 28), (256, 14), (512, 7))
 # (form, layout) a reformulable branch may run in; each form in the layouts it is fast in
 CHOICES = (('grouped', 'nchw'), ('grouped', 'channels_last'), ('depthwise', 'channels_last'), ('volumetric', 'nchw'))
-LAYOUTS = {'nchw': torch.contiguous_format, 'channels_last': torch.channels_last}
 
 
 def psa_shapes(variants):
-    for variant, groups, widen in (('small', SMALL_GROUPS, 1), ('large', LARGE_GROUPS, 2)):
-        if variant not in variants:
-            continue
-        for stage, (width, size) in enumerate(STAGES, start=1):
-            for stride in ((1,) if stage == 1 else (2, 1)):  # stage 1 keeps the stem's resolution
-                yield dict(variant=variant, stage=stage, stride=stride, chs=width * widen, size=size * stride, groups=groups)
+    for psa in psa_stages(variants):
+        for stride in ((1,) if psa['stage'] == 1 else (2, 1)):  # stage 1 keeps the stem's resolution
+            yield dict(psa, stride=stride, size=psa['size'] * stride)
 
 
 def plan_name(plan):
@@ -107,7 +100,7 @@ def main(argv=None):
               f'{row["best_neighbour"]} | {row["best_neighbour_ms"]:.2f} | {row["auto_ms"] / row["best_neighbour_ms"]:.2f} |',
               flush=True)
     if args.json:
-        args.json.write_text(json.dumps(dict(args=vars(args) | dict(json=str(args.json)), rows=rows), indent=1))
+        write_json(args.json, torch.device('cpu'), args, rows)
 
 
 if __name__ == '__main__':

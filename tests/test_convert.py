@@ -7,92 +7,15 @@ import sys
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 import timm_epsanet  # noqa: F401
+from timm_epsanet._official import OfficialEPSANet
 from timm_epsanet.convert import CheckpointError, convert_official, detect_variant, load_checkpoint
 
-KERNELS, GROUPS = (3, 5, 7, 9), (1, 4, 8, 16)
-
-
-class OfficialPSA(nn.Module):
-    """The official PSA with its own parameter names; branches concatenated in reverse order."""
-
-    def __init__(self, inplanes, planes, stride):
-        super().__init__()
-        for i, (k, g) in enumerate(zip(KERNELS, GROUPS)):
-            setattr(self, f'conv_{i + 1}', nn.Conv2d(inplanes, planes // 4, k, stride, k // 2, groups=g, bias=False))
-        self.se = nn.Module()
-        self.se.fc1 = nn.Conv2d(planes // 4, planes // 64, 1)
-        self.se.fc2 = nn.Conv2d(planes // 64, planes // 4, 1)
-        self.split = planes // 4
-
-    def _se(self, x):
-        return torch.sigmoid(self.se.fc2(F.relu(self.se.fc1(F.adaptive_avg_pool2d(x, 1)))))
-
-    def forward(self, x):
-        feats = [getattr(self, f'conv_{i + 1}')(x) for i in range(4)]
-        b, _, h, w = feats[0].shape
-        stacked = torch.cat(feats, 1).view(b, 4, self.split, h, w)
-        weights = torch.cat([self._se(f) for f in feats], 1).view(b, 4, self.split, 1, 1).softmax(dim=1)
-        weighted = stacked * weights
-        return torch.cat([weighted[:, i] for i in reversed(range(4))], 1)
-
-
-class OfficialBlock(nn.Module):
-    def __init__(self, inplanes, planes, stride):
-        super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = OfficialPSA(planes, planes, stride)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(planes * 4)
-        self.downsample = None
-        if stride != 1 or inplanes != planes * 4:
-            self.downsample = nn.Sequential(
-                nn.Conv2d(inplanes, planes * 4, 1, stride, bias=False), nn.BatchNorm2d(planes * 4))
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = F.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
-
-
-class OfficialEPSANet(nn.Module):
-    def __init__(self, layers=(3, 4, 6, 3), num_classes=1000):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        inplanes = 64
-        for i, (planes, blocks) in enumerate(zip((64, 128, 256, 512), layers)):
-            stage = []
-            for b in range(blocks):
-                stage.append(OfficialBlock(inplanes, planes, 2 if (b == 0 and i > 0) else 1))
-                inplanes = planes * 4
-            setattr(self, f'layer{i + 1}', nn.Sequential(*stage))
-        self.fc = nn.Linear(2048, num_classes)
-        with torch.no_grad():  # trained-looking BN statistics, so a wrong permutation shows
-            for m in self.modules():
-                if isinstance(m, nn.BatchNorm2d):
-                    m.weight.uniform_(0.5, 1.5)
-                    m.bias.uniform_(-0.2, 0.2)
-                    m.running_mean.uniform_(-0.2, 0.2)
-                    m.running_var.uniform_(0.5, 1.5)
-
-    def forward(self, x):
-        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, 2, 1)
-        for i in range(4):
-            x = getattr(self, f'layer{i + 1}')(x)
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
-
-
 @pytest.fixture(scope='module')
-def official():
+def official(trained_bn):
     torch.manual_seed(0)
-    return OfficialEPSANet().eval()
+    return trained_bn(OfficialEPSANet()).eval()
 
 
 def save_official(model, path, bare=False):

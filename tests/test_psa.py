@@ -1,13 +1,14 @@
-"""PSA layer: paper defaults, config validation, standalone use, and equivalence with the official forward."""
+"""PSA layer: paper defaults, config validation, standalone use, the official forward's function, and every branch form and plan computing the plain grouped conv."""
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from timm_epsanet import EPSABottleneck, PyramidSqueezeAttention, default_groups, default_kernel_sizes
+from timm_epsanet import PyramidSqueezeAttention, default_groups, default_kernel_sizes
 from timm_epsanet._branch_conv import BranchConv2d
 from timm_epsanet._branch_forms import block_diagonal_weight, fft_weight_grad, fft_weight_grad_pays_off
-from timm_epsanet._branch_plans import computes_in_low_precision, cpu_branch_plan
+from timm_epsanet._official import OfficialPSA
+from timm_epsanet.epsanet import LARGE_GROUPS, SMALL_GROUPS
 
 
 def test_paper_defaults_follow_eq3():
@@ -80,106 +81,27 @@ def test_scale_weights_are_a_softmax_across_scales():
         torch.testing.assert_close(y[:, 8 * i:8 * (i + 1)], branch / 4)
 
 
-class OfficialSEWeight(nn.Module):
-    def __init__(self, channels, reduction=16):
-        super().__init__()
-        self.fc1 = nn.Conv2d(channels, channels // reduction, 1)
-        self.fc2 = nn.Conv2d(channels // reduction, channels, 1)
-
-    def forward(self, x):
-        return torch.sigmoid(self.fc2(F.relu(self.fc1(F.adaptive_avg_pool2d(x, 1)))))
-
-
-class OfficialPSA(nn.Module):
-    """The official forward, spelled out: one SE per branch call, softmax over the branch axis,
-    then the weighted branches concatenated LAST FIRST (branch 3, 2, 1, 0)."""
-
-    def __init__(self, inplanes, planes, stride, kernels, groups):
-        super().__init__()
-        self.convs = nn.ModuleList([
-            nn.Conv2d(inplanes, planes // 4, k, stride=stride, padding=k // 2, groups=g, bias=False)
-            for k, g in zip(kernels, groups)])
-        self.se = OfficialSEWeight(planes // 4)
-        self.split = planes // 4
-
-    def forward(self, x):
-        feats = [conv(x) for conv in self.convs]
-        b, _, h, w = feats[0].shape
-        stacked = torch.cat(feats, 1).view(b, 4, self.split, h, w)
-        weights = torch.cat([self.se(f) for f in feats], 1).view(b, 4, self.split, 1, 1)
-        weighted = stacked * weights.softmax(dim=1)
-        out = weighted[:, 0]
-        for i in range(1, 4):
-            out = torch.cat((weighted[:, i], out), 1)
-        return out
-
-
-class OfficialBlock(nn.Module):
-    def __init__(self, inplanes, planes, stride, kernels, groups, downsample):
-        super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = OfficialPSA(planes, planes, stride, kernels, groups)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(planes * 4)
-        self.downsample = downsample
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = F.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        identity = self.downsample(x) if self.downsample is not None else x
-        return F.relu(out + identity)
-
-
-def _official_from_ours(block: EPSABottleneck, inplanes, planes, stride) -> OfficialBlock:
-    """Copy our weights into the reference; the channels after PSA are in reversed branch order there."""
-    psa = block.conv2
-    ref = OfficialBlock(inplanes, planes, stride, psa.kernel_sizes, psa.groups, block.downsample)
-    split = planes // 4
-    order = torch.cat([torch.arange(i * split, (i + 1) * split) for i in reversed(range(4))])
-    with torch.no_grad():
-        ref.conv1.weight.copy_(block.conv1.weight)
-        for ours, theirs in zip(psa.convs, ref.conv2.convs):
-            theirs.weight.copy_(ours.weight)
-        for name in ('fc1', 'fc2'):
-            getattr(ref.conv2.se, name).load_state_dict(getattr(psa.se, name).state_dict())
-        ref.conv3.weight.copy_(block.conv3.weight[:, order])
-        for ours_bn, ref_bn, idx in ((block.bn1, ref.bn1, None), (block.bn2, ref.bn2, order), (block.bn3, ref.bn3, None)):
-            for key, value in ours_bn.state_dict().items():
-                getattr(ref_bn, key).copy_(value if idx is None or value.ndim == 0 else value[idx])
-    return ref
-
-
-def _randomize_bn(module):
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
-
-
-@pytest.mark.parametrize('inplanes, planes, stride, groups', [
-    (256, 64, 1, (1, 4, 8, 16)),   # Small, stage 1
-    (256, 128, 2, (1, 4, 8, 16)),  # Small, first block of stage 2 (strided PSA + downsample)
-    (512, 128, 2, (1, 2, 4, 8)),   # another group config
+@pytest.mark.parametrize('chs, stride, groups', [
+    (64, 1, (1, 4, 8, 16)),   # Small, stage 1
+    (128, 2, (1, 4, 8, 16)),  # Small, first block of stage 2 (strided)
+    (128, 2, (1, 2, 4, 8)),   # another group config
 ])
-@pytest.mark.parametrize('train', [False, True])
-def test_block_matches_official_forward(inplanes, planes, stride, groups, train):
+@pytest.mark.parametrize('grad', [False, True])
+def test_psa_matches_official_forward(chs, stride, groups, grad):
+    """The official PSAModule's function, with the same weights: its output holds our branches
+    last first. At inference and in training, values and gradients."""
     torch.manual_seed(0)
-    downsample = nn.Sequential(
-        nn.Conv2d(inplanes, planes * 4, 1, stride=stride, bias=False), nn.BatchNorm2d(planes * 4))
-    block = EPSABottleneck(inplanes, planes, stride, downsample, psa_groups=groups)
-    _randomize_bn(block)
-    ref = _official_from_ours(block, inplanes, planes, stride)
-    block.train(train)
-    ref.train(train)
-    x = torch.randn(2, inplanes, 20, 20)
-    with torch.no_grad():
-        torch.testing.assert_close(block(x), ref(x), rtol=1e-5, atol=1e-5)
+    psa = PyramidSqueezeAttention(chs, stride=stride, groups=groups)
+    official = OfficialPSA.sharing_weights(psa)
+    x = torch.randn(2, chs, 20, 20, requires_grad=grad)
+    with torch.set_grad_enabled(grad):
+        ours = torch.cat(psa(x).chunk(4, dim=1)[::-1], dim=1)
+        theirs = official(x)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    if grad:
+        inputs, grad_out = (x, *psa.parameters()), torch.randn_like(theirs)
+        for a, b in zip(torch.autograd.grad(ours, inputs, grad_out), torch.autograd.grad(theirs, inputs, grad_out)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize('channels_last', [False, True])
@@ -201,20 +123,12 @@ def test_branch_form_equals_grouped_conv(form, channels_last, in_chs, out_chs, k
     x = torch.randn(2, in_chs, 15, 15).contiguous(memory_format=fmt)
     with torch.no_grad():
         y_fast, y_plain = fast(x), plain(x)
-    if form == 'depthwise':
-        assert not torch.equal(y_fast, y_plain)  # a different computation...
-    torch.testing.assert_close(y_fast, y_plain, rtol=1e-5, atol=1e-5)  # ...of the same function
+    torch.testing.assert_close(y_fast, y_plain, rtol=1e-5, atol=1e-5)
     assert y_fast.is_contiguous(memory_format=fmt)
     # training (depthwise, volumetric: their forward, the grouped conv's backward)
     x.requires_grad_()
     y_fast, y_plain = fast(x), plain(x)
-    assert y_fast.grad_fn is not None
-    node = y_fast.grad_fn  # the volumetric form's NCHW output is copied back to a channels-last input's layout
-    node = node.next_functions[0][0] if type(node).__name__ == 'CloneBackward0' else node
-    assert ('FastForm' in type(node).__name__) == (form in ('depthwise', 'volumetric'))
     assert y_fast.is_contiguous(memory_format=fmt)
-    if form == 'dense':  # the conv's weight is the block-diagonal expansion, not the parameter itself
-        assert type(y_fast.grad_fn.next_functions[1][0]).__name__ != 'AccumulateGrad'
     torch.testing.assert_close(y_fast, y_plain, rtol=1e-5, atol=1e-5)
     grad = torch.randn_like(y_plain)
     for a, b in zip(torch.autograd.grad(y_fast, (x, fast.weight), grad), torch.autograd.grad(y_plain, (x, plain.weight), grad)):
@@ -242,51 +156,36 @@ def test_fft_weight_grad_equals_the_convs(in_chs, out_chs, k, groups, padding, h
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5 * expected.abs().max().item())
 
 
-def test_group_sum_weights_are_a_buffer_built_once_and_rebuilt_by_timms_hook():
-    """Stage 1's depthwise form sums groups with 0/1 weights held as a non-persistent buffer: the
-    forward uses it (no rebuild per call), it stays out of the state dict, follows the module's
-    dtype, and timm's reinit_non_persistent_buffers restores it after a meta-device build."""
+def test_group_sum_weights_stay_out_of_checkpoints_and_survive_a_meta_device_build():
+    """The depthwise form sums groups with 0/1 weights held as a non-persistent buffer: it stays out
+    of the state dict, follows the module's dtype, and timm's reinit_non_persistent_buffers restores
+    it after a meta-device build (the output is then the original module's)."""
     from timm.models._manipulate import reinit_non_persistent_buffers
     torch.manual_seed(0)
     psa = PyramidSqueezeAttention(64).eval()
-    assert [c.group_sum_weight is not None for c in psa.convs] == [False, True, True, True]  # branch 0 is dense
     assert not any('group_sum_weight' in k for k in psa.state_dict())
     assert psa.to(torch.bfloat16).convs[3].group_sum_weight.dtype == torch.bfloat16
     psa.float()
-    x = torch.randn(2, 64, 12, 12)
-    conv = psa.convs[1]  # 5x5, 4 groups, 4 outputs per group
-    with torch.no_grad():
-        expected = F.conv2d(x, conv.weight, None, 1, 2, 1, 4)
-        torch.testing.assert_close(conv.forward_as(x, 'depthwise'), expected, rtol=1e-5, atol=1e-5)
-        saved = conv.group_sum_weight.clone()
-        conv.group_sum_weight.zero_()
-        assert conv.forward_as(x, 'depthwise').abs().max() == 0  # the buffer is what the forward sums with
-        conv.group_sum_weight.copy_(saved)
-
     meta = PyramidSqueezeAttention(64, device='meta').to_empty(device='cpu').eval()
     meta.load_state_dict(psa.state_dict())
     assert 'convs.1' in reinit_non_persistent_buffers(meta)
-    for a, b in zip(meta.convs, psa.convs):
-        if b.group_sum_weight is not None:
-            assert torch.equal(a.group_sum_weight, b.group_sum_weight)
+    x = torch.randn(2, 64, 12, 12)
     with torch.no_grad():
         torch.testing.assert_close(meta(x), psa(x))
+        for conv in psa.convs:  # and each branch's depthwise form is its grouped conv
+            torch.testing.assert_close(conv.forward_as(x, 'depthwise'), conv.forward_as(x, 'grouped'),
+                                       rtol=1e-5, atol=1e-5)
 
 
 def test_depthwise_form_training_takes_the_fft_weight_grad_where_it_pays():
     """9x9 branch of stage 1 in training: depthwise forward, FFT weight gradient; same gradients
-    as the grouped conv. Strided, 5x5, bf16 and small inputs keep oneDNN's weight gradient."""
+    as the grouped conv."""
     torch.manual_seed(0)
     fast = BranchConv2d(64, 16, 9, padding=4, groups=16, bias=False, form='depthwise')
     plain = BranchConv2d(64, 16, 9, padding=4, groups=16, bias=False, form='grouped')
     plain.load_state_dict(fast.state_dict())
     x = torch.randn(2, 64, 28, 28).contiguous(memory_format=torch.channels_last)
-    assert fft_weight_grad_pays_off(x, fast.weight, (1, 1), (1, 1))
-    assert not fft_weight_grad_pays_off(x, fast.weight, (2, 2), (1, 1))
-    assert not fft_weight_grad_pays_off(x[..., :14, :14], fast.weight, (1, 1), (1, 1))
-    assert not fft_weight_grad_pays_off(x.bfloat16(), fast.weight, (1, 1), (1, 1))
-    assert fft_weight_grad_pays_off(x, torch.empty(16, 8, 7, 7), (1, 1), (1, 1))
-    assert not fft_weight_grad_pays_off(x, torch.empty(16, 16, 5, 5), (1, 1), (1, 1))
+    assert fft_weight_grad_pays_off(x, fast.weight, (1, 1), (1, 1))  # so this test covers the FFT path
     grads = []
     for conv in (fast, plain):
         x_in = x.clone().requires_grad_()
@@ -336,76 +235,38 @@ def test_branch_weights_stay_nchw_when_the_model_goes_channels_last():
     assert all(conv.weight.is_contiguous() and conv.weight.dtype == torch.float64 for conv in psa.convs)
 
 
-def test_branch_plan_choice():
-    """'auto' on CPU: the depthwise form channels-last for few outputs per group; NCHW grouped
-    convs for >= 32 inputs per group and kernels >= 5 (inference); else channels-last, the dense
-    branch in whichever layout the others use; bf16 depthwise only for k >= 5 and <= 2 outputs.
-    On CUDA the dense form for inference with <= 16 groups, else the grouped conv, in the caller's
-    layout; an explicit form applies everywhere."""
-    cl, nchw, any_ = ('grouped', 'channels_last'), ('grouped', 'nchw'), ('grouped', 'any')
-    dw = ('depthwise', 'channels_last')
-    assert cpu_branch_plan(9, 4, 1) == dw and cpu_branch_plan(7, 8, 2) == dw and cpu_branch_plan(3, 4, 1) == dw
-    assert cpu_branch_plan(5, 16, 4) == dw and cpu_branch_plan(7, 16, 4) == dw and cpu_branch_plan(3, 16, 4) == cl
-    assert cpu_branch_plan(5, 32, 8) == nchw and cpu_branch_plan(9, 32, 8) == nchw and cpu_branch_plan(7, 16, 8) == cl
-    assert cpu_branch_plan(9, 1, 1) == any_
-    # inference with >= 16 groups and 2-4 outputs each: the volumetric form (stages 2-3), not when strided
-    vol = ('volumetric', 'nchw')
-    assert cpu_branch_plan(9, 8, 2, groups=16) == vol and cpu_branch_plan(9, 16, 4, groups=16) == vol
-    assert cpu_branch_plan(3, 8, 2, groups=32) == vol and cpu_branch_plan(9, 8, 2, groups=8) == dw
-    assert cpu_branch_plan(9, 4, 1, groups=16) == dw and cpu_branch_plan(9, 32, 8, groups=16) == nchw
-    assert cpu_branch_plan(9, 8, 2, groups=16, stride=2) == dw and cpu_branch_plan(9, 8, 2, groups=16, training=True) == dw
-    # strided: NCHW grouped convs from 16 inputs per group, with up to 16 groups
-    assert cpu_branch_plan(7, 16, 4, groups=8, stride=2) == nchw and cpu_branch_plan(9, 16, 4, groups=16, stride=2) == nchw
-    assert cpu_branch_plan(7, 16, 4, groups=32, stride=2) == dw and cpu_branch_plan(7, 16, 4, groups=8) == dw
-    assert cpu_branch_plan(7, 16, 4, groups=8, stride=2, training=True) == dw
-    # training: NCHW's backward wins by less, and not after a convert: the caller's layout
-    assert cpu_branch_plan(5, 32, 8, training=True) == any_ and cpu_branch_plan(9, 4, 1, training=True) == dw
-    # bf16: depthwise only for kernels >= 5 with 1-2 outputs per group, always channels-last
-    assert cpu_branch_plan(9, 4, 1, low_precision=True) == dw and cpu_branch_plan(5, 8, 2, low_precision=True) == dw
-    assert cpu_branch_plan(5, 16, 4, low_precision=True) == cl and cpu_branch_plan(3, 4, 1, low_precision=True) == cl
-
-    small = PyramidSqueezeAttention(64)  # stage 1 of Small: 4 outputs per group for k=5, 2 for k=7, 1 for k=9
-    for grad in (False, True):
-        assert [c.plan_for('cpu', grad) for c in small.convs] == [any_, dw, dw, dw]
-    assert [c.plan_for('cpu', False) for c in PyramidSqueezeAttention(512).convs] == [any_, nchw, nchw, nchw]
-    assert [c.plan_for('cpu', False) for c in PyramidSqueezeAttention(128).convs] == [any_, nchw, dw, vol]
-    assert [c.plan_for('cpu', False) for c in PyramidSqueezeAttention(128, stride=2).convs] == [any_, nchw, nchw, dw]
-    assert [c.plan_for('cpu', True) for c in PyramidSqueezeAttention(128).convs] == [any_, any_, dw, dw]
-    assert BranchConv2d(64, 16, 9, padding=4, groups=16, bias=False, form='volumetric').plan_for('cpu', False) == vol  # forced: NCHW
-    assert [c.plan_for('cpu', False, low_precision=True) for c in small.convs] == [cl, cl, dw, dw]
-    for grad in (False, True):
-        assert [c.plan_for('mps', grad) for c in small.convs] == [('grouped', 'any')] * 4
-    assert [c.plan_for('cuda', False)[0] for c in small.convs] == ['grouped', 'dense', 'dense', 'dense']
-    assert [c.plan_for('cuda', True)[0] for c in small.convs] == ['grouped'] * 4
-    large = PyramidSqueezeAttention(128, groups=(32,) * 4)
-    assert [c.plan_for('cuda', False)[0] for c in large.convs] == ['grouped'] * 4
-    dense = PyramidSqueezeAttention(64, branch_form='dense')
-    assert [c.plan_for('cuda', True)[0] for c in dense.convs] == ['grouped', 'dense', 'dense', 'dense']  # branch 0 is dense already
-    assert [c.plan_for('cpu', True) for c in dense.convs] == [any_] + [('dense', 'channels_last')] * 3
-    with pytest.raises(ValueError, match="form must be one of .* got 'fast'"):
-        PyramidSqueezeAttention(64, branch_form='fast')
+def _epsanet_psa_shapes():
+    """(groups, width, stride) of every PSA in EPSANet Small and Large: 4 stages, strided first blocks."""
+    for groups, widen in ((SMALL_GROUPS, 1), (LARGE_GROUPS, 2)):
+        for stage, width in enumerate((64, 128, 256, 512)):
+            for stride in ((1,) if stage == 0 else (1, 2)):
+                yield groups, width * widen, stride
 
 
+@pytest.mark.parametrize('mode', ['infer', 'train', 'bf16'])
 @pytest.mark.parametrize('channels_last', [False, True])
-@pytest.mark.parametrize('chs', [128, 512])
-def test_psa_mixed_branch_layouts_keep_the_callers_layout(chs, channels_last):
-    """On CPU the branches of one PSA run in different layouts and forms (stage 2: NCHW grouped
-    5x5, channels-last depthwise 7x7 and 9x9); the output equals plain grouped convs' and comes
-    back in the caller's layout, at inference and in training (values and gradients)."""
+@pytest.mark.parametrize('groups, chs, stride', list(_epsanet_psa_shapes()))
+def test_every_epsanet_psa_equals_plain_grouped_convs(groups, chs, stride, channels_last, mode):
+    """Whatever form and layout each branch runs in on CPU (they differ by shape, stride, training
+    and precision), a PSA computes what plain grouped convs compute, values and gradients, and
+    returns the caller's memory layout."""
     torch.manual_seed(0)
-    fast = PyramidSqueezeAttention(chs)
-    plain = PyramidSqueezeAttention(chs, branch_form='grouped')
+    fast = PyramidSqueezeAttention(chs, stride=stride, groups=groups)
+    plain = PyramidSqueezeAttention(chs, stride=stride, groups=groups, branch_form='grouped')
     plain.load_state_dict(fast.state_dict())
-    assert {c.plan_for('cpu', False)[1] for c in fast.convs} == {'any', 'nchw'} | ({'channels_last'} if chs == 128 else set())
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     fast, plain = fast.to(memory_format=fmt), plain.to(memory_format=fmt)
-    x = torch.randn(2, chs, 12, 12).contiguous(memory_format=fmt)
-    with torch.inference_mode():
-        y_fast, y_plain = fast(x), plain(x)
-    torch.testing.assert_close(y_fast, y_plain, rtol=1e-5, atol=1e-5)
-    assert y_fast.is_contiguous(memory_format=fmt)
+    x = torch.randn(2, chs, 7 * stride, 7 * stride).contiguous(memory_format=fmt)
+    if mode != 'train':
+        with torch.inference_mode(), torch.autocast('cpu', dtype=torch.bfloat16, enabled=mode == 'bf16'):
+            y_fast, y_plain = fast(x), plain(x)
+        tol = 2e-2 if mode == 'bf16' else 1e-5
+        torch.testing.assert_close(y_fast.float(), y_plain.float(), rtol=tol, atol=tol)
+        assert y_fast.is_contiguous(memory_format=fmt)
+        return
     x_fast, x_plain = x.clone().requires_grad_(), x.clone().requires_grad_()
     y_fast, y_plain = fast(x_fast), plain(x_plain)
+    torch.testing.assert_close(y_fast, y_plain, rtol=1e-5, atol=1e-5)
     assert y_fast.is_contiguous(memory_format=fmt)
     grad = torch.randn_like(y_plain)
     (y_fast * grad).sum().backward()
@@ -413,6 +274,22 @@ def test_psa_mixed_branch_layouts_keep_the_callers_layout(chs, channels_last):
     torch.testing.assert_close(x_fast.grad, x_plain.grad, rtol=1e-4, atol=1e-4)
     for a, b in zip(fast.parameters(), plain.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('form', ['depthwise', 'volumetric', 'dense'])
+def test_explicit_branch_form_computes_the_same_psa(form):
+    """`branch_form` forces one form on every reformulable branch, on every device; same function."""
+    torch.manual_seed(0)
+    forced = PyramidSqueezeAttention(128, branch_form=form)
+    plain = PyramidSqueezeAttention(128, branch_form='grouped')
+    plain.load_state_dict(forced.state_dict())
+    assert {c.plan_for('cpu', False)[0] for c in forced.convs} == {'grouped', form}  # branch 0 has one group
+    x = torch.randn(2, 128, 9, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(forced(x), plain(x), rtol=1e-5, atol=1e-5)
+    x.requires_grad_()
+    torch.testing.assert_close(torch.autograd.grad(forced(x).square().sum(), x)[0],
+                               torch.autograd.grad(plain(x).square().sum(), x)[0], rtol=1e-4, atol=1e-4)
 
 
 def test_block_diagonal_weight():
@@ -438,19 +315,16 @@ def test_inference_reweights_in_place_but_training_keeps_autograd():
 
 
 @pytest.mark.parametrize('mode', ['fp32', 'autocast', 'bf16'])
-def test_branch_form_follows_the_compute_dtype(mode):
-    """On CPU the 3x3 branch of EPSANet Large's stage 1 runs in depthwise form in fp32 but not
-    in bf16, where oneDNN's depthwise convs are slower; every form gives the grouped conv's result."""
+def test_branch_conv_in_every_compute_dtype_equals_the_grouped_conv(mode):
+    """The 3x3 branch of EPSANet Large's stage 1 (its form depends on the compute dtype on CPU), in
+    fp32, under bf16 autocast and with bf16 tensors: the grouped conv's result, in that dtype."""
     torch.manual_seed(0)
     conv = BranchConv2d(128, 32, 3, padding=1, groups=32, bias=False)
     x = torch.randn(2, 128, 10, 10)
     if mode == 'bf16':
         conv, x = conv.to(torch.bfloat16), x.to(torch.bfloat16)
-    calls = []
-    conv.register_forward_hook(lambda m, inp, out: calls.append(computes_in_low_precision(inp[0])))
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16, enabled=mode == 'autocast'):
         y = conv(x)
         expected = F.conv2d(x, conv.weight, None, 1, 1, 1, 32)
-    assert calls == [mode != 'fp32']
-    assert conv.plan_for('cpu', False, calls[0])[0] == ('depthwise' if mode == 'fp32' else 'grouped')
+    assert y.dtype == (torch.float32 if mode == 'fp32' else torch.bfloat16)
     torch.testing.assert_close(y.float(), expected.float(), rtol=2e-2, atol=2e-2)
