@@ -13,11 +13,14 @@ configuration and the machine line) and `<out>/<name>.png`, named as timm names 
     python benchmarks/benchmark.py --precisions fp32 amp --compile   # + AMP (bf16 CPU, fp16 CUDA), torch.compile
     python benchmarks/benchmark.py --models epsanet50_small resnet50 --modes infer
     python benchmarks/benchmark.py --malloc-keep         # glibc keeps freed memory: no page faults
+    python benchmarks/benchmark.py --merge a.csv b.csv   # one report from runs on the same machine
 
 Each row also records the process's minor page faults per iteration. With glibc's default malloc,
-memory of freed large tensors goes back to the OS and every iteration faults it in again; on this
-project's VM that costs 10-20% of a CPU forward, by a different amount for each model, so
-`--malloc-keep` measures the same configurations without it (a separate machine line in the report).
+memory of freed large tensors goes back to the OS and every iteration faults it in again, which
+costs each model a different share of its time (benchmarks/README.md), so `--malloc-keep`
+measures the same configurations without it (a separate machine line in the results).
+
+Why this script and not timm's own benchmark.py: benchmarks/README.md.
 
 Model names are timm names, optionally with a suffix for EPSANet: `@official` (every PSA runs the
 official code's forward structure, see timm_epsanet/_official.py), or a PSA branch form that applies
