@@ -2,6 +2,7 @@
 import csv
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +19,10 @@ ROW = dict(model='resnet50', mode='infer', layout='nchw', precision='fp32', comp
 
 
 def run_script(name, *args):
-    """A benchmark script as a user runs it: `python benchmarks/<name>.py ...`."""
-    subprocess.run([sys.executable, str(BENCHMARKS / name), *args], check=True, capture_output=True, text=True)
+    """A benchmark script as a user runs it: `python benchmarks/<name>.py ...` (one thread: tiny
+    shapes, and no OpenMP threads spinning against the other tests' on a loaded machine)."""
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    subprocess.run([sys.executable, str(BENCHMARKS / name), *args], check=True, capture_output=True, text=True, env=env)
 
 
 def write_run(path, machine, rows, repeats=1, date='2026-01-01'):
@@ -76,6 +79,7 @@ def test_machine_line_names_the_cpu_model():
         assert model_names[0] in machine
 
 
+@pytest.mark.slow
 def test_psa_branches_times_every_form_in_every_layout(tmp_path):
     """The evidence behind cpu_branch_plan: one row per EPSANet branch shape, a time per form and
     layout (no depthwise NCHW, no volumetric channels-last, none for the dense 3x3 branch)."""
@@ -95,6 +99,7 @@ def test_psa_branches_times_every_form_in_every_layout(tmp_path):
             assert math.isnan(t) if dense_branch and not key.startswith('grouped') else t > 0, (row, key)
 
 
+@pytest.mark.slow
 def test_psa_plans_times_every_psa_shape(tmp_path):
     """The check of cpu_branch_plan inside whole PSA modules: every EPSANet Small PSA shape (strided
     first blocks included), auto's plan as the PSA runs it; the script verifies that every plan
@@ -115,7 +120,7 @@ def test_benchmark_run_records_page_faults_and_malloc_keep(tmp_path):
     iteration; --malloc-keep reaches the workers (glibc then keeps freed memory: fewer faults) and
     is part of the machine line, so such runs never merge with default ones."""
     common = ['--models', 'epsanet50_small', '--modes', 'infer', '--layouts', 'nchw',
-              '--batch-size', '4', '--iters', '2', '--warmup', '1', '--out', str(tmp_path)]
+              '--batch-size', '4', '--iters', '2', '--warmup', '1', '--threads', '1', '--out', str(tmp_path)]
     benchmark.main(common)
     benchmark.main(common + ['--malloc-keep'])
     default, keep = (benchmark.read_results(tmp_path / f'{name}.csv')
