@@ -13,7 +13,7 @@ from timm_epsanet.complexity import count_gmacs, count_params
 from timm_epsanet.paper import TABLE2
 
 VARIANTS = ['epsanet50_small', 'epsanet101_small', 'epsanet50_large', 'epsanet101_large']
-# The documented Large configuration (README: no configuration reproduces the paper's counts)
+# The documented Large configuration (docs/large_config.md: no configuration reproduces the paper's counts)
 LARGE_PARAMS = {'epsanet50_large': 30_100_094, 'epsanet101_large': 53_742_470}
 
 
@@ -42,7 +42,7 @@ def test_size_against_paper_table2(name):
         assert round(params / 1e6, 2) == paper_params
         assert abs(gmacs / paper_gflops - 1) < 0.02
     else:
-        # no valid Large configuration reproduces Table 2 (README): pin the documented deviation
+        # no valid Large configuration reproduces Table 2 (docs/large_config.md): pin the documented deviation
         assert params == LARGE_PARAMS[name]
         notes = ' '.join(timm.models.get_pretrained_cfg(name).notes)
         assert f'{params / 1e6:.2f}M' in notes and f'{gmacs:.2f}' in notes
