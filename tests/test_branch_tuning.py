@@ -21,25 +21,47 @@ def tuning(monkeypatch, tmp_path):
     state = _branch_tuning._State()
     state.enabled, state.cache_dir = True, tmp_path
     monkeypatch.setattr(_branch_tuning, '_state', state)
-    ran = []
-    run_plans = BranchConvs.run_plans
+    ran, tuning_now = [], []
+    run_plans, tune = BranchConvs.run_plans, _branch_tuning.tune
 
     def recording(self, x, plans):
-        if any(conv.form == 'auto' for conv in self):
+        if any(conv.form == 'auto' for conv in self) and not tuning_now:
             ran.append([tuple(p) for p in plans])
         return run_plans(self, x, plans)
+
+    def tuning(*args):
+        tuning_now.append(True)
+        try:
+            return tune(*args)
+        finally:
+            tuning_now.pop()
     monkeypatch.setattr(BranchConvs, 'run_plans', recording)
+    monkeypatch.setattr(_branch_tuning, 'tune', tuning)
     return ran
 
 
-def fake_timer(monkeypatch, times=None, default=1.0):
-    """Replace the timer: each call costs `times[key]` seconds (keys as in `tune`), else `default`.
-    Returns the list of timed key sets, one per tuning."""
-    timed = []
+class TimedParts(list):
+    plans: list
 
-    def measure(calls, device):
-        timed.append(set(calls))
-        return {key: (times or {}).get(key, default) for key in calls}
+
+def fake_timer(monkeypatch, times=None, default=1.0, whole=None):
+    """Replace the timer: each branch candidate or convert costs `times[key]` seconds (keys as in
+    `tune`), else `default`; a whole PSA plan costs `whole[plan]`, else the sum of its parts. Returns the list of the
+    parts timed, one set per tuning (`timed.plans`: the whole plans timed)."""
+    timed, timed.plans = TimedParts(), []
+    times = times or {}
+
+    def measure(calls, device, warmup=False, repeats=2):
+        if all(key[0] != 'plan' for key in calls):
+            timed.append(set(calls))
+            return {key: [times.get(key, default)] for key in calls}
+        timed.plans.append(set(calls))
+        convert = [key for key in timed[-1] if key[0] == 'convert'][0]  # the parts timed just before
+        if whole is not None:
+            return {key: whole[key[1]] for key in calls}
+        return {key: [sum(times.get((i, choice), default) for i, choice in enumerate(key[1]))
+                + (times.get(convert, default) if any(layout == convert[1] for _, layout in key[1]) else 0.0)]
+                for key in calls}
     monkeypatch.setattr(_branch_tuning, 'measure', measure)
     return timed
 
@@ -156,6 +178,27 @@ def test_rules_stay_unless_clearly_slower(tuning, monkeypatch):
     with torch.no_grad():
         psa(x)
     assert tuning == [rule_plan]
+
+
+def test_a_new_plan_must_be_faster_on_the_whole_psa(tuning, monkeypatch):
+    """Branches timed alone say a plan is cheaper; it replaces the rules' only if the whole PSA,
+    timed under both plans, confirms it: by more than the noise margin, and every call faster."""
+    psa, _ = psa_pair()
+    x = torch.randn(2, CHS, 8, 8)
+    rule_plan = rules(psa)
+    other = ('grouped', 'nchw' if rule_plan[0][1] == 'channels_last' else 'channels_last')
+    times = {(i, choice): 1.0 for i, choice in enumerate(rule_plan)} | {(0, other): 0.1, ('convert', 'channels_last'): 0.0}
+    better = [other] + rule_plan[1:]
+    for whole_times, want in ((([1.0], [0.99]), rule_plan), (([1.0, 1.2], [0.9, 1.01]), rule_plan),
+                             (([1.0, 1.2], [0.9, 0.95]), better)):
+        tuning.clear()
+        _branch_tuning._state.tables.clear()
+        _branch_tuning._state.persistent = False
+        timed = fake_timer(monkeypatch, times, default=5.0, whole=dict(zip((tuple(rule_plan), tuple(better)), whole_times)))
+        with torch.no_grad():
+            psa(x)
+        assert timed.plans == [{('plan', tuple(rule_plan)), ('plan', tuple(better))}]
+        assert tuning == [want]
 
 
 def test_wrong_or_failing_forms_are_never_used(tuning, monkeypatch):
@@ -351,3 +394,17 @@ def test_torchscript_and_compile_never_measure(tuning, monkeypatch):
     with torch.no_grad():
         for model in (scripted, traced):
             torch.testing.assert_close(model(x), plain(x), rtol=1e-5, atol=1e-5)
+
+
+def test_measure_interleaves_and_skips_the_warm_up():
+    order = []
+
+    def call(name):
+        def run():
+            order.append(name)
+            if name == 'bad':
+                raise RuntimeError('unsupported')
+        return run
+    times = _branch_tuning.measure({'a': call('a'), 'bad': call('bad')}, torch.device('cpu'), warmup=True, repeats=2)
+    assert order == ['a', 'bad'] * 3
+    assert len(times['a']) == 2 and all(t >= 0 for t in times['a']) and times['bad'] == [float('inf')] * 2

@@ -50,9 +50,12 @@ ENV_CACHE_DIR = 'TIMM_EPSANET_TUNE_CACHE_DIR'
 CACHE_FORMAT = 1
 LAYOUTS = ('nchw', 'channels_last')
 # timed calls of each candidate, after the verifying call that warms it up; the fastest counts
+# (other load on the machine only ever slows a call down)
 REPEATS = 2
 # a change of plan must be this much faster than the plan it replaces; noise must not flip plans
 MARGIN = 0.97
+# calls of the whole PSA under the rules' plan and under a new plan, to confirm the new one
+CONFIRM_REPEATS = 3
 # largest difference from the grouped conv, relative to its largest output, a candidate may show
 TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6}
 LOW_PRECISION_TOLERANCE = 3e-2
@@ -309,7 +312,7 @@ def tune(convs, x: torch.Tensor, training: bool) -> Optional[List[Plan]]:
 
     Each verified (branch, form, layout) and the convert of `x` to the other layout are timed
     alone, interleaved; a plan costs its branches plus the convert when it uses the other
-    layout. The cheapest plan replaces the rules' plan when it is clearly (`MARGIN`) cheaper.
+    layout. The cheapest plan replaces the rules' plan when the whole PSA confirms it.
     """
     x = x.detach()
     caller = layout_of(x)
@@ -326,7 +329,7 @@ def tune(convs, x: torch.Tensor, training: bool) -> Optional[List[Plan]]:
         params = [conv.weight] if conv.weight.requires_grad else []
         for form, layout in verified:
             calls[(i, (form, layout))] = _call(partial(conv.forward_as, form=form), inputs[layout], params, training)
-    times = measure(calls, x.device)
+    times = {key: min(seconds) for key, seconds in measure(calls, x.device).items()}
 
     def cost(plan):
         converts = times[('convert', other)] if any(layout == other for _, layout in plan) else 0.0
@@ -339,7 +342,17 @@ def tune(convs, x: torch.Tensor, training: bool) -> Optional[List[Plan]]:
     rules = [(form, flexible if layout == 'any' else layout) for form, layout in rules]
     rules = [choice if choice in verified else ('grouped', caller) for choice, verified in zip(rules, options)]
     best = min((list(plan) for plan in itertools.product(*options)), key=cost)
-    return best if cost(best) < MARGIN * cost(rules) else rules
+    if best == rules or cost(best) >= cost(rules):
+        return rules
+    # the sum of the parts misses what branches share or add (memory traffic, the concat): a plan
+    # replaces the rules' only when the whole PSA confirms it, every call of it faster than every
+    # call of the rules' plan (on a busy machine the rules stay)
+    params = [p for p in convs.parameters() if p.requires_grad]
+    whole = {('plan', tuple(plan)): _call(partial(convs.run_plans, plans=plan), x, params, training)
+             for plan in (rules, best)}
+    seconds = measure(whole, x.device, warmup=True, repeats=CONFIRM_REPEATS)
+    new, old = seconds[('plan', tuple(best))], seconds[('plan', tuple(rules))]
+    return best if max(new) < min(old) and min(new) < MARGIN * min(old) else rules
 
 
 def verified_candidates(conv, inputs: Dict[str, torch.Tensor], training: bool) -> Optional[List[Plan]]:
@@ -382,19 +395,27 @@ def _call(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, params: L
     return call
 
 
-def measure(calls: Dict[Hashable, Callable[[], None]], device: torch.device) -> Dict[Hashable, float]:
-    """Seconds of each call: the fastest of REPEATS, the calls interleaved (other load on the
-    machine only ever slows a call down, and drifts over time). A call that raises costs inf."""
+def measure(
+        calls: Dict[Hashable, Callable[[], None]],
+        device: torch.device,
+        warmup: bool = False,
+        repeats: int = REPEATS,
+) -> Dict[Hashable, List[float]]:
+    """Seconds of `repeats` calls of each (after one untimed call with `warmup`), the calls
+    interleaved so that other load on the machine, which drifts, hits them alike. A call that
+    raises costs inf."""
     sync = partial(torch.cuda.synchronize, device) if device.type == 'cuda' else (lambda: None)
-    times = {key: math.inf for key in calls}
-    for _ in range(REPEATS):
+    times: Dict[Hashable, List[float]] = {key: [] for key in calls}
+    for rep in range(repeats + int(warmup)):
         for key, call in calls.items():
             try:
                 sync()
                 start = time.perf_counter()
                 call()
                 sync()
+                seconds = time.perf_counter() - start
             except Exception:
-                continue
-            times[key] = min(times[key], time.perf_counter() - start)
+                seconds = math.inf
+            if rep >= int(warmup):
+                times[key].append(seconds)
     return times
