@@ -10,8 +10,9 @@ process does not pay again.
 
 The unit is a PSA's `BranchConvs`, not a single branch: branches planned in the same layout share
 one converted copy of the input, so a branch's best layout depends on the others'. Each candidate
-(form, layout) of each branch, and the convert, is timed alone (far cheaper than timing whole
-PSAs), and the plan of least total cost replaces the rules' plan when it is clearly faster.
+(form, layout) of each branch, and the convert, is timed alone (far cheaper than timing every
+plan of the whole PSA); the plan of least total cost replaces the rules' plan only when the whole
+PSA, timed under both, confirms it clearly, so that noise on a busy machine keeps the rules.
 Every candidate is first checked against the plain grouped conv on the real input; one that
 raises, or gives a non-finite or different output, is never used.
 
