@@ -6,6 +6,7 @@ _timm_epsanet_autoload), so `import timm` is enough.
 """
 from .psa import PyramidSqueezeAttention, SEWeight, default_groups, default_kernel_sizes
 from .epsanet import EPSABottleneck
+from ._branch_tuning import set_branch_tuning
 
 __version__ = '0.1.0'
 
@@ -15,4 +16,5 @@ __all__ = [
     'SEWeight',
     'default_groups',
     'default_kernel_sizes',
+    'set_branch_tuning',
 ]

@@ -16,6 +16,7 @@ from ._branch_forms import (
     FastFormGroupedBackward, block_diagonal_weight, fast_form_conv, group_sum_weight, sums_groups_by_conv,
 )
 from ._branch_plans import Plan, computes_in_low_precision, cpu_branch_plan, cuda_branch_form, in_layout, layout_of
+from ._branch_tuning import tuned_plans
 
 # How a PSA branch's grouped conv is computed (`BranchConv2d`).
 BRANCH_FORMS = ('auto', 'grouped', 'depthwise', 'volumetric', 'dense')
@@ -144,8 +145,16 @@ class BranchConvs(nn.ModuleList):
     @torch.jit.unused
     def _planned(self, x: torch.Tensor) -> torch.Tensor:
         grad_enabled = torch.is_grad_enabled()
-        low_precision = x.device.type == 'cpu' and computes_in_low_precision(x)
-        plans = [conv.plan_for(x.device.type, grad_enabled, low_precision) for conv in self]
+        plans = tuned_plans(self, x, grad_enabled)  # None unless branch tuning is on (`set_branch_tuning`)
+        if plans is None:
+            low_precision = x.device.type == 'cpu' and computes_in_low_precision(x)
+            plans = [conv.plan_for(x.device.type, grad_enabled, low_precision) for conv in self]
+        return self.run_plans(x, plans)
+
+    @torch.jit.unused
+    def run_plans(self, x: torch.Tensor, plans: List[Plan]) -> torch.Tensor:
+        """The branches of `x`, branch i in form and layout `plans[i]`."""
+        grad_enabled = torch.is_grad_enabled()
         caller = layout_of(x)
         flexible = 'channels_last' if any(layout == 'channels_last' for _, layout in plans) else caller
         inputs = {caller: x}
