@@ -5,7 +5,7 @@ channels-last) pays the measurement, then tuned and untuned iterations alternate
 order flipped every round) so that load from other processes hits both alike. Writes a JSON.
 
     MALLOC_TRIM_THRESHOLD_=1099511627776 MALLOC_MMAP_THRESHOLD_=1073741824 \
-        python benchmarks/results/branch_tuning_ab.py --json benchmarks/results/branch_tuning_cpu.json
+        python benchmarks/branch_tuning.py --json benchmarks/results/branch_tuning_cpu.json
 """
 import argparse
 import json
