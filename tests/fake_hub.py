@@ -18,7 +18,6 @@ FAULTS = (
     'hang_get',   # HEAD answers, GET never does
     'stall',      # GET sends half of what is asked, then nothing
     'cut',        # GET sends half the body, then closes the connection (ignores Range: starts over)
-    'corrupt',    # GET sends the body with its first bytes flipped, under the original ETag
     'altered',    # GET sends `substitutes[repo]` (e.g. other valid weights) under the original ETag
 )
 
@@ -72,8 +71,6 @@ class FakeHub:
                     return self._error(404, 'EntryNotFound')
                 data = path.read_bytes()
                 etag = hashlib.sha256(data).hexdigest()
-                if body and fault == 'corrupt':
-                    data = bytes(b ^ 0xFF for b in data[:64]) + data[64:]
                 if body and fault == 'altered':
                     data = hub.substitutes[repo]
                 start = self._range_start() if body and fault != 'cut' else 0

@@ -120,7 +120,7 @@ def test_official_checkpoint_converts_exactly(official, tmp_path):
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), official(x), rtol=1e-5, atol=1e-5)
-        # and through timm's pretrained machinery (our pretrained_filter_fn), bare state dict too
+        # and through timm's pretrained machinery (checkpoint_filter_fn), bare state dict too
         for file in (path, save_official(official, tmp_path / 'bare.pth', bare=True)):
             via_timm = timm.create_model('epsanet50_small', pretrained=True, pretrained_cfg_overlay=dict(file=str(file)))
             torch.testing.assert_close(via_timm.eval()(x), official(x), rtol=1e-5, atol=1e-5)

@@ -16,6 +16,7 @@ Variants (Table 1/2 of the paper), PSA kernels (3, 5, 7, 9):
     this one is 7.9% / 8.4% above its 27.90M / 49.59M parameters.
 """
 import math
+import numbers
 from typing import Optional, Sequence, Type
 
 import torch
@@ -147,7 +148,7 @@ def _create_epsanet(variant: str, pretrained: bool = False, **kwargs) -> ResNet:
     if pretrained:
         kwargs = _check_pretrained_source(variant, kwargs)
     model = build_model_with_cfg(ResNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
-    for m in (model, getattr(model, 'model', None)):  # a features_only wrapper holds the ResNet as .model
+    for m in (model, getattr(model, 'model', None)):  # some features_only wrappers keep the ResNet as .model
         if isinstance(getattr(m, 'pretrained_cfg', None), dict):
             m.pretrained_cfg.pop('state_dict', None)  # loaded: do not keep a second copy of the weights
     return model
@@ -159,10 +160,10 @@ def _check_model_args(kwargs: dict) -> None:
         raise ValueError(f'{name}={value!r}: expected {expected}')
     for name, low in (('num_classes', 0), ('in_chans', 1)):
         value = kwargs.get(name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low):
             bad(name, value, f'an integer >= {low}')
     rate = kwargs.get('drop_path_rate')
-    if rate is not None and not (isinstance(rate, (int, float)) and 0 <= rate < 1):
+    if rate is not None and not (isinstance(rate, numbers.Real) and 0 <= rate < 1):
         bad('drop_path_rate', rate, 'a probability in [0, 1)')
 
 
