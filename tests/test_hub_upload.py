@@ -2,7 +2,9 @@
 
 A failure writes no folder, leaves no temporary folder, and says in one line what went wrong.
 """
+import contextlib
 import errno
+import io
 import json
 import os
 import shutil
@@ -11,6 +13,7 @@ import struct
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import markdown
 import pytest
@@ -38,8 +41,6 @@ def dry_run(official_checkpoint, tmp_path_factory):
     """One dry run with measured accuracy, and what it printed."""
     path, _ = official_checkpoint
     out = tmp_path_factory.mktemp('out')
-    import contextlib
-    import io
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         assert main([f'epsanet50_small={path}', '--out', str(out), '--top1', '77.1', '--top5', '93.4']) == 0
@@ -254,7 +255,6 @@ class FakeApi:
         return False
 
     def upload_folder(self, **kw):
-        from pathlib import Path
         files = {p.name: p.read_bytes() for p in Path(kw['folder_path']).iterdir()}
         FakeApi.calls.append(('upload_folder', kw['repo_id'], dict(kw, files=files)))
         if kw['repo_id'].startswith('fail/'):

@@ -241,7 +241,7 @@ def read_checkpoint(
     return _to_timm(load_weights(path, use_ema, name))
 
 
-def weights_source(model: nn.Module) -> str:
+def _weights_source(model: nn.Module) -> str:
     """How error messages name the weights being loaded into `model`."""
     cfg = getattr(model, 'pretrained_cfg', None) or {}
     return str(cfg.get('file') or cfg.get('hf_hub_id') or 'checkpoint')
@@ -253,7 +253,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
     A different `num_classes` is timm's to adapt (it re-initialises the classifier); a classifier
     that does not match the one timm will keep is an error that says which `num_classes` to pass.
     """
-    source = weights_source(model)
+    source = _weights_source(model)
     state_dict = _to_timm({k: v for k, v in state_dict.items() if torch.is_tensor(v)})
     check_finite(state_dict, source)
     check_compatible(state_dict, model, source, check_classifier=False)

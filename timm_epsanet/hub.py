@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from ._download import DownloadError  # noqa: F401  (its public name: `from timm_epsanet.hub import DownloadError`)
+
 DEFAULT_ORG = 'timm-epsanet'
 HUB_ORG = os.environ.get('TIMM_EPSANET_HUB_ORG', DEFAULT_ORG)
 PRETRAINED_TAG = 'in1k'
