@@ -1,16 +1,20 @@
 """Official-script and train.py checkpoints -> this package's weights: exact, safe, clear errors."""
 import os
 import pickle
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import timm
 import torch
 
 import timm_epsanet  # noqa: F401
-from timm_epsanet._official import OfficialEPSANet
-from timm_epsanet.convert import CheckpointError, convert_official, detect_variant, load_checkpoint
+from timm_epsanet._official import OfficialEPSANet, save_official_checkpoint as save_official
+from timm_epsanet.convert import (
+    CheckpointError, check_compatible, checkpoint_filter_fn, convert_official, detect_variant, read_checkpoint)
+
 
 @pytest.fixture(scope='module')
 def official(trained_bn):
@@ -18,32 +22,22 @@ def official(trained_bn):
     return trained_bn(OfficialEPSANet()).eval()
 
 
-def save_official(model, path, bare=False):
-    """As the official main.py saves it: DataParallel prefixes, epoch, arch, best_prec1, optimizer."""
-    state_dict = {f'module.{k}': v for k, v in model.state_dict().items()}
-    if bare:
-        torch.save(state_dict, path)
-        return path
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    model(torch.randn(1, 3, 32, 32)).sum().backward()
-    optimizer.step()  # momentum buffers in the optimizer state
-    model.zero_grad()
-    torch.save({'epoch': 100, 'arch': 'epsanet50', 'state_dict': state_dict, 'best_prec1': torch.tensor(77.49),
-                'optimizer': optimizer.state_dict()}, path)
-    return path
-
-
 def test_official_checkpoint_converts_exactly(official, tmp_path):
     path = save_official(official, tmp_path / 'model_best.pth.tar')
     ours = timm.create_model('epsanet50_small').eval()
-    ours.load_state_dict(load_checkpoint(path, ours))
+    ours.load_state_dict(read_checkpoint(path))
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), official(x), rtol=1e-5, atol=1e-5)
-        # and through timm's pretrained machinery (our pretrained_filter_fn), bare state dict too
+        # and through timm's pretrained machinery (checkpoint_filter_fn), bare state dict too
         for file in (path, save_official(official, tmp_path / 'bare.pth', bare=True)):
             via_timm = timm.create_model('epsanet50_small', pretrained=True, pretrained_cfg_overlay=dict(file=str(file)))
             torch.testing.assert_close(via_timm.eval()(x), official(x), rtol=1e-5, atol=1e-5)
+            assert 'state_dict' not in via_timm.pretrained_cfg  # no second copy of the weights kept
+        # timm's own checkpoint loader, with this package's filter
+        fresh = timm.create_model('epsanet50_small').eval()
+        timm.models.load_checkpoint(fresh, str(path), filter_fn=checkpoint_filter_fn)
+        torch.testing.assert_close(fresh(x), official(x), rtol=1e-5, atol=1e-5)
 
 
 def test_conversion_is_a_rename_and_permutation(official):
@@ -60,19 +54,25 @@ def test_conversion_is_a_rename_and_permutation(official):
 def test_train_py_checkpoint_with_ema(tmp_path):
     torch.manual_seed(0)
     model, ema = timm.create_model('epsanet50_small'), timm.create_model('epsanet50_small')
-    torch.save({'epoch': 3, 'arch': 'epsanet50_small', 'state_dict': model.state_dict(),
+    torch.save({'epoch': 3, 'arch': 'epsanet50_small', 'state_dict': {f'_orig_mod.{k}': v for k, v in model.state_dict().items()},
                 'state_dict_ema': {f'module.{k}': v for k, v in ema.state_dict().items()}}, tmp_path / 'last.pth.tar')
-    raw = load_checkpoint(tmp_path / 'last.pth.tar', model)
-    with_ema = load_checkpoint(tmp_path / 'last.pth.tar', model, use_ema=True)
+    raw = read_checkpoint(tmp_path / 'last.pth.tar')
+    with_ema = read_checkpoint(tmp_path / 'last.pth.tar', use_ema=True)
     key = 'layer2.1.conv2.convs.2.weight'
     assert torch.equal(raw[key], model.state_dict()[key]) and torch.equal(with_ema[key], ema.state_dict()[key])
+    # asking for EMA weights a checkpoint does not have is an error, not a silent fallback
+    torch.save({'epoch': 3, 'state_dict': model.state_dict()}, tmp_path / 'no_ema.pth.tar')
+    with pytest.raises(CheckpointError, match='has no EMA weights') as info:
+        read_checkpoint(tmp_path / 'no_ema.pth.tar', use_ema=True)
+    assert str(tmp_path / 'no_ema.pth.tar') in str(info.value) and 'state_dict (dict of' in str(info.value)
 
 
 def test_wrong_architecture_is_named(tmp_path):
     large = timm.create_model('epsanet50_large')
     torch.save({'state_dict': large.state_dict()}, tmp_path / 'large.pth.tar')
     with pytest.raises(CheckpointError) as info:
-        load_checkpoint(tmp_path / 'large.pth.tar', timm.create_model('epsanet50_small'))
+        check_compatible(read_checkpoint(tmp_path / 'large.pth.tar'), timm.create_model('epsanet50_small'),
+                         str(tmp_path / 'large.pth.tar'))
     msg = str(info.value)
     assert str(tmp_path / 'large.pth.tar') in msg and 'looks like epsanet50_large' in msg and 'shape mismatches' in msg
     with pytest.raises(CheckpointError, match='looks like epsanet50_large'):
@@ -84,9 +84,8 @@ def test_missing_and_unexpected_keys(official, tmp_path):
     state_dict = convert_official(official.state_dict())
     del state_dict['layer4.2.bn3.running_var']
     state_dict['layer5.0.conv1.weight'] = torch.zeros(1)
-    torch.save(state_dict, tmp_path / 'edited.pth')
     with pytest.raises(CheckpointError) as info:
-        load_checkpoint(tmp_path / 'edited.pth', timm.create_model('epsanet50_small'))
+        check_compatible(state_dict, timm.create_model('epsanet50_small'), 'edited.pth')
     assert '1 missing keys: layer4.2.bn3.running_var' in str(info.value)
     assert '1 unexpected keys: layer5.0.conv1.weight' in str(info.value)
 
@@ -95,20 +94,95 @@ def test_unreadable_files(official, tmp_path):
     path = save_official(official, tmp_path / 'checkpoint.pth.tar')
     truncated = tmp_path / 'truncated.pth.tar'
     truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    text = tmp_path / 'notes.pth'
-    text.write_text('not a checkpoint')
     broken_safetensors = tmp_path / 'model.safetensors'
-    broken_safetensors.write_bytes(b'\x10\x00\x00\x00\x00\x00\x00\x00{"a": 1}')
-    for bad in (truncated, text, broken_safetensors):
+    broken_safetensors.write_bytes(b'\x10\x00\x00\x00\x00\x00\x00\x00{"a": 1}\x00\x00\x00\x00\x00\x00\x00')
+    for bad in (truncated, broken_safetensors):
         with pytest.raises(CheckpointError, match='not a readable checkpoint') as info:
-            load_checkpoint(bad)
+            read_checkpoint(bad)
         assert str(bad) in str(info.value)
+    cases = {
+        'notes.pth': (b'not a checkpoint', 'neither a PyTorch file'),
+        'photo.pth': (b'\xff\xd8\xff\xe0\x00\x10JFIF' + bytes(100), 'not a checkpoint, it is a JPEG image'),
+        'empty.pth': (b'', 'is empty (0 bytes)'),
+    }
+    for name, (content, message) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(CheckpointError, match=re.escape(message)):
+            read_checkpoint(tmp_path / name)
     with pytest.raises(CheckpointError, match='no such file'):
-        load_checkpoint(tmp_path / 'absent.pth')
-    torch.save({'epoch': 1}, tmp_path / 'empty.pth')
-    with pytest.raises(CheckpointError, match='holds no state dict of tensors'):
-        load_checkpoint(tmp_path / 'empty.pth')
+        read_checkpoint(tmp_path / 'absent.pth')
+    with pytest.raises(CheckpointError, match='is a directory, not a checkpoint file'):
+        read_checkpoint(tmp_path)
+    torch.save({'epoch': 1}, tmp_path / 'epoch_only.pth')
+    with pytest.raises(CheckpointError, match=r'holds no tensors .* its entries: epoch \(int\)'):
+        read_checkpoint(tmp_path / 'epoch_only.pth')
+    torch.save({'net': {'conv1.weight': torch.zeros(1)}}, tmp_path / 'nested.pth')
+    with pytest.raises(CheckpointError, match=r'net \(dict of 1 tensors\)'):
+        read_checkpoint(tmp_path / 'nested.pth')
 
+
+def test_format_comes_from_the_content(official, tmp_path):
+    """A safetensors file named .pth, and a flat state dict with an extra optimizer entry, both load."""
+    import safetensors.torch
+    state_dict = convert_official(official.state_dict())
+    safetensors.torch.save_file(state_dict, tmp_path / 'weights.pth')
+    torch.save(state_dict, tmp_path / 'weights.safetensors')
+    torch.save(dict(state_dict, optimizer={'state': {}, 'param_groups': []}, epoch=3), tmp_path / 'flat.pth')
+    for name in ('weights.pth', 'weights.safetensors', 'flat.pth'):
+        loaded = read_checkpoint(tmp_path / name)
+        assert loaded.keys() == state_dict.keys() and torch.equal(loaded['fc.weight'], state_dict['fc.weight'])
+
+
+@pytest.mark.parametrize('value', [float('nan'), float('inf')])
+def test_non_finite_weights_are_refused(official, tmp_path, value):
+    state_dict = convert_official(official.state_dict())
+    state_dict['layer3.1.conv2.convs.2.weight'][0, 0, 0, 0] = value
+    state_dict['bn1.running_var'][3] = value
+    torch.save({'state_dict': state_dict}, tmp_path / 'diverged.pth.tar')
+    with pytest.raises(CheckpointError) as info:
+        read_checkpoint(tmp_path / 'diverged.pth.tar')
+    message = str(info.value)
+    assert str(tmp_path / 'diverged.pth.tar') in message and '2 tensor(s) hold NaN or Inf' in message
+    assert 'bn1.running_var' in message and 'layer3.1.conv2.convs.2.weight' in message
+    with pytest.raises(CheckpointError, match='hold NaN or Inf'):  # the file overlay
+        timm.create_model('epsanet50_small', pretrained=True,
+                          pretrained_cfg_overlay=dict(file=str(tmp_path / 'diverged.pth.tar')))
+    with pytest.raises(CheckpointError, match='hold NaN or Inf'):  # a state dict passed directly
+        timm.create_model('epsanet50_small', pretrained=True, pretrained_cfg_overlay=dict(state_dict=state_dict))
+
+
+@pytest.fixture(scope='module')
+def finetuned10(tmp_path_factory):
+    torch.manual_seed(1)
+    model = timm.create_model('epsanet50_small', num_classes=10).eval()
+    path = tmp_path_factory.mktemp('ft') / 'finetuned10.pth'
+    torch.save(model.state_dict(), path)
+    return path, model
+
+
+def test_finetuned_head_is_kept(finetuned10):
+    path, source = finetuned10
+    model = timm.create_model('epsanet50_small', pretrained=True, num_classes=10,
+                              pretrained_cfg_overlay=dict(file=str(path))).eval()
+    assert torch.equal(model.fc.weight, source.fc.weight) and torch.equal(model.fc.bias, source.fc.bias)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), source(x))
+    # another num_classes asks for a new head (timm's rule); the backbone still loads
+    other = timm.create_model('epsanet50_small', pretrained=True, num_classes=5, pretrained_cfg_overlay=dict(file=str(path)))
+    assert other.fc.out_features == 5 and torch.equal(other.conv1.weight, source.conv1.weight)
+    features = timm.create_model('epsanet50_small', pretrained=True, features_only=True,
+                                 pretrained_cfg_overlay=dict(file=str(path)))
+    assert torch.equal(features.conv1.weight, source.conv1.weight)
+
+
+def test_finetuned_head_into_the_default_model_says_which_num_classes(finetuned10):
+    path, source = finetuned10
+    with pytest.raises(CheckpointError) as info:
+        timm.create_model('epsanet50_small', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    assert str(path) in str(info.value) and 'num_classes=10' in str(info.value)
+    with pytest.raises(CheckpointError, match='num_classes=10'):  # timm's loader with this package's filter
+        timm.models.load_checkpoint(timm.create_model('epsanet50_small'), str(path), filter_fn=checkpoint_filter_fn)
 
 class _Payload:
     def __reduce__(self):
@@ -116,24 +190,24 @@ class _Payload:
 
 
 def test_pickled_code_never_runs(tmp_path):
-    import os
     marker = '/tmp/timm_epsanet_pwned'
     if os.path.exists(marker):
         os.remove(marker)
     path = tmp_path / 'evil.pth'
     with open(path, 'wb') as f:
         torch.save({'state_dict': {'conv1.weight': torch.zeros(1)}, 'x': _Payload()}, f, pickle_protocol=pickle.HIGHEST_PROTOCOL)
-    with pytest.raises(CheckpointError, match='not a readable checkpoint'):
-        load_checkpoint(path)
-    assert not os.path.exists(marker)
+    with pytest.raises(CheckpointError, match='pickled Python objects') as info:
+        read_checkpoint(path)
+    assert str(path) in str(info.value) and not os.path.exists(marker)
 
 
 def test_unpublished_weights_fail_clearly():
     with pytest.raises(RuntimeError) as info:
         timm.create_model('epsanet101_large', pretrained=True)
     msg = str(info.value)
-    assert 'No pretrained weights are published for epsanet101_large' in msg
-    assert 'recipes/imagenet_paper.yaml' in msg and 'pretrained_cfg_overlay=dict(file=' in msg
+    assert 'No pretrained weights are published for epsanet101_large' in msg and 'pretrained_cfg_overlay=dict(file=' in msg
+    recipe = msg.split('--config ')[1].split(')')[0]  # the recipe it points to is there to use
+    assert recipe.endswith('imagenet_paper.yaml') and Path(recipe).is_file()
 
 
 def test_pretrained_listing_follows_publication():
@@ -142,5 +216,4 @@ def test_pretrained_listing_follows_publication():
     code = 'import timm, timm_epsanet; print(",".join(timm.list_models("epsanet*", pretrained=True)))'
     env = dict(os.environ, TIMM_EPSANET_HUB_ORG='someorg')
     out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, check=True)
-    assert set(out.stdout.strip().split(',')) == {
-        'epsanet50_small.in1k', 'epsanet50_large.in1k', 'epsanet101_small.in1k', 'epsanet101_large.in1k'}
+    assert set(out.stdout.strip().split(',')) == {f'{name}.in1k' for name in timm.list_models('epsanet*')}

@@ -17,7 +17,7 @@ from torch import nn
 
 from .psa import PyramidSqueezeAttention
 
-__all__ = ['OfficialEPSANet', 'OfficialEPSABlock', 'OfficialPSA', 'to_official_structure']
+__all__ = ['OfficialEPSANet', 'OfficialEPSABlock', 'OfficialPSA', 'save_official_checkpoint', 'to_official_structure']
 
 
 class OfficialSEWeight(nn.Module):
@@ -134,3 +134,20 @@ def to_official_structure(model: nn.Module) -> nn.Module:
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, OfficialPSA.sharing_weights(module))
     return model
+
+
+def save_official_checkpoint(model: nn.Module, path, bare: bool = False):
+    """Save `model` (an `OfficialEPSANet`) as the official main.py does: DataParallel's `module.`
+    prefixes, with epoch, arch, best_prec1 and an SGD optimizer state (or, `bare`, the state
+    dict alone). Returns `path`."""
+    state_dict = {f'module.{k}': v for k, v in model.state_dict().items()}
+    if bare:
+        torch.save(state_dict, path)
+        return path
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(1, 3, 32, 32)).sum().backward()
+    optimizer.step()  # momentum buffers in the optimizer state
+    model.zero_grad()
+    torch.save({'epoch': 100, 'arch': 'epsanet50', 'state_dict': state_dict, 'best_prec1': torch.tensor(77.49),
+                'optimizer': optimizer.state_dict()}, path)
+    return path

@@ -6,24 +6,39 @@ The official code (github.com/murufeng/EPSANet, main.py) saves `{'epoch', 'arch'
 concatenates in the paper's order, so converting permutes the channels that follow PSA: `bn2` and
 the input channels of `conv3`. timm's train.py checkpoints already use this package's names.
 
-Everything loads with `weights_only=True` (timm's loader), safetensors without any unpickling.
+`read_checkpoint` reads a file (format told by its content, never by its name; `weights_only`
+loading, safetensors without unpickling). `checkpoint_filter_fn` is timm's filter convention:
+`pretrained_filter_fn` of the models, or `timm.models.load_checkpoint(..., filter_fn=...)`.
 Every failure is a `CheckpointError` (a ValueError) that names the file and the problem.
 """
+import argparse
+import pickle
 import re
+import struct
+from functools import partial
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import Any, Dict, Optional, Union
 
 import torch
 from torch import nn
 
-from timm.models import load_state_dict
+from timm.models import clean_state_dict
 
 __all__ = [
-    'CheckpointError', 'convert_official', 'detect_variant', 'is_official', 'load_checkpoint', 'pretrained_filter_fn',
+    'CheckpointError', 'check_compatible', 'check_finite', 'checkpoint_filter_fn', 'convert_official',
+    'detect_variant', 'is_official', 'load_weights', 'read_checkpoint',
 ]
 
 _OFFICIAL_BRANCH = re.compile(r'^(layer\d+\.\d+\.conv2)\.conv_(\d+)\.weight$')
 _CLASSIFIER = ('fc.weight', 'fc.bias')
+_MAX_SAFETENSORS_HEADER = 100_000_000  # the safetensors format's own limit
+_EMA_KEYS = ('state_dict_ema', 'model_ema')  # timm train.py's, then older scripts'
+_WEIGHT_KEYS = ('state_dict', 'model')
+# first bytes of files people mistake for checkpoints
+_FOREIGN_MAGIC = {
+    b'\xff\xd8\xff': 'a JPEG image', b'\x89PNG': 'a PNG image', b'GIF8': 'a GIF image', b'%PDF': 'a PDF document',
+    b'\x1f\x8b': 'a gzip archive', b'\x93NUMPY': 'a NumPy .npy array', b'\x89HDF': 'an HDF5 (Keras) file',
+}
 
 
 class CheckpointError(ValueError):
@@ -74,11 +89,23 @@ def detect_variant(state_dict: Dict[str, torch.Tensor]) -> Optional[str]:
     return f'epsanet{layers}_{size}' if size and layers else None
 
 
-def _to_timm(state_dict, source: str) -> Dict[str, torch.Tensor]:
-    if not isinstance(state_dict, dict) or not state_dict or not all(torch.is_tensor(v) for v in state_dict.values()):
-        raise CheckpointError(f'{source}: holds no state dict of tensors')
-    state_dict = {k[len('_orig_mod.'):] if k.startswith('_orig_mod.') else k: v for k, v in state_dict.items()}
-    return convert_official(state_dict) if is_official(state_dict) else state_dict
+def _shown(items, limit: int = 5) -> str:
+    items = list(items)
+    return ', '.join(items[:limit]) + (f' (+{len(items) - limit} more)' if len(items) > limit else '')
+
+
+def check_finite(state_dict: Dict[str, torch.Tensor], source: str) -> None:
+    """Refuse NaN/Inf weights: they load silently and make every output NaN."""
+    floats = {k: v for k, v in state_dict.items() if v.is_floating_point() and v.numel()}
+    if not floats:
+        return
+    # largest magnitude per tensor: NaN if any element is NaN (amax propagates it), Inf if any is Inf
+    finite = torch.isfinite(torch.stack([v.detach().abs().amax().float().cpu() for v in floats.values()]))
+    bad = [k for k, ok in zip(floats, finite.tolist()) if not ok]
+    if bad:
+        raise CheckpointError(
+            f'{source}: {len(bad)} tensor(s) hold NaN or Inf values: {_shown(bad)}. Such weights make every '
+            f'output NaN; use a checkpoint saved before training diverged.')
 
 
 def check_compatible(
@@ -94,45 +121,146 @@ def check_compatible(
         for k in expected if k in state_dict and k not in skip and state_dict[k].shape != expected[k])
     if not (missing or unexpected or shapes):
         return
-    problems = []
-    for title, items in (('missing keys', missing), ('unexpected keys', unexpected), ('shape mismatches', shapes)):
-        if items:
-            shown = ', '.join(items[:5]) + (f' (+{len(items) - 5} more)' if len(items) > 5 else '')
-            problems.append(f'{len(items)} {title}: {shown}')
+    problems = [f'{len(items)} {title}: {_shown(items)}' for title, items in (
+        ('missing keys', missing), ('unexpected keys', unexpected), ('shape mismatches', shapes)) if items]
     found, wanted = detect_variant(state_dict), getattr(model, 'pretrained_cfg', {}).get('architecture')
     hint = f' The checkpoint looks like {found}, the model is {wanted}.' if found and found != wanted else ''
     raise CheckpointError(f'{source}: does not fit the model.{hint} ' + '; '.join(problems))
 
 
-def load_checkpoint(
-        path: Union[str, Path], model: Optional[nn.Module] = None, use_ema: bool = False,
-) -> Dict[str, torch.Tensor]:
-    """Load an official-script, timm train.py or plain/safetensors checkpoint as this package's state dict.
+def checkpoint_classes(state_dict: Dict[str, torch.Tensor]) -> Optional[int]:
+    """Number of classes of the checkpoint's classifier, None without one."""
+    weight = state_dict.get('fc.weight')
+    return int(weight.shape[0]) if weight is not None and weight.ndim == 2 else None
 
-    `use_ema` takes train.py's EMA weights (`state_dict_ema`) when present. With `model`, the
-    result is checked against it (keys and shapes) before anything is loaded into it.
+
+def _file_format(path: Path, name: str) -> str:
+    """'safetensors' or 'torch', from the first bytes; CheckpointError for anything else."""
+    if path.is_dir():
+        raise CheckpointError(f'{name}: is a directory, not a checkpoint file (name the file inside it)')
+    if not path.is_file():
+        raise CheckpointError(f'{name}: no such file')
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f'{name}: is empty (0 bytes); the file was not written completely')
+    with open(path, 'rb') as f:
+        head = f.read(16)
+    if head.startswith(b'PK\x03\x04') or head.startswith(b'\x80'):  # torch.save zip archive, or legacy pickle
+        return 'torch'
+    if size >= 10 and head[8:9] == b'{' and 2 <= struct.unpack('<Q', head[:8])[0] <= _MAX_SAFETENSORS_HEADER:
+        return 'safetensors'  # 8-byte little-endian header length, then the JSON header
+    for magic, kind in _FOREIGN_MAGIC.items():
+        if head.startswith(magic):
+            raise CheckpointError(f'{name}: not a checkpoint, it is {kind}')
+    raise CheckpointError(
+        f'{name}: not a checkpoint: neither a PyTorch file (torch.save) nor a safetensors file '
+        f'(it starts with {head[:8]!r})')
+
+
+def _torch_load(path: Path) -> Any:
+    with open(path, 'rb') as f:  # a file object: torch.load would pick its reader by a path's extension
+        load = partial(torch.load, f, map_location='cpu', weights_only=True)
+        if not hasattr(torch.serialization, 'safe_globals'):  # torch < 2.5
+            return load()
+        with torch.serialization.safe_globals([argparse.Namespace]):  # timm train.py checkpoints hold their args
+            return load()
+
+
+def _load_file(path: Path, name: str) -> Any:
+    fmt = _file_format(path, name)
+    try:
+        if fmt == 'safetensors':
+            import safetensors.torch
+            return safetensors.torch.load_file(str(path), device='cpu')
+        return _torch_load(path)
+    except Exception as e:  # truncation, corruption and pickled code are reported in torch's/safetensors' words
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if isinstance(e, pickle.UnpicklingError) and 'weights only' in str(e).lower():
+            reason = ('it holds pickled Python objects besides tensors, which are never unpickled here '
+                      f'(weights_only loading; {first[:200]})')
+        else:
+            reason = f'truncated or corrupt ({type(e).__name__}: {first[:200]})'
+        raise CheckpointError(f'{name}: not a readable checkpoint ({fmt} file): {reason}') from None
+
+
+def _describe(entries: Dict[str, Any]) -> str:
+    def kind(v):
+        if isinstance(v, dict):
+            return f'dict of {sum(torch.is_tensor(x) for x in v.values())} tensors'
+        return type(v).__name__
+    return _shown([f'{k} ({kind(v)})' for k, v in entries.items()], limit=8)
+
+
+def _select_weights(checkpoint: Any, source: str, use_ema: bool) -> Dict[str, torch.Tensor]:
+    if not isinstance(checkpoint, dict) or not checkpoint:
+        raise CheckpointError(f'{source}: holds a {type(checkpoint).__name__}, not a dict of weights')
+    if use_ema:
+        key = next((k for k in _EMA_KEYS if isinstance(checkpoint.get(k), dict)), None)
+        if key is None:
+            raise CheckpointError(
+                f'{source}: has no EMA weights (no {" or ".join(_EMA_KEYS)} entry; its entries: '
+                f'{_describe(checkpoint)}). Leave out the EMA option to use its weights.')
+    else:
+        key = next((k for k in _WEIGHT_KEYS if isinstance(checkpoint.get(k), dict)), None)
+    weights = checkpoint[key] if key else checkpoint
+    tensors = {k: v for k, v in weights.items() if torch.is_tensor(v)}
+    if not tensors:
+        raise CheckpointError(
+            f'{source}: holds no tensors at its top level nor under {", ".join(_WEIGHT_KEYS)}; its entries: '
+            f'{_describe(weights)}')
+    return tensors  # besides tensors, a flat checkpoint may carry e.g. an epoch or optimizer entry
+
+
+def _to_timm(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    state_dict = clean_state_dict(state_dict)  # DataParallel's module., torch.compile's _orig_mod.
+    return convert_official(state_dict) if is_official(state_dict) else state_dict
+
+
+def load_weights(
+        path: Union[str, Path], use_ema: bool = False, name: Optional[str] = None,
+) -> Dict[str, torch.Tensor]:
+    """The tensors of a checkpoint file as saved (wrapper prefixes removed), checked to be finite.
+
+    `use_ema` takes train.py's EMA weights and fails if the file has none. `name`: what messages
+    call the file (default: its path).
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f'{path}: no such file')
-    try:
-        state_dict = load_state_dict(str(path), use_ema=use_ema, weights_only=True)
-    except Exception as e:  # torch/safetensors report truncation, foreign formats and pickled code differently
-        raise CheckpointError(
-            f'{path}: not a readable checkpoint (truncated, corrupt, or not a PyTorch/safetensors file): '
-            f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}') from None
-    state_dict = _to_timm(state_dict, str(path))
-    if model is not None:
-        check_compatible(state_dict, model, str(path))
+    name = name or str(path)
+    state_dict = clean_state_dict(_select_weights(_load_file(path, name), name, use_ema))
+    check_finite(state_dict, name)
     return state_dict
 
 
-def pretrained_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
-    """timm's `pretrained_filter_fn`: official checkpoints convert, others pass; both are checked.
+def read_checkpoint(
+        path: Union[str, Path], use_ema: bool = False, name: Optional[str] = None,
+) -> Dict[str, torch.Tensor]:
+    """An official-script, timm train.py or plain/safetensors checkpoint as this package's state dict.
 
-    The classifier is left to timm, which adapts it when `num_classes` differs from the weights'.
+    Fitting it to a model is `check_compatible`'s job.
     """
-    state_dict = _to_timm(state_dict, 'pretrained weights')
-    source = model.pretrained_cfg.get('file') or model.pretrained_cfg.get('hf_hub_id') or 'pretrained weights'
-    check_compatible(state_dict, model, str(source), check_classifier=False)
+    return _to_timm(load_weights(path, use_ema, name))
+
+
+def _weights_source(model: nn.Module) -> str:
+    """How error messages name the weights being loaded into `model`."""
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    return str(cfg.get('file') or cfg.get('hf_hub_id') or 'checkpoint')
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """timm's checkpoint filter: official checkpoints convert, others pass; both are checked.
+
+    A different `num_classes` is timm's to adapt (it re-initialises the classifier); a classifier
+    that does not match the one timm will keep is an error that says which `num_classes` to pass.
+    """
+    source = _weights_source(model)
+    state_dict = _to_timm({k: v for k, v in state_dict.items() if torch.is_tensor(v)})
+    check_finite(state_dict, source)
+    check_compatible(state_dict, model, source, check_classifier=False)
+    classes, cfg = checkpoint_classes(state_dict), getattr(model, 'pretrained_cfg', None) or {}
+    keeps_head = getattr(model, 'num_classes', 0) == cfg.get('num_classes')
+    if keeps_head and classes is not None and classes != model.num_classes:
+        raise CheckpointError(
+            f'{source}: its classifier has {classes} classes, the model {model.num_classes}. Pass '
+            f'num_classes={classes} to keep it, or num_classes=0 for a backbone without classifier.')
     return state_dict

@@ -16,11 +16,10 @@ Variants (Table 1/2 of the paper), PSA kernels (3, 5, 7, 9):
     this one is 7.9% / 8.4% above its 27.90M / 49.59M parameters.
 """
 import math
+import numbers
 from typing import Optional, Sequence, Type
 
 import torch
-from huggingface_hub.errors import LocalEntryNotFoundError
-from safetensors import SafetensorError
 from torch import nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -29,8 +28,9 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._builder import resolve_pretrained_cfg
 from timm.models.resnet import ResNet
 
-from .convert import load_checkpoint, pretrained_filter_fn
-from .hub import PRETRAINED_TAG, hub_failure_message, is_unpublished_default, published_hub_id, unpublished_message
+from ._download import WEIGHT_FILES, fetch_weights
+from .convert import CheckpointError, checkpoint_classes, checkpoint_filter_fn, read_checkpoint
+from .hub import PRETRAINED_TAG, is_unpublished_default, published_hub_id, unpublished_message
 from .psa import PyramidSqueezeAttention
 
 __all__ = ['EPSABottleneck']
@@ -144,26 +144,59 @@ class EPSABottleneck(nn.Module):
 
 
 def _create_epsanet(variant: str, pretrained: bool = False, **kwargs) -> ResNet:
+    _check_model_args(kwargs)
     if pretrained:
         kwargs = _check_pretrained_source(variant, kwargs)
-    try:
-        return build_model_with_cfg(ResNet, variant, pretrained, pretrained_filter_fn=pretrained_filter_fn, **kwargs)
-    except (LocalEntryNotFoundError, SafetensorError) as e:
-        raise RuntimeError(hub_failure_message(variant, e)) from e
+    model = build_model_with_cfg(ResNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
+    for m in (model, getattr(model, 'model', None)):  # some features_only wrappers keep the ResNet as .model
+        if isinstance(getattr(m, 'pretrained_cfg', None), dict):
+            m.pretrained_cfg.pop('state_dict', None)  # loaded: do not keep a second copy of the weights
+    return model
+
+
+def _check_model_args(kwargs: dict) -> None:
+    """Arguments that timm's ResNet would accept and fail on later (or ignore): refuse them now."""
+    def bad(name, value, expected):
+        raise ValueError(f'{name}={value!r}: expected {expected}')
+    for name, low in (('num_classes', 0), ('in_chans', 1)):
+        value = kwargs.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low):
+            bad(name, value, f'an integer >= {low}')
+    rate = kwargs.get('drop_path_rate')
+    if rate is not None and not (isinstance(rate, numbers.Real) and 0 <= rate < 1):
+        bad('drop_path_rate', rate, 'a probability in [0, 1)')
 
 
 def _check_pretrained_source(variant: str, kwargs: dict) -> dict:
-    """Fail early and clearly: unpublished default weights, or a local file that cannot be read."""
+    """Fail early and clearly: unpublished default weights, or weights that cannot be read.
+
+    A local file or a Hub repo is read here (bounded and verified download, format from content,
+    finite values), so that a problem is reported with the file's name before timm touches it;
+    timm then loads the result as a `state_dict` overlay. The classifier is compared with
+    `num_classes` here too: timm would silently re-initialise it.
+    """
     cfg = resolve_pretrained_cfg(
         variant, pretrained_cfg=kwargs.get('pretrained_cfg'), pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'))
-    if cfg.file and not cfg.state_dict and cfg.source != 'local-dir':
-        # read (and convert) it here, so a bad file is reported with its name before timm touches it
-        overlay = dict(kwargs.get('pretrained_cfg_overlay') or {}, state_dict=load_checkpoint(cfg.file))
-        return dict(kwargs, pretrained_cfg_overlay=overlay)
-    own_source = cfg.state_dict or cfg.url or cfg.file or cfg.source in ('hf-hub', 'local-dir')
-    if not own_source and is_unpublished_default(variant, cfg.hf_hub_id):
+    if cfg.state_dict or cfg.source == 'local-dir' or cfg.url:
+        return kwargs  # checked by checkpoint_filter_fn as timm loads them
+    if cfg.file:
+        state_dict, source = read_checkpoint(cfg.file), str(cfg.file)
+    elif cfg.source == 'hf-hub' or not is_unpublished_default(variant, cfg.hf_hub_id):
+        files = (cfg.hf_hub_filename,) if cfg.hf_hub_filename else WEIGHT_FILES
+        path, filename = fetch_weights(cfg.hf_hub_id, files, cache_dir=kwargs.get('cache_dir'))
+        source = f'{filename} of {cfg.hf_hub_id}'
+        state_dict = read_checkpoint(path, name=source)
+    else:
         raise RuntimeError(unpublished_message(variant))
-    return kwargs
+    overlay = dict(kwargs.get('pretrained_cfg_overlay') or {}, state_dict=state_dict, source=None)
+    classes = checkpoint_classes(state_dict)
+    if classes is not None and classes != cfg.num_classes:
+        if kwargs.get('num_classes') is None and not kwargs.get('features_only'):
+            raise CheckpointError(
+                f'{source}: its classifier has {classes} classes, the model {cfg.num_classes} (the default). Pass '
+                f'num_classes={classes} to keep it, or num_classes=0 for a backbone without classifier.')
+        overlay['num_classes'] = classes  # timm keeps the classifier when the model's num_classes equals this
+    return dict(kwargs, pretrained_cfg_overlay=overlay)
 
 
 def _cfg(**kwargs):

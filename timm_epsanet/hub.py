@@ -4,7 +4,10 @@ The organisation can be overridden with TIMM_EPSANET_HUB_ORG (e.g. for a mirror 
 model's repo with `pretrained_cfg_overlay=dict(hf_hub_id="org/repo")`.
 """
 import os
+from pathlib import Path
 from typing import Optional
+
+from ._download import DownloadError  # noqa: F401  (its public name: `from timm_epsanet.hub import DownloadError`)
 
 DEFAULT_ORG = 'timm-epsanet'
 HUB_ORG = os.environ.get('TIMM_EPSANET_HUB_ORG', DEFAULT_ORG)
@@ -36,27 +39,18 @@ def is_unpublished_default(variant: str, repo_id: Optional[str]) -> bool:
     return repo_id is None or (HUB_ORG == DEFAULT_ORG and repo_id == hub_id(variant) and variant not in PUBLISHED)
 
 
+def recipe_path(name: str = 'imagenet_paper.yaml') -> Optional[Path]:
+    """A training recipe as installed: inside the wheel's package, or in a clone of the repository."""
+    here = Path(__file__).resolve().parent
+    return next((p for p in (here / 'recipes' / name, here.parent / 'recipes' / name) if p.is_file()), None)
+
+
 def unpublished_message(variant: str) -> str:
+    recipe = recipe_path()
+    train = f"timm's train.py --config {recipe}" if recipe else "timm's train.py"
     return (
         f'No pretrained weights are published for {variant} yet (its Hub repo {hub_id(variant)} holds none), '
-        f'so pretrained=True cannot load any. Either train it (recipes/imagenet_paper.yaml with timm\'s '
-        f'train.py), or load a checkpoint you have: timm.create_model("{variant}", pretrained=True, '
-        f'pretrained_cfg_overlay=dict(file="path/to/checkpoint.pth.tar")) takes official-script and '
-        f'train.py checkpoints and .safetensors files.'
+        f'so pretrained=True cannot load any. Either train it ({train}), or load a checkpoint you have: '
+        f'timm.create_model("{variant}", pretrained=True, pretrained_cfg_overlay=dict(file="path/to/checkpoint.pth.tar")) '
+        f'takes official-script and train.py checkpoints and .safetensors files.'
     )
-
-
-def hub_failure_message(variant: str, error: Exception) -> str:
-    """Say what went wrong fetching weights from the Hub, and what to do about it."""
-    from huggingface_hub import constants
-    if isinstance(error, FileNotFoundError) or type(error).__name__ == 'LocalEntryNotFoundError':
-        cause = f' ({error.__cause__})' if error.__cause__ else ''
-        if constants.HF_HUB_OFFLINE:
-            return (f'The weights of {variant} are not in the local Hugging Face cache and HF_HUB_OFFLINE is set, '
-                    f'so they cannot be downloaded. Run once with network access (HF_HUB_OFFLINE unset) to cache '
-                    f'them, or pass a local file: pretrained_cfg_overlay=dict(file="model.safetensors").')
-        return (f'Could not download the weights of {variant} from {constants.ENDPOINT}, and they are not in the '
-                f'local cache{cause}. Check the connection and the HF_ENDPOINT setting and try again, or pass a '
-                f'local file: pretrained_cfg_overlay=dict(file="model.safetensors").')
-    return (f'The weights of {variant} downloaded from the Hub cannot be read ({error}); the download is probably '
-            f'corrupted. Delete it from the cache (`hf cache delete`) and try again.')
