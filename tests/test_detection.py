@@ -102,7 +102,7 @@ def test_classification_checkpoint_loads_into_backbone(tmp_path, trained_bn):
 def test_checkpoint_of_another_variant_is_refused(tmp_path):
     path = tmp_path / 'resnet50.pth'
     torch.save(timm.create_model('resnet18').state_dict(), path)
-    with pytest.raises((RuntimeError, ValueError), match='size mismatch|Missing|Unexpected|resnet|epsanet'):
+    with pytest.raises((RuntimeError, ValueError), match='does not fit'):
         create_detector(
             'retinanet', 'epsanet50_small',
             backbone_kwargs=dict(pretrained=True, pretrained_cfg_overlay=dict(file=str(path))))
@@ -170,3 +170,24 @@ def test_small_is_smaller_than_resnet50_by_the_papers_margin(kind):
     assert counts['resnet50'] - counts['epsanet50_small'] == pytest.approx(PAPER_SMALL_SAVING[kind], abs=0.05)
     if kind != 'retinanet':  # torchvision's R-CNN heads are mmdetection's; its RetinaNet's P6 is not
         assert counts['resnet50'] == pytest.approx(PAPER_RESNET50[kind], abs=0.01)
+
+
+@pytest.mark.parametrize('variant', ['epsanet50_small', 'epsanet50_large'])
+def test_mmpretrain_timm_backbone_call(variant):
+    """The call mmpretrain's TIMMBackbone makes, with the config of docs/detection.md: the FPN
+    neck's in_channels and strides 4-32."""
+    with torch.device('meta'):
+        model = timm.create_model(
+            model_name=variant, features_only=True, pretrained=False, in_chans=3, checkpoint_path='',
+            out_indices=(1, 2, 3, 4))
+    assert model.feature_info.channels() == [256, 512, 1024, 2048]
+    assert model.feature_info.reduction() == [4, 8, 16, 32]
+
+
+def test_trained_only_count_leaves_out_exactly_the_frozen_units():
+    """As mmdetection's count with frozen_stages=1: stem and stage 1 out, BatchNorm affine included."""
+    with torch.device('meta'):
+        model = create_detector('faster_rcnn', 'resnet50', trainable_layers=3)
+        resnet = timm.create_model('resnet50')
+    frozen = sum(p.numel() for name in ('conv1', 'bn1', 'layer1') for p in getattr(resnet, name).parameters())
+    assert detector_param_count(model) - detector_param_count(model, trained_only=True) == frozen
