@@ -44,6 +44,7 @@ def make_batch(kind, num_images=2, size=128, generator=None):
     return images, targets
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('kind', ['faster_rcnn', 'mask_rcnn', 'retinanet'])
 def test_detector_trains_and_detects(kind):
     """A fixed batch is learned (the loss falls), then eval gives torchvision's detections."""
