@@ -126,6 +126,14 @@ def test_frozen_stages_and_batch_norm(trainable_layers, first_trained):
     assert all(p.requires_grad for p in model.roi_heads.parameters())
 
 
+def test_frozen_stem_of_a_backbone_without_stride_2_features():
+    """ConvNeXt's stem has no feature of its own: it is the unit before the stride-4 stage."""
+    with torch.device('meta'):
+        body = create_detector('retinanet', 'convnext_atto', trainable_layers=4).backbone.body
+    assert not any(p.requires_grad for n, p in body.named_parameters() if n.startswith('stem'))
+    assert all(p.requires_grad for n, p in body.named_parameters() if not n.startswith('stem'))
+
+
 def test_batch_norm_frozen_in_train_mode():
     """Train mode neither normalizes with batch statistics nor updates the running ones."""
     model = create_detector('retinanet', 'resnet50', **SMALL)
@@ -192,3 +200,18 @@ def test_trained_only_count_leaves_out_exactly_the_frozen_units():
         resnet = timm.create_model('resnet50')
     frozen = sum(p.numel() for name in ('conv1', 'bn1', 'layer1') for p in getattr(resnet, name).parameters())
     assert detector_param_count(model) - detector_param_count(model, trained_only=True) == frozen
+
+
+@pytest.mark.slow
+def test_benchmark_script_writes_results(tmp_path):
+    """benchmarks/detection.py as a user runs it, at a tiny size: both backbones, the machine line."""
+    import csv
+    from benchmarks.detection import main
+    out = tmp_path / 'detection-cpu.csv'
+    main(['--height', '64', '--width', '96', '--batch-size', '1', '--kinds', 'retinanet',
+          '--iters', '1', '--warmup', '0', '--out', str(out)])
+    rows = list(csv.DictReader(out.open()))
+    assert {(r['part'], r['backbone']) for r in rows} == {
+        (part, b) for part in ('backbone', 'detector') for b in ('epsanet50_small', 'resnet50')}
+    assert all(float(r['median_s']) > 0 and r['machine'] and r['date'] for r in rows)
+    assert all(r['x_resnet50'] for r in rows)

@@ -122,20 +122,31 @@ def _architecture_kwargs(backbone_kwargs: dict) -> dict:
 
 
 def _backbone_units(body: nn.Module) -> List[List[nn.Module]]:
-    """The children of timm's feature wrapper grouped into the 5 units `trainable_layers` counts
-    (stem, stages 1-4). A child belongs to the unit of the next feature it feeds (ResNet:
-    conv1/bn1/act1 the stem, maxpool and layer1 stage 1, ...)."""
-    feature_modules = [info['module'].replace('.', '_') for info in body.feature_info.info]
-    if len(feature_modules) != _NUM_BACKBONE_STAGES:
+    """The children of timm's feature wrapper grouped into the 5 units `trainable_layers` counts.
+
+    The stem: everything up to the stride-2 feature (ResNet: conv1, bn1, act1), or before the
+    stride-4 stage where the model has no stride-2 feature (ConvNeXt's stem). Every other child
+    belongs to the stage of the next stride 4-32 feature (ResNet: maxpool to stage 1).
+    """
+    info = body.feature_info.info
+    stage_modules = [i['module'].replace('.', '_') for i in info if i['reduction'] in (4, 8, 16, 32)]
+    stem_end = next((i['module'].replace('.', '_') for i in info if i['reduction'] == 2), None)
+    children = dict(body.named_children())
+    if len(stage_modules) != 4 or not set(stage_modules) <= set(children):
         raise ValueError(
-            f'create_detector: trainable_layers counts a stem and 4 stages; this backbone has '
-            f'{len(feature_modules)} feature levels ({feature_modules})')
-    units = [[] for _ in feature_modules]
-    unit = 0
-    for name, child in body.named_children():
-        units[min(unit, len(units) - 1)].append(child)
-        if unit < len(feature_modules) and name == feature_modules[unit]:
-            unit += 1
+            f'create_detector: trainable_layers needs 4 stages at strides 4-32 among the feature '
+            f'extractor\'s modules; this backbone has features {[(i["module"], i["reduction"]) for i in info]}')
+    units = [[] for _ in range(_NUM_BACKBONE_STAGES)]
+    in_stem, stage = True, 0
+    for name, child in children.items():
+        if in_stem:
+            in_stem = name != (stem_end or stage_modules[0])
+            if in_stem or stem_end is not None:
+                units[0].append(child)
+                continue
+        units[stage + 1].append(child)
+        if stage < 3 and name == stage_modules[stage]:
+            stage += 1
     return units
 
 
