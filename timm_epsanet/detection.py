@@ -61,6 +61,7 @@ def create_detector(
         trainable_layers: int = 3,
         backbone_kwargs: Optional[dict] = None,
         fpn_channels: int = 256,
+        p6_from_c5: bool = False,
         **kwargs,
 ) -> nn.Module:
     """torchvision's `kind` detector with an FPN on timm's `backbone`.
@@ -76,12 +77,16 @@ def create_detector(
         backbone_kwargs: passed to `timm.create_model`, e.g. `pretrained=True` or
             `pretrained_cfg_overlay=dict(file='epsanet50_small.pth')` for ImageNet weights.
         fpn_channels: the FPN width.
+        p6_from_c5: RetinaNet's P6 from the backbone's last feature map, as mmdetection (the
+            paper) and torchvision's retinanet_resnet50_fpn_v2, not from P5 as torchvision's v1.
         **kwargs: passed to torchvision's detector class (`min_size`, `max_size`, ...).
     """
     if kind not in _FPN_STRIDES:
         raise ValueError(f'create_detector: unknown kind {kind!r}; choose one of {DETECTORS}')
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f'create_detector: num_classes must be an int >= 1, got {num_classes!r}')
+    if p6_from_c5 and kind != 'retinanet':
+        raise ValueError(f'create_detector: p6_from_c5 is for RetinaNet; {kind} max-pools P6 from P5')
     if not isinstance(trainable_layers, int) or not 0 <= trainable_layers <= _NUM_BACKBONE_STAGES:
         raise ValueError(
             f'create_detector: trainable_layers must be 0-{_NUM_BACKBONE_STAGES} '
@@ -90,7 +95,10 @@ def create_detector(
     _freeze_leading_stages(body, _NUM_BACKBONE_STAGES - trainable_layers)
     # after the weights are in: FrozenBatchNorm2d copies the loaded statistics
     body = freeze_batch_norm_2d(body)
-    extra = LastLevelP6P7(fpn_channels, fpn_channels) if kind == 'retinanet' else LastLevelMaxPool()
+    extra = LastLevelMaxPool()
+    if kind == 'retinanet':
+        # torchvision's LastLevelP6P7 takes P5 when its input width is the FPN's, else C5
+        extra = LastLevelP6P7(body.feature_info.channels()[-1] if p6_from_c5 else fpn_channels, fpn_channels)
     return _DETECTOR_CLS[kind](TimmFpnBackbone(body, extra, fpn_channels), num_classes=num_classes, **kwargs)
 
 
