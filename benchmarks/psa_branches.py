@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from timm_epsanet._branch_conv import BranchConv2d
+from timm_epsanet._branch_conv import BRANCH_FORMS, BranchConv2d
 from timm_epsanet.epsanet import LARGE_GROUPS, PSA_KERNELS, SMALL_GROUPS
 
 # (PSA width, output resolution) of the four stages of EPSANet Small; Large is twice as wide
@@ -97,7 +97,7 @@ def main(argv=None):
     parser.add_argument('--amp', action='store_true')
     parser.add_argument('--iters', type=int, default=10)
     parser.add_argument('--forms', nargs='+', default=['grouped', 'depthwise', 'volumetric', 'dense'],
-                        choices=['grouped', 'depthwise', 'volumetric', 'dense'])
+                        choices=BRANCH_FORMS[1:], help="'triton': CUDA only")
     parser.add_argument('--variants', nargs='+', default=['small', 'large'], choices=['small', 'large'])
     parser.add_argument('--json', type=Path, default=None, help='also write the rows here')
     args = parser.parse_args(argv)
@@ -118,8 +118,8 @@ def main(argv=None):
         times = [row[f'{key}_{mode}_ms'] for mode in ('infer', 'train') for key in keys]
         print(f'| {row["variant"]} | {row["stage"]} | {row["chs"]} | {row["size"]} | {row["kernel"]} | {row["groups"]} | '
               + ' | '.join(f'{t:.3f}' for t in times) + f' | {row["auto"]} |', flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(dict(args=vars(args) | dict(json=str(args.json)), rows=rows), indent=1))
+        if args.json:  # after every row: a run cut short keeps what it measured
+            args.json.write_text(json.dumps(dict(args=vars(args) | dict(json=str(args.json)), rows=rows), indent=1))
 
 
 if __name__ == '__main__':

@@ -143,6 +143,42 @@ def test_compile_sees_one_op_without_graph_break(interpreted):
     assert result['loss'] <= 1e-5 and result['grad'] <= 1e-5, result
 
 
+def test_kernels_compile_for_hopper_without_spills():
+    """The kernels build for sm_90 (no GPU needed: triton's own ptxas), fp16 and bf16, on the
+    tiles EPSANet's branches use, without spilling registers to local memory."""
+    pytest.importorskip('triton')
+    import inspect
+    import re
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from timm_epsanet import _triton_branch as tb
+
+    ptxas = Path(triton.__file__).parent / 'backends' / 'nvidia' / 'bin' / 'ptxas'
+    if not ptxas.exists():
+        pytest.skip('triton without its CUDA backend')
+    for kernel, dtype, c_in, c_out, groups, transposed in [
+            (tb._conv_kernel, 'fp16', 4, 1, 16, False), (tb._conv_kernel, 'bf16', 16, 4, 4, True),
+            (tb._weight_grad_kernel, 'fp16', 4, 1, 32, None), (tb._weight_grad_kernel, 'bf16', 32, 8, 32, None)]:
+        names = list(inspect.signature(kernel.fn).parameters)
+        c_red, c_written = (c_out, c_in) if transposed else (c_in, c_out)
+        cfg = tb.config_for(groups, c_red, c_written)
+        consts = dict(BLOCK_P=cfg.block_p, BLOCK_G=cfg.block_g, BLOCK_R=cfg.block_r, BLOCK_O=cfg.block_o)
+        consts.update(dict(C_IN=c_in, C_OUT=c_out) if transposed is None else
+                      dict(C_RED=c_red, C_OUT=c_written, TRANSPOSED=transposed))
+        signature = {name: 'constexpr' if name in consts else '*fp32' if name == 'part_ptr'
+                     else f'*{dtype}' if name.endswith('_ptr') else 'i32' for name in names}
+        source = ASTSource(kernel, signature, {(names.index(k),): v for k, v in consts.items()})
+        compiled = triton.compile(source, target=GPUTarget('cuda', 90, 32), options=dict(num_warps=cfg.num_warps))
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / 'k.ptx').write_text(compiled.asm['ptx'])
+            report = subprocess.run([str(ptxas), '-v', '--gpu-name', 'sm_90a', str(Path(tmp) / 'k.ptx'), '-o',
+                                     str(Path(tmp) / 'k.cubin')], capture_output=True, text=True).stderr
+        assert re.search(r'\b0 bytes spill stores', report), (kernel.fn.__name__, dtype, cfg, report)
+
+
 def test_cuda_rule_picks_triton_only_where_written_for():
     """'auto' on CUDA with triton: the Triton kernels for 2+ inputs and <= 8 outputs per group;
     cuDNN's forms otherwise, and without triton exactly the previous rule."""

@@ -22,13 +22,13 @@ Private to the package, imported only where a branch runs in the 'triton' form (
 needs triton, and a CUDA device (or TRITON_INTERPRET=1, which runs the kernels on CPU tensors).
 """
 import os
-from typing import List, Sequence, Tuple
+from typing import List, NamedTuple, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ['branch_conv']
+__all__ = ['Config', 'branch_conv', 'config_for']
 
 
 def _interpreting() -> bool:
@@ -49,7 +49,8 @@ def _source_index(i, tap, stride, pad, dil, size, TRANSPOSED: tl.constexpr):
     return src, ok
 
 
-@triton.jit
+# sizes are not specialized on (a batch of 2 compiles what a batch of 128 runs); strides are
+@triton.jit(do_not_specialize=['N', 'H_src', 'W_src', 'H_dst', 'W_dst'])
 def _conv_kernel(
         src_ptr, w_ptr, dst_ptr,
         N, H_src, W_src, H_dst, W_dst,
@@ -112,7 +113,7 @@ def _conv_kernel(
     tl.store(dst, acc.to(dst_ptr.dtype.element_ty), mask=p_ok[:, None] & col_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['N', 'H', 'W', 'H_out', 'W_out', 'PIX_PER_CHUNK'])
 def _weight_grad_kernel(
         x_ptr, gy_ptr, part_ptr,
         N, H, W, H_out, W_out,
@@ -172,14 +173,24 @@ def _pow2(n: int) -> int:
     return triton.next_power_of_2(max(1, n))
 
 
-def _blocks(groups: int, c_red: int, c_out: int) -> Tuple[int, int, int, int]:
-    """(BLOCK_P, BLOCK_G, BLOCK_R, BLOCK_O): a tile of pixels x (groups x reduction channels) x
-    outputs, its fp32 accumulator kept to 8K values (64 registers a thread at 4 warps)."""
+class Config(NamedTuple):
+    """A kernel's tile: pixels x (groups x reduction channels) x written channels, and warps."""
+    block_p: int
+    block_g: int
+    block_r: int
+    block_o: int
+    num_warps: int = 4
+
+
+def config_for(groups: int, c_red: int, c_out: int) -> Config:
+    """The tile for a conv of `groups` groups, each reducing `c_red` channels into `c_out`: its
+    fp32 accumulator and its loaded input tile kept to 2K values each, pixels 16 to 64 (larger
+    tiles spilled registers in ptxas's sm_90 build)."""
     block_o = min(_pow2(c_out), 16)
-    block_r = min(_pow2(c_red), max(1, 64 // block_o))
-    block_g = min(_pow2(groups), max(1, 128 // (block_r * block_o)))
-    block_p = max(16, 8192 // (block_g * block_r * block_o))
-    return min(block_p, 64), block_g, block_r, block_o
+    block_r = min(_pow2(c_red), max(1, 32 // block_o))
+    block_g = min(_pow2(groups), max(1, 32 // block_r))
+    block_p = min(64, max(16, 2048 // (block_g * block_r * block_o)))
+    return Config(block_p, block_g, block_r, block_o)
 
 
 def _out_size(size: int, k: int, stride: int, padding: int, dilation: int) -> int:
@@ -207,7 +218,7 @@ def _launch_conv(src, weight, dst, groups, stride, padding, dilation, transposed
     w_t = weight.reshape(groups, outs, in_per_group, k_h, k_w)
     w_t = w_t.permute(3, 4, 0, 1, 2) if transposed else w_t.permute(3, 4, 0, 2, 1)
     c_red, c_out = (outs, in_per_group) if transposed else (in_per_group, outs)
-    block_p, block_g, block_r, block_o = _blocks(groups, c_red, c_out)
+    block_p, block_g, block_r, block_o, num_warps = config_for(groups, c_red, c_out)
     n, _, h_dst, w_dst = dst.shape
     grid = (triton.cdiv(n * h_dst * w_dst, block_p), triton.cdiv(groups, block_g) * triton.cdiv(c_out, block_o))
     s, d = src.stride(), dst.stride()
@@ -216,7 +227,7 @@ def _launch_conv(src, weight, dst, groups, stride, padding, dilation, transposed
         s[0], s[2], s[3], s[1], d[0], d[2], d[3], d[1],
         k_h, k_w, stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         groups, C_RED=c_red, C_OUT=c_out, TRANSPOSED=transposed,
-        BLOCK_P=block_p, BLOCK_G=block_g, BLOCK_R=block_r, BLOCK_O=block_o, num_warps=4)
+        BLOCK_P=block_p, BLOCK_G=block_g, BLOCK_R=block_r, BLOCK_O=block_o, num_warps=num_warps)
     return dst
 
 
@@ -259,13 +270,13 @@ def _grad_weight_op(x: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor, s
     out_chs, in_per_group, k_h, k_w = weight.shape
     outs = out_chs // groups
     n, _, h_out, w_out = grad.shape
-    block_p, block_g, block_r, block_o = _blocks(groups, in_per_group, outs)
+    block_p, block_g, block_r, block_o, num_warps = config_for(groups, in_per_group, outs)
     blocks = triton.cdiv(groups, block_g) * triton.cdiv(in_per_group, block_r) * triton.cdiv(outs, block_o)
     # enough chunks of pixels for ~4 programs per multiprocessor, each of whole pixel tiles
     sms = 4 if x.device.type != 'cuda' else torch.cuda.get_device_properties(x.device).multi_processor_count
     n_pix = n * h_out * w_out
     chunks = max(1, min(triton.cdiv(n_pix, 4 * block_p), triton.cdiv(4 * sms, blocks * k_h * k_w)))
-    pix_per_chunk = triton.cdiv(triton.cdiv(n_pix, chunks), block_p) * block_p
+    pix_per_chunk = triton.cdiv(triton.cdiv(n_pix, chunks), 64) * 64  # whole tiles of any block_p <= 64
     chunks = triton.cdiv(n_pix, pix_per_chunk)
     part = torch.empty((chunks, k_h, k_w, groups, in_per_group, outs), dtype=torch.float32, device=x.device)
     s, d = x.stride(), grad.stride()
@@ -274,7 +285,7 @@ def _grad_weight_op(x: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor, s
         s[0], s[2], s[3], s[1], d[0], d[2], d[3], d[1],
         k_w, stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         groups, pix_per_chunk, C_IN=in_per_group, C_OUT=outs,
-        BLOCK_P=block_p, BLOCK_G=block_g, BLOCK_R=block_r, BLOCK_O=block_o, num_warps=4)
+        BLOCK_P=block_p, BLOCK_G=block_g, BLOCK_R=block_r, BLOCK_O=block_o, num_warps=num_warps)
     grad_w = part.sum(0).permute(2, 4, 3, 0, 1).reshape(out_chs, in_per_group, k_h, k_w)
     return grad_w.to(weight.dtype).contiguous()
 
