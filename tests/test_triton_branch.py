@@ -217,11 +217,16 @@ def test_triton_form_plans(monkeypatch):
 
 
 def test_cpu_use_never_imports_the_kernels():
-    """A CPU model, whatever its branch form, neither imports the kernel module nor needs triton."""
+    """On CPU the 'triton' form computes as 'auto' (a model, or a branch on its own): it neither
+    imports the kernel module nor needs triton."""
     code = ("import sys; sys.modules['triton'] = None\n"  # as if triton were not installed
             "import torch, timm, timm_epsanet\n"
             "m = timm.create_model('epsanet50_small', block_args=dict(psa_branch_form='triton'))\n"
             "m(torch.randn(2, 3, 32, 32)).sum().backward()\n"
+            "from timm_epsanet._branch_conv import BranchConv2d\n"  # a branch on its own, too
+            "conv = BranchConv2d(16, 8, 5, padding=2, groups=4, bias=False, form='triton')\n"
+            "x = torch.randn(2, 16, 9, 9)\n"
+            "torch.testing.assert_close(conv(x), conv.forward_as(x, 'grouped'))\n"
             "assert 'timm_epsanet._triton_branch' not in sys.modules\n")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')]))
     run = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=120)

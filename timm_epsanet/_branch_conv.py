@@ -107,7 +107,7 @@ class BranchConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         form = self.form
-        if form == 'auto':
+        if form == 'auto' or (form == 'triton' and x.device.type != 'cuda'):  # the kernels need CUDA
             if torch.jit.is_scripting():
                 low_precision = x.dtype != torch.float32
             else:
