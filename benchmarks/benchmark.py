@@ -24,8 +24,8 @@ Why this script and not timm's own benchmark.py: benchmarks/README.md.
 
 Model names are timm names, optionally with a suffix for EPSANet: `@official` (every PSA runs the
 official code's forward structure, see timm_epsanet/_official.py), or a PSA branch form that applies
-on every device instead of the per-device default: `@grouped`, `@depthwise`, `@volumetric` or `@dense` (see
-timm_epsanet._branch_conv.BranchConv2d).
+on every device instead of the per-device default: `@grouped`, `@depthwise`, `@volumetric`, `@dense` or
+`@triton` (see timm_epsanet._branch_conv.BranchConv2d).
 """
 import argparse
 import csv
@@ -61,8 +61,8 @@ def parse_args(argv=None):
     parser.add_argument('--device', default=None, help='cpu or cuda (default: cuda when available)')
     parser.add_argument('--modes', nargs='+', default=['infer', 'train'], choices=['infer', 'train'])
     parser.add_argument('--layouts', nargs='+', default=['nchw', 'channels_last'], choices=['nchw', 'channels_last'])
-    parser.add_argument('--precisions', nargs='+', default=['fp32'], choices=['fp32', 'amp'],
-                        help='amp: autocast, bf16 on CPU, fp16 on CUDA')
+    parser.add_argument('--precisions', nargs='+', default=['fp32'], choices=['fp32', 'amp', 'amp_bf16'],
+                        help='amp: autocast, bf16 on CPU, fp16 on CUDA; amp_bf16: autocast to bf16 everywhere')
     parser.add_argument('--compile', action='store_true', help='also measure torch.compile')
     parser.add_argument('--eager', action=argparse.BooleanOptionalAction, default=True,
                         help='--no-eager: with --compile, measure compiled configurations only')
@@ -93,11 +93,13 @@ def parse_args(argv=None):
 def create(name, **kwargs):
     import timm
     import timm_epsanet  # noqa: F401  (explicit registration, also when the autoload is off)
+    from timm_epsanet._branch_conv import BRANCH_FORMS
     name, _, form = name.partition('@')
-    if form in ('grouped', 'depthwise', 'volumetric', 'dense'):
+    if form in BRANCH_FORMS[1:]:
         kwargs['block_args'] = dict(psa_branch_form=form)
     elif form not in ('', 'official'):
-        raise ValueError(f'unknown model form @{form}: use @official, @grouped, @depthwise, @volumetric or @dense')
+        raise ValueError(f'unknown model form @{form}: use @official or one of ' + ', '.join(
+            '@' + f for f in BRANCH_FORMS[1:]))
     model = timm.create_model(name, **kwargs)
     if form == 'official':
         from timm_epsanet._official import to_official_structure
@@ -125,7 +127,7 @@ def measure(cfg):
         x = x.contiguous(memory_format=torch.channels_last)
     model.train(train)
     step_model = torch.compile(model) if cfg['compile'] else model
-    amp_dtype = (torch.float16 if cuda else torch.bfloat16) if cfg['precision'] == 'amp' else None
+    amp_dtype = {'amp': torch.float16 if cuda else torch.bfloat16, 'amp_bf16': torch.bfloat16}.get(cfg['precision'])
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9) if train else None
     scaler = torch.amp.GradScaler(enabled=cuda and amp_dtype == torch.float16) if train else None
 

@@ -1,23 +1,42 @@
 """Correctness checks that need a CUDA GPU (CI has none; the CPU test suite covers the rest).
 
-    python benchmarks/cuda_checks.py [cpu] [grads] [compile]     # default: all
+    python benchmarks/cuda_checks.py [forms] [cpu] [grads] [compile]     # default: all
+    TRITON_INTERPRET=1 python benchmarks/cuda_checks.py --device cpu --tiny   # dry run of the code paths
 
-1. CUDA fp32 logits equal the CPU's (TF32 off).
-2. AMP (fp16) gradients of every PSA branch form (the depthwise form runs a custom autograd
-   function) are those of fp32, and parameter gradients stay fp32.
-3. torch.compile (inductor, CUDA) gives eager's logits, fp32 and AMP, channels_last.
-Prints one line per check and exits non-zero if any fails.
+1. forms: every branch form (grouped, depthwise, volumetric, dense, triton) against the plain
+   grouped conv computed in float64: forward, input gradient and weight gradient, for every
+   EPSANet branch shape (Small and Large, stride 1 and 2, dilation 2) in fp16 channels-last,
+   and for a few shapes in fp32, fp16 and bf16, NCHW and channels-last. A form passes when its
+   error is within its dtype's tolerance or within 3x the plain grouped conv's own error.
+2. cpu: CUDA fp32 logits (the default forms, the Triton kernels where triton runs) equal the CPU's.
+3. grads: AMP (fp16) gradients of every PSA branch form equal fp32's within fp16 noise, and
+   parameter gradients stay fp32.
+4. compile: torch.compile (inductor) of epsanet50_small, AMP fp16, channels-last: no graph break
+   (torch._dynamo.explain), the Triton op in the graph, logits equal to eager; compiled and eager
+   inference timed side by side.
+Prints one line per check and exits non-zero if any fails. TF32 is off throughout.
 """
+import argparse
 import sys
+import time
 
 import torch
+import torch.nn.functional as F
 
 import timm
 import timm_epsanet  # noqa: F401
+from timm_epsanet._branch_conv import BRANCH_FORMS, BranchConv2d
+from timm_epsanet._branch_plans import in_layout
+
+from psa_branches import shapes as branch_shapes
+
+FORMS = BRANCH_FORMS[1:]
+# float64-referenced relative error a correct form stays under, per dtype (fp32 accumulation)
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
 
 def rel_err(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def model(name='epsanet50_small', **kwargs):
@@ -25,55 +44,170 @@ def model(name='epsanet50_small', **kwargs):
     return timm.create_model(name, zero_init_last=False, **kwargs).eval()
 
 
-def main():
-    checks = sys.argv[1:] or ['cpu', 'grads', 'compile']
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    cuda = torch.device('cuda')
-    print(f'{torch.cuda.get_device_name()}, torch {torch.__version__}, timm {timm.__version__}')
-    failed = []
+def conv_cases(tiny):
+    """(description, in_chs, out_chs, kernel, groups, stride, dilation, input size) of EPSANet's
+    branches with more than one group: every stage at stride 1, the strided first block of
+    stages 2-4, and dilation 2 (output stride 16/8) on the last two stages (sorted by stride + dilation)."""
+    if tiny:
+        yield 'tiny k5 g4', 16, 8, 5, 4, 1, 1, 9
+        yield 'tiny k9 g16 s2', 32, 16, 9, 16, 2, 1, 10
+        yield 'tiny k7 g8 d2', 32, 16, 7, 8, 1, 2, 9
+        return
+    for s in branch_shapes():
+        if s['groups'] == 1:
+            continue
+        name = f'{s["variant"]} stage {s["stage"]} k{s["kernel"]} g{s["groups"]}'
+        yield name, s['chs'], s['chs'] // 4, s['kernel'], s['groups'], 1, 1, s['size']
+        if s['stage'] > 1:
+            yield name + ' s2', s['chs'], s['chs'] // 4, s['kernel'], s['groups'], 2, 1, 2 * s['size']
+        if s['stage'] > 2:
+            yield name + ' d2', s['chs'], s['chs'] // 4, s['kernel'], s['groups'], 1, 2, s['size']
 
-    def check(name, err, tol):
-        ok = err == err and err <= tol  # NaN fails
-        print(f'{"PASS" if ok else "FAIL"} {name}: relative error {err:.2e} (tolerance {tol:.1e})', flush=True)
-        if not ok:
-            failed.append(name)
 
-    x = torch.randn(4, 3, 224, 224)
-    for name in ('epsanet50_small', 'epsanet50_large') if 'cpu' in checks else ():
+def check_forms(device, tiny, check):
+    """Every form against the float64 grouped conv: all shapes fp16 channels-last; three in
+    every dtype and layout."""
+    # stride 1 first, then every dtype and layout on three shapes, then strided and dilated shapes:
+    # the most used first, for a run cut short (each new shape compiles the Triton kernels)
+    cases = sorted(conv_cases(tiny), key=lambda case: case[5] + case[6])
+    # the interpreter (CPU dry run) has no 16-bit arithmetic
+    dtypes = (torch.float16, torch.float32, torch.bfloat16) if device.type == 'cuda' else (torch.float32,)
+    plain = [case for case in cases if case[5] == case[6] == 1]
+    runs = [(case, dtypes[0], 'channels_last') for case in plain]
+    for case in (plain[0], plain[len(plain) // 2], cases[-1]):
+        runs += [(case, dtype, layout) for dtype in dtypes for layout in ('nchw', 'channels_last')
+                 if (dtype, layout) != (dtypes[0], 'channels_last')]
+    runs += [(case, dtypes[0], 'channels_last') for case in cases if case not in plain]
+    for (name, in_chs, out_chs, k, groups, stride, dilation, size), dtype, layout in runs:
+        torch.manual_seed(0)
+        x = in_layout(torch.randn(2, in_chs, size, size, device=device), layout).to(dtype)
+        conv = BranchConv2d(in_chs, out_chs, k, stride=stride, padding=dilation * (k - 1) // 2, dilation=dilation,
+                            groups=groups, bias=False, form='grouped', device=device)
+        weight = conv.weight.detach().to(dtype)
+        x64, w64 = x.double().requires_grad_(), weight.double().requires_grad_()
+        y64 = F.conv2d(x64, w64, None, stride, conv.padding, dilation, groups)
+        grad = torch.randn_like(y64)
+        y64.backward(grad)
+        errors = {}
+        for form in FORMS:
+            if form == 'triton' and device.type == 'cpu' and not tiny:
+                continue
+            with torch.no_grad():
+                conv.weight.copy_(weight)
+            conv.to(dtype)
+            xf = x.clone().requires_grad_()
+            y = conv.forward_as(xf, form)
+            y.backward(grad.to(dtype))
+            layout_ok = y.dtype == dtype and y.is_contiguous(
+                memory_format=torch.channels_last if layout == 'channels_last' else torch.contiguous_format)
+            errors[form] = (rel_err(y, y64), rel_err(xf.grad, x64.grad), rel_err(conv.weight.grad, w64.grad), layout_ok)
+            conv.weight.grad = None
+        plain = errors['grouped']
+        for form, errs in errors.items():
+            tol = [max(TOLERANCE[dtype], 3 * e) for e in plain[:3]]
+            ok = errs[3] and all(e == e and e <= t for e, t in zip(errs[:3], tol))  # NaN fails
+            check(f'{form:<10} {name} {str(dtype)[6:]} {layout}: out {errs[0]:.1e} grad_x {errs[1]:.1e} '
+                  f'grad_w {errs[2]:.1e} (grouped {plain[0]:.1e} {plain[1]:.1e} {plain[2]:.1e})'
+                  + ('' if errs[3] else ' WRONG DTYPE/LAYOUT'), ok)
+
+
+def check_cpu(device, tiny, check):
+    x = torch.randn(2 if tiny else 4, 3, 64 if tiny else 224, 64 if tiny else 224)
+    for name in ('epsanet50_small', 'epsanet50_large'):
         m = model(name)
         with torch.no_grad():
             cpu = m(x)
-            gpu = m.to(cuda)(x.to(cuda)).cpu()
-        check(f'{name} CUDA fp32 logits == CPU', rel_err(gpu, cpu), 1e-4)
+            gpu = m.to(device)(x.to(device)).cpu()
+        err = rel_err(gpu, cpu)
+        check(f'{name} {device.type} fp32 logits == CPU: {err:.1e}', err <= 1e-4)
 
-    if 'grads' in checks:
-        # eval mode (BN affine): in train mode, BN over a tiny batch amplifies any rounding difference
-        grads = {}
-        for form, amp in (('grouped', False), ('grouped', True), ('depthwise', True), ('dense', True)):
-            m = model(block_args=dict(psa_branch_form=form)).to(cuda, memory_format=torch.channels_last)
-            xb = x.to(cuda).contiguous(memory_format=torch.channels_last)
-            with torch.autocast('cuda', dtype=torch.float16, enabled=amp):
-                loss = m(xb).float().logsumexp(1).mean()
-            loss.backward()
-            assert all(p.grad.dtype == torch.float32 for p in m.parameters())
-            grads[form, amp] = torch.cat([p.grad.flatten() for p in m.parameters()])
-        # fp16 rounding alone moves these gradients by a few percent (measured on CPU: 4.8%); a
-        # form is right when it stays within that noise of the plain grouped conv's AMP error
-        amp_noise = rel_err(grads['grouped', True], grads['grouped', False])
-        check('AMP fp16 gradients, grouped form, vs fp32', amp_noise, 1e-1)
-        for form in ('depthwise', 'dense'):
-            check(f'AMP fp16 gradients, {form} form, vs fp32', rel_err(grads[form, True], grads['grouped', False]),
-                  1.5 * amp_noise)
 
-    for amp in (False, True) if 'compile' in checks else ():
-        m = model().to(cuda, memory_format=torch.channels_last)
-        xb = x.to(cuda).contiguous(memory_format=torch.channels_last)
+def check_grads(device, tiny, check):
+    # eval mode (BN affine): in train mode, BN over a tiny batch amplifies any rounding difference
+    x = torch.randn(2 if tiny else 4, 3, 64 if tiny else 224, 64 if tiny else 224, device=device)
+    amp_dtype = torch.float16 if device.type == 'cuda' else torch.bfloat16
+    grads = {}
+    for form, amp in [('grouped', False), ('grouped', True)] + [(f, True) for f in FORMS if f != 'grouped']:
+        m = model(block_args=dict(psa_branch_form=form)).to(device, memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+            loss = m(x.contiguous(memory_format=torch.channels_last)).float().logsumexp(1).mean()
+        loss.backward()
+        dtypes_ok = all(p.grad.dtype == torch.float32 for p in m.parameters())
+        grads[form, amp] = (torch.cat([p.grad.flatten() for p in m.parameters()]), dtypes_ok)
+    # rounding alone moves these gradients by a few percent; a form is right when it stays within
+    # that noise of the plain grouped conv's AMP error
+    amp_noise = rel_err(grads['grouped', True][0], grads['grouped', False][0])
+    check(f'AMP gradients, grouped form, vs fp32: {amp_noise:.1e}', amp_noise <= 1e-1)
+    for form in FORMS[1:]:
+        err = rel_err(grads[form, True][0], grads['grouped', False][0])
+        check(f'AMP gradients, {form} form, vs fp32: {err:.1e} (fp32 parameter gradients: {grads[form, True][1]})',
+              err <= 1.5 * amp_noise and grads[form, True][1])
+
+
+def check_compile(device, tiny, check):
+    cuda = device.type == 'cuda'
+    batch, size = (2, 64) if tiny else (128, 224)
+    m = model().to(device, memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
+    amp = dict(device_type=device.type, dtype=torch.float16 if cuda else torch.bfloat16)
+    with torch.no_grad(), torch.autocast(**amp):
+        explained = torch._dynamo.explain(m)(x)
+        ops = sum(g.code.count('torch.ops.timm_epsanet.branch_conv') for g in explained.graphs)
+        check(f'torch.compile: {explained.graph_break_count} graph breaks, {ops} Triton branch ops in the graph',
+              explained.graph_break_count == 0 and (ops > 0 or not cuda))
+        torch._dynamo.reset()
         compiled = torch.compile(m)
-        with torch.no_grad(), torch.autocast('cuda', dtype=torch.float16, enabled=amp):
-            eager, comp = m(xb), compiled(xb)
-        check(f'torch.compile logits == eager ({"AMP" if amp else "fp32"}, channels_last)',
-              rel_err(comp, eager), 1e-2 if amp else 1e-4)
+        eager, comp = m(x), compiled(x)
+        err = rel_err(comp, eager)
+        check(f'torch.compile logits == eager (AMP, channels_last): {err:.1e}', err <= 1e-2)
+        for name, fn in (('eager', m), ('compiled', compiled)):
+            check(f'{name} inference, batch {batch}: {batch / time_s(fn, x, device, 3 if tiny else 20):.0f} img/s', True)
+
+
+def time_s(fn, x, device, iters):
+    """Median seconds of fn(x), after a warm-up."""
+    fn(x)
+    times = []
+    for _ in range(iters):
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn(x)
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+CHECKS = {'forms': check_forms, 'cpu': check_cpu, 'grads': check_grads, 'compile': check_compile}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('checks', nargs='*', choices=[[]] + list(CHECKS), help='default: all')
+    parser.add_argument('--device', default='cuda')
+    parser.add_argument('--tiny', action='store_true', help='tiny shapes: a dry run of every code path')
+    args = parser.parse_args(argv)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'
+    print(f'{name}, torch {torch.__version__}, timm {timm.__version__}', flush=True)
+    failed = []
+
+    def check(line, ok):
+        print(f'{"PASS" if ok else "FAIL"} {line}', flush=True)
+        if not ok:
+            failed.append(line)
+
+    for name in args.checks or list(CHECKS):
+        if name == 'cpu' and device.type == 'cpu':
+            continue
+        try:
+            CHECKS[name](device, args.tiny, check)
+        except Exception as e:  # one broken check must not hide the others' results
+            check(f'{name}: {type(e).__name__}: {e}'.splitlines()[0][:300], False)
+    print(f'{len(failed)} failed' if failed else 'all passed', flush=True)
     sys.exit(1 if failed else 0)
 
 

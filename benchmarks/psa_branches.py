@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from benchmark import cpu_model
-from timm_epsanet._branch_conv import BranchConv2d
+from timm_epsanet._branch_conv import BRANCH_FORMS, BranchConv2d
 from timm_epsanet.epsanet import LARGE_GROUPS, PSA_KERNELS, SMALL_GROUPS
 
 # (PSA width, output resolution of its stride-1 blocks) of the four stages of EPSANet Small;
@@ -114,7 +114,7 @@ def main(argv=None):
     parser.add_argument('--amp', action='store_true')
     parser.add_argument('--iters', type=int, default=10)
     parser.add_argument('--forms', nargs='+', default=['grouped', 'depthwise', 'volumetric', 'dense'],
-                        choices=['grouped', 'depthwise', 'volumetric', 'dense'])
+                        choices=BRANCH_FORMS[1:], help="'triton': CUDA only")
     parser.add_argument('--variants', nargs='+', default=['small', 'large'], choices=['small', 'large'])
     parser.add_argument('--json', type=Path, default=None, help='also write the rows here')
     args = parser.parse_args(argv)
@@ -133,8 +133,8 @@ def main(argv=None):
         times = [row[f'{key}_{mode}_ms'] for mode in ('infer', 'train') for key in keys]
         print(f'| {row["variant"]} | {row["stage"]} | {row["chs"]} | {row["size"]} | {row["kernel"]} | {row["groups"]} | '
               + ' | '.join(f'{t:.3f}' for t in times) + f' | {row["auto"]} |', flush=True)
-    if args.json:
-        write_json(args.json, device, args, rows)
+        if args.json:  # after every row: a run cut short keeps what it measured
+            write_json(args.json, device, args, rows)
 
 
 if __name__ == '__main__':

@@ -1,45 +1,82 @@
 #!/usr/bin/env bash
-# The CUDA measurements of the README, in one go on one GPU (under 10 minutes on an H100/H200).
-# Stages run in order of importance, each under its own time limit; benchmark.py rewrites its
-# benchmark.json after every model, so a stage cut short still leaves what it measured.
-#   OUT_DIR=/tmp/cuda bash benchmarks/run_cuda.sh
-#   python benchmarks/benchmark.py --merge /tmp/cuda/*/benchmark.json --out benchmarks/results/cuda
+# The CUDA measurements in one go on one GPU (H100/H200), under 8 minutes: correctness of every
+# branch form (Triton kernels included), the model table beside the peers (AMP fp16 and bf16,
+# channels-last, eager; inference at batch 128 and 256, training at 128 with peak memory), per-branch
+# timings of every form and layout, torch.compile of epsanet50_small with the Triton kernels.
+# Stages run in order of importance, each under its own time limit, each writing as it goes, so a
+# stage cut short still leaves what it measured.
+#   bash benchmarks/run_cuda.sh                              # results in /tmp/run_cuda
+#   OUT_DIR=/tmp/cuda COPY_DIR=$OUT bash benchmarks/run_cuda.sh 2>&1 | tee $OUT/run.log   # on the device tool
+#   PYTHON=.venv/bin/python bash benchmarks/run_cuda.sh --dry-run   # CPU: every stage on tiny shapes, Triton interpreted
+# One results file per device from the stages' CSVs, as the CPU's:
+#   python benchmarks/benchmark.py --merge DIR/amp_*.csv --name benchmark-cuda-<gpu> --out benchmarks/results
+# The EPSANet rows run 'auto' with the Triton kernels (TIMM_EPSANET_TRITON=1, opt-in until measured);
+# @dense / @grouped are the cuDNN forms 'auto' uses without them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT_DIR=${OUT_DIR:-benchmarks/results/cuda}
+PYTHON=${PYTHON:-python3}  # the GPU image: python3 holds torch
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TIMM_EPSANET_TRITON=1
+PEERS="resnet50 seresnet50 resnext50_32x4d res2net50_26w_4s skresnet50"
+EPSANETS="epsanet50_small epsanet50_large epsanet101_small"
+# the cuDNN forms of the previous CUDA default: dense at inference, grouped in training
+CUDNN_FORMS="epsanet50_small@dense epsanet50_small@grouped"
+if [ "${1:-}" = --dry-run ]; then
+    export TRITON_INTERPRET=1
+    OUT_DIR=${OUT_DIR:-/tmp/run_cuda_dry_run}
+    DEVICE=cpu TINY=--tiny SCALE=0  # SCALE=0: stage limits off
+    BENCH_ARGS="--device cpu --img-size 64 --iters 1 --warmup 1"
+    B128=2 B256=4 BRANCH_ARGS="--batch-size 1 --iters 1 --variants small" AMP=  # CPU bf16 dense convs: minutes
+    PEERS="resnet50" EPSANETS="epsanet50_small@triton" CUDNN_FORMS="epsanet50_small@dense"
+else
+    OUT_DIR=${OUT_DIR:-/tmp/run_cuda}
+    DEVICE=cuda TINY= SCALE=1
+    BENCH_ARGS="--device cuda --one-process --iters 20"
+    B128=128 B256=256 BRANCH_ARGS="--batch-size 128 --iters 5" AMP=--amp
+fi
 mkdir -p "$OUT_DIR"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-BENCH="python3 benchmarks/benchmark.py --device cuda"
-# resnet50 first: every ratio needs it, also from a stage that is cut short
-EPSANETS="epsanet50_small epsanet50_large epsanet101_small epsanet101_large"
-FORMS="epsanet50_small@official epsanet50_small@grouped epsanet50_small@depthwise"
-BASELINES="seresnet50 ecaresnet50t skresnet50 res2net50_26w_4s"
 
-stage() {  # stage NAME SECONDS COMMAND...
-    local name=$1 limit=$2; shift 2
+stage() {  # stage NAME SECONDS COMMAND...: run under a time limit, copy its result to COPY_DIR
+    local name=$1 limit=$(($2 * SCALE)); shift 2
     echo "=== $name (limit ${limit}s) $(date +%T)"
     timeout "$limit" "$@"
     echo "=== $name exit $? $(date +%T)"
-    # COPY_DIR: one flat folder with every stage's results, for a machine that only returns files
+    # COPY_DIR: one flat folder of every stage's results, for a machine that only returns files
     if [ -n "${COPY_DIR:-}" ]; then
-        for f in "$OUT_DIR/$name/benchmark.json" "$OUT_DIR/$name.json"; do
-            [ -f "$f" ] && cp "$f" "$COPY_DIR/$name.json"
+        for f in "$OUT_DIR/$name"/*.csv; do
+            [ -f "$f" ] && cp "$f" "$COPY_DIR/$name.csv"
         done
+        [ -f "$OUT_DIR/$name.json" ] && cp "$OUT_DIR/$name.json" "$COPY_DIR/$name.json"
     fi
 }
 
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
-stage checks 100 python3 benchmarks/cuda_checks.py
-stage branches 50 python3 benchmarks/psa_branches.py --device cuda --batch-size 128 --amp --layouts channels_last \
-    --json "$OUT_DIR/branches.json"
-# the targets: AMP + channels_last, every model, eager
-stage amp_cl 165 $BENCH --precisions amp --layouts channels_last \
-    --models resnet50 $EPSANETS $FORMS $BASELINES --out "$OUT_DIR/amp_cl"
-# fp32 and NCHW too, for Small-50, the official structure and a baseline
-stage subset 90 $BENCH --precisions fp32 amp --layouts nchw channels_last \
-    --models resnet50 epsanet50_small epsanet50_small@official seresnet50 --out "$OUT_DIR/subset"
-# torch.compile (inductor), AMP + channels_last
-stage compile_infer 90 $BENCH --precisions amp --layouts channels_last --modes infer --compile --no-eager \
-    --models resnet50 epsanet50_small epsanet50_small@official --out "$OUT_DIR/compile_infer"
-stage compile_train 85 $BENCH --precisions amp --layouts channels_last --modes train --compile --no-eager \
-    --models resnet50 epsanet50_small --out "$OUT_DIR/compile_train"
+$PYTHON - <<'EOF' | tee "$OUT_DIR/machine.txt"
+import platform, subprocess, torch, timm
+try:
+    import triton
+    triton_version = triton.__version__
+except ImportError:
+    triton_version = 'not installed'
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    driver = subprocess.run(['nvidia-smi', '--query-gpu=driver_version', '--format=csv,noheader'],
+                            capture_output=True, text=True).stdout.strip()
+    gpu = f'{p.name} ({p.multi_processor_count} SMs, {p.total_memory / 2**30:.0f} GiB), driver {driver}, CUDA {torch.version.cuda}'
+else:
+    gpu = f'no GPU ({platform.processor() or platform.machine()} CPU, dry run)'
+print(f'Machine: {gpu}, torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}, '
+      f'triton {triton_version}, timm {timm.__version__}')
+EOF
+stage checks 100 $PYTHON benchmarks/cuda_checks.py forms cpu grads --device $DEVICE $TINY
+# the targets: AMP fp16, channels-last, eager; peers first, every ratio needs resnet50
+stage amp_fp16_b128 130 $PYTHON benchmarks/benchmark.py $BENCH_ARGS --batch-size $B128 --precisions amp \
+    --layouts channels_last --models $PEERS $CUDNN_FORMS $EPSANETS --out "$OUT_DIR/amp_fp16_b128"
+stage amp_fp16_b256 40 $PYTHON benchmarks/benchmark.py $BENCH_ARGS --batch-size $B256 --precisions amp \
+    --layouts channels_last --modes infer --models $PEERS $EPSANETS --out "$OUT_DIR/amp_fp16_b256"
+# the cuDNN forms and the Triton kernels in both layouts; the depthwise and volumetric forms are CPU
+# forms, 3-7x slower than the grouped conv on CUDA (benchmarks/README.md): BRANCH_FORMS to add them
+stage branches 50 $PYTHON benchmarks/psa_branches.py --device $DEVICE $AMP $BRANCH_ARGS \
+    --layouts channels_last nchw --forms ${BRANCH_FORMS:-grouped dense triton} --json "$OUT_DIR/branches.json"
+stage compile 90 $PYTHON benchmarks/cuda_checks.py compile --device $DEVICE $TINY
+stage amp_bf16_b128 50 $PYTHON benchmarks/benchmark.py $BENCH_ARGS --batch-size $B128 --precisions amp_bf16 \
+    --layouts channels_last --models $PEERS $EPSANETS --out "$OUT_DIR/amp_bf16_b128"
+echo "=== done $(date +%T)"

@@ -15,11 +15,13 @@ from torch import nn
 from ._branch_forms import (
     FastFormGroupedBackward, block_diagonal_weight, fast_form_conv, group_sum_weight, sums_groups_by_conv,
 )
-from ._branch_plans import Plan, computes_in_low_precision, cpu_branch_plan, cuda_branch_form, in_layout, layout_of
+from ._branch_plans import (
+    Plan, computes_in_low_precision, cpu_branch_plan, cuda_branch_form, in_layout, layout_of, triton_in_auto,
+)
 from ._branch_tuning import tuned_plans
 
 # How a PSA branch's grouped conv is computed (`BranchConv2d`).
-BRANCH_FORMS = ('auto', 'grouped', 'depthwise', 'volumetric', 'dense')
+BRANCH_FORMS = ('auto', 'grouped', 'depthwise', 'volumetric', 'dense', 'triton')
 
 
 class BranchConv2d(nn.Conv2d):
@@ -31,6 +33,8 @@ class BranchConv2d(nn.Conv2d):
         conv's, so training pairs its forward with the grouped conv's backward.
       * volumetric: depthwise conv3ds over NCHW x viewed as a volume; trains like depthwise.
       * dense: a dense conv with the block-diagonal weight.
+      * triton: the Triton kernels of `_triton_branch` (forward and both gradients), on CUDA;
+        on CPU the same plans as auto, on other devices the grouped conv.
       * auto: on CPU `cpu_branch_plan` (form and memory layout), on CUDA `cuda_branch_form`,
         elsewhere the grouped conv.
     The module computes in its input's layout; `BranchConvs` hands each branch the layout of its
@@ -51,7 +55,7 @@ class BranchConv2d(nn.Conv2d):
             self._cpu_plan(shape, training, low) for training in (False, True) for low in (False, True)]
         # the depthwise form's group-sum weights: computed once, moved and cast with the module,
         # not part of the state dict (None where the form or the output width never uses them)
-        uses_sum_conv = form in ('auto', 'depthwise') and sums_groups_by_conv(self.out_channels)
+        uses_sum_conv = form in ('auto', 'depthwise', 'triton') and sums_groups_by_conv(self.out_channels)
         self.register_buffer('group_sum_weight', self._group_sum_weight() if uses_sum_conv else None, persistent=False)
 
     def _apply(self, fn, recurse=True):
@@ -77,7 +81,7 @@ class BranchConv2d(nn.Conv2d):
                 self.group_sum_weight.copy_(self._group_sum_weight())
 
     def _cpu_plan(self, shape: Tuple[int, int, int, int, int], training: bool, low_precision: bool) -> Plan:
-        if self.form == 'auto':
+        if self.form in ('auto', 'triton'):  # the kernels run on CUDA only
             return cpu_branch_plan(*shape, training=training, low_precision=low_precision)
         if self.groups == 1 and not low_precision:
             return 'grouped', 'any'  # a dense conv is as fast in either layout
@@ -91,15 +95,20 @@ class BranchConv2d(nn.Conv2d):
         chosen on CPU; elsewhere the branch runs in the caller's layout ('any')."""
         if device_type == 'cpu':
             return self.cpu_plans[2 * int(grad_enabled) + int(low_precision)]
+        if self.form == 'triton' and device_type != 'cuda':
+            return 'grouped', 'any'
         if self.form != 'auto':
             return self.form, 'any'
         if device_type == 'cuda':
-            return cuda_branch_form(self.groups, grad_enabled), 'any'
+            form = cuda_branch_form(
+                self.groups, grad_enabled, in_per_group=self.in_channels // self.groups,
+                outs_per_group=self.out_channels // self.groups, triton=triton_in_auto())
+            return form, 'any'
         return 'grouped', 'any'
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         form = self.form
-        if form == 'auto':
+        if form == 'auto' or (form == 'triton' and x.device.type != 'cuda'):  # the kernels need CUDA
             if torch.jit.is_scripting():
                 low_precision = x.dtype != torch.float32
             else:
@@ -114,6 +123,8 @@ class BranchConv2d(nn.Conv2d):
             return F.conv2d(x, weight, None, self.stride, self.padding, self.dilation, 1)
         if form == 'grouped':  # NCHW inputs stay NCHW on CPU: the weight is kept NCHW (`_apply`)
             return self._conv_forward(x, self.weight, self.bias)
+        if form == 'triton':
+            return self._triton_forward(x)
         if not torch.is_grad_enabled():
             y = fast_form_conv(
                 x, self.weight, form, self.stride, self.padding, self.dilation, self.groups, self.group_sum_weight)
@@ -122,6 +133,16 @@ class BranchConv2d(nn.Conv2d):
         else:
             y = self._train_forward(x, form)
         return in_layout(y, layout_of(x)) if form == 'volumetric' else y  # volumetric computes NCHW
+
+    @torch.jit.unused
+    def _triton_forward(self, x: torch.Tensor) -> torch.Tensor:
+        from . import _triton_branch  # imported only where it runs: it needs triton
+        weight = self.weight
+        # a custom op is outside autocast's lists: cast as autocast casts a conv
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, weight = x.to(dtype), weight.to(dtype)
+        return _triton_branch.branch_conv(x, weight, self.stride, self.padding, self.dilation, self.groups)
 
     @torch.jit.unused
     def _train_forward(self, x: torch.Tensor, form: str) -> torch.Tensor:

@@ -1,16 +1,26 @@
 """ Which form and memory layout a PSA branch runs in, per device.
 
 A plan is (form, layout): a form of `_branch_forms` ('grouped', 'depthwise', 'volumetric',
-'dense') and 'nchw', 'channels_last', or 'any' (channels-last when the PSA has a channels-last
+'dense') or 'triton' (`_triton_branch`, CUDA only) and 'nchw', 'channels_last', or 'any' (channels-last when the PSA has a channels-last
 copy of its input anyway, else NCHW). The rules come from per-branch and per-PSA timings
 (benchmarks/psa_branches.py, benchmarks/psa_plans.py; their results and the numbers behind each
 rule are in benchmarks/README.md).
 """
+import importlib.util
+import os
 from typing import Tuple
 
 import torch
 
 Plan = Tuple[str, str]
+
+# found without importing it: importing this package must not need (or load) triton
+TRITON_INSTALLED = importlib.util.find_spec('triton') is not None
+# the outputs per group the Triton kernels are written for (CUDA cores, no tensor-core tiles)
+TRITON_MAX_OUTS_PER_GROUP = 8
+# 'auto' takes the Triton kernels on CUDA only when asked to, until they are measured on a GPU
+# against cuDNN (benchmarks/run_cuda.sh); branch_form='triton' uses them regardless
+TRITON_IN_AUTO = os.environ.get('TIMM_EPSANET_TRITON', '0').lower() in ('1', 'true', 'yes', 'on')
 
 
 def cpu_branch_plan(
@@ -53,11 +63,28 @@ def cpu_branch_plan(
     return 'grouped', 'channels_last'
 
 
-def cuda_branch_form(groups: int, training: bool) -> str:
-    """The form of a PSA branch on CUDA (cuDNN), in the caller's layout: at inference the dense
-    form for up to 16 groups, whose extra MACs cost less than cuDNN's slow grouped kernels; the
-    grouped conv in training, where the dense form's backward costs more than it saves."""
+def cuda_branch_form(groups: int, training: bool, *, in_per_group: int, outs_per_group: int, triton: bool) -> str:
+    """The form of a PSA branch on CUDA, in the caller's layout.
+
+    With `triton` (`triton_runs_on_cuda`): the Triton kernels for the branches they are written
+    for, 2 or more inputs and at most `TRITON_MAX_OUTS_PER_GROUP` outputs per group, where cuDNN's
+    grouped kernels are slowest. Otherwise cuDNN: at inference the dense form for up to 16 groups,
+    whose extra MACs cost less than cuDNN's slow grouped kernels; the grouped conv in training,
+    where the dense form's backward costs more than it saves.
+    """
+    if triton and in_per_group > 1 and outs_per_group <= TRITON_MAX_OUTS_PER_GROUP:
+        return 'triton'
     return 'dense' if not training and groups <= 16 else 'grouped'
+
+
+def triton_runs_on_cuda() -> bool:
+    """Whether the 'triton' form can run here: triton installed and a CUDA device present."""
+    return TRITON_INSTALLED and torch.cuda.is_available()
+
+
+def triton_in_auto() -> bool:
+    """Whether 'auto' picks the Triton kernels on CUDA: TIMM_EPSANET_TRITON=1 and triton runs."""
+    return TRITON_IN_AUTO and triton_runs_on_cuda()
 
 
 def layout_of(x: torch.Tensor) -> str:

@@ -1,0 +1,257 @@
+"""The Triton PSA branch kernels (`timm_epsanet._triton_branch`) and the 'triton' branch form.
+
+The kernels run here on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1), in one
+subprocess for the whole file: the variable must be set before triton is imported, and must not
+leak into the other tests. That proves the arithmetic (forward, input and weight gradients equal
+to the plain grouped conv up to float summation order), the custom ops' fake tensors, schema and
+autograd registration, and that torch.compile traces one op with no graph break. Compilation for
+a GPU, bf16 and speed are for benchmarks/cuda_checks.py on a CUDA machine.
+
+    python tests/test_triton_branch.py    # the interpreter part alone, as the subprocess runs it
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# (in_chs, out_chs, kernel, groups, stride, dilation, channels_last, dtype): EPSANet-like shapes in
+# miniature: 1-4 outputs per group (also 3, not a power of 2), 1-32 groups, kernels 3-9
+CASES = [
+    (16, 4, 3, 4, 1, 1, False, 'float32'),
+    (16, 16, 5, 4, 1, 1, True, 'float32'),
+    (32, 16, 7, 8, 2, 1, True, 'float32'),
+    (32, 16, 9, 16, 1, 2, True, 'float32'),
+    (16, 8, 9, 1, 2, 1, False, 'float32'),
+    (64, 32, 5, 32, 1, 1, True, 'float32'),
+    (24, 24, 3, 8, 2, 2, False, 'float32'),
+    (32, 16, 7, 8, 2, 1, True, 'float16'),
+]
+
+
+def case_id(case) -> str:
+    in_chs, out_chs, k, groups, stride, dilation, channels_last, dtype = case
+    layout = 'cl' if channels_last else 'nchw'
+    return f'{in_chs}to{out_chs}-k{k}-g{groups}-s{stride}-d{dilation}-{layout}-{dtype}'
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def check_case(case) -> dict:
+    """Errors of the op against F.conv2d and its autograd (in float64), and the output's layout."""
+    import torch.nn.functional as F
+    from timm_epsanet._triton_branch import branch_conv
+
+    in_chs, out_chs, k, groups, stride, dilation, channels_last, dtype = case
+    dtype = getattr(torch, dtype)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, in_chs, 9, 11).to(dtype).contiguous(memory_format=fmt)
+    w = torch.randn(out_chs, in_chs // groups, k, k).to(dtype)
+    padding = dilation * (k - 1) // 2
+    x_ref, w_ref = x.double().requires_grad_(), w.double().requires_grad_()
+    y_ref = F.conv2d(x_ref, w_ref, None, stride, padding, dilation, groups)
+    grad = torch.randn_like(y_ref).to(dtype)
+    y_ref.backward(grad.double())
+    x_t, w_t = x.clone().requires_grad_(), w.clone().requires_grad_()
+    y = branch_conv(x_t, w_t, (stride, stride), (padding, padding), (dilation, dilation), groups)
+    y.backward(grad)
+    return dict(
+        shape_ok=y.shape == y_ref.shape, dtype_ok=y.dtype == dtype and x_t.grad.dtype == dtype == w_t.grad.dtype,
+        layout_ok=y.is_contiguous(memory_format=fmt) and x_t.grad.is_contiguous(memory_format=fmt),
+        out=rel_err(y, y_ref), grad_input=rel_err(x_t.grad, x_ref.grad), grad_weight=rel_err(w_t.grad, w_ref.grad))
+
+
+def check_ops() -> dict:
+    """torch.library.opcheck of the three ops: schema, fake tensors, autograd registration, AOT dispatch."""
+    from timm_epsanet import _triton_branch  # noqa: F401  registers the ops
+    ops = torch.ops.timm_epsanet
+    x = torch.randn(2, 16, 7, 6).contiguous(memory_format=torch.channels_last)
+    w, grad = torch.randn(8, 4, 3, 3), torch.randn(2, 8, 7, 6)
+    args = ([1, 1], [1, 1], [1, 1], 4)
+    results = {
+        'branch_conv': torch.library.opcheck(ops.branch_conv.default, (x.requires_grad_(), w.requires_grad_(), *args)),
+        'grad_input': torch.library.opcheck(ops.branch_conv_grad_input.default, (grad, w.detach(), x.detach(), *args)),
+        'grad_weight': torch.library.opcheck(ops.branch_conv_grad_weight.default, (x.detach(), grad, w.detach(), *args)),
+    }
+    return {op: sorted(name for name, status in result.items() if status != 'SUCCESS') for op, result in results.items()}
+
+
+def check_compile() -> dict:
+    """torch.compile of a branch in the 'triton' form: graph breaks, ops in the graph, equality."""
+    import torch.nn.functional as F
+    from timm_epsanet._branch_conv import BranchConv2d
+
+    conv = BranchConv2d(16, 8, 5, padding=2, groups=4, bias=False, form='triton')
+    x = torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last).requires_grad_()
+
+    def loss(x):
+        return conv.forward_as(x, 'triton').square().sum()
+
+    explained = torch._dynamo.explain(loss)(x)
+    code = '\n'.join(graph.code for graph in explained.graphs)
+    compiled = torch.compile(loss, backend='aot_eager', fullgraph=True)(x)
+    compiled.backward()
+    grad_compiled, x.grad = x.grad, None
+    reference = F.conv2d(x, conv.weight, None, 1, 2, 1, 4).square().sum()
+    reference.backward()
+    return dict(graph_breaks=explained.graph_break_count, ops=code.count('torch.ops.timm_epsanet.branch_conv'),
+                loss=rel_err(compiled, reference), grad=rel_err(grad_compiled, x.grad))
+
+
+def interpreter_results() -> dict:
+    torch.manual_seed(0)
+    return dict(cases={case_id(case): check_case(case) for case in CASES}, ops=check_ops(), compile=check_compile())
+
+
+@pytest.fixture(scope='module')
+def interpreted():
+    """Everything that runs the kernels, in one subprocess under TRITON_INTERPRET=1."""
+    pytest.importorskip('triton')
+    env = dict(os.environ, TRITON_INTERPRET='1', PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')]))
+    run = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-4000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize('case', CASES, ids=[case_id(case) for case in CASES])
+def test_kernels_equal_grouped_conv(interpreted, case):
+    """Forward, input gradient and weight gradient equal the grouped conv's (fp32 accumulation:
+    fp32 within float summation order; fp16 within the rounding of its output); output and input
+    gradient in the input's dtype and memory layout."""
+    result = interpreted['cases'][case_id(case)]
+    assert result['shape_ok'] and result['dtype_ok'] and result['layout_ok'], result
+    tol = 1e-5 if case[-1] == 'float32' else 2e-3
+    for key in ('out', 'grad_input', 'grad_weight'):
+        assert result[key] <= tol, (key, result)  # a NaN fails too
+
+
+def test_custom_ops_pass_opcheck(interpreted):
+    """Schema, fake tensor (shapes, dtypes, strides), autograd registration, AOT dispatch."""
+    assert interpreted['ops'] == {'branch_conv': [], 'grad_input': [], 'grad_weight': []}
+
+
+def test_compile_sees_one_op_without_graph_break(interpreted):
+    result = interpreted['compile']
+    assert result['graph_breaks'] == 0 and result['ops'] == 1, result
+    assert result['loss'] <= 1e-5 and result['grad'] <= 1e-5, result
+
+
+def test_kernels_compile_for_hopper_without_spills():
+    """The kernels build for sm_90 (no GPU needed: triton's own ptxas), fp16 and bf16, on the
+    tiles EPSANet's branches use, without spilling registers to local memory."""
+    pytest.importorskip('triton')
+    import inspect
+    import re
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from timm_epsanet import _triton_branch as tb
+
+    ptxas = Path(triton.__file__).parent / 'backends' / 'nvidia' / 'bin' / 'ptxas'
+    if not ptxas.exists():
+        pytest.skip('triton without its CUDA backend')
+    for kernel, dtype, c_in, c_out, groups, transposed in [
+            (tb._conv_kernel, 'fp16', 4, 1, 16, False), (tb._conv_kernel, 'bf16', 16, 4, 4, True),
+            (tb._weight_grad_kernel, 'fp16', 4, 1, 32, None), (tb._weight_grad_kernel, 'bf16', 32, 8, 32, None)]:
+        names = list(inspect.signature(kernel.fn).parameters)
+        c_red, c_written = (c_out, c_in) if transposed else (c_in, c_out)
+        cfg = tb.config_for(groups, c_red, c_written)
+        consts = dict(BLOCK_P=cfg.block_p, BLOCK_G=cfg.block_g, BLOCK_R=cfg.block_r, BLOCK_O=cfg.block_o)
+        consts.update(dict(C_IN=c_in, C_OUT=c_out) if transposed is None else
+                      dict(C_RED=c_red, C_OUT=c_written, TRANSPOSED=transposed))
+        signature = {name: 'constexpr' if name in consts else '*fp32' if name == 'part_ptr'
+                     else f'*{dtype}' if name.endswith('_ptr') else 'i32' for name in names}
+        source = ASTSource(kernel, signature, {(names.index(k),): v for k, v in consts.items()})
+        compiled = triton.compile(source, target=GPUTarget('cuda', 90, 32), options=dict(num_warps=cfg.num_warps))
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / 'k.ptx').write_text(compiled.asm['ptx'])
+            report = subprocess.run([str(ptxas), '-v', '--gpu-name', 'sm_90a', str(Path(tmp) / 'k.ptx'), '-o',
+                                     str(Path(tmp) / 'k.cubin')], capture_output=True, text=True).stderr
+        assert re.search(r'\b0 bytes spill stores', report), (kernel.fn.__name__, dtype, cfg, report)
+
+
+def test_cuda_rule_picks_triton_only_where_written_for():
+    """'auto' on CUDA with triton: the Triton kernels for 2+ inputs and <= 8 outputs per group;
+    cuDNN's forms otherwise, and without triton exactly the previous rule."""
+    from timm_epsanet._branch_plans import cuda_branch_form
+    for training in (False, True):
+        assert cuda_branch_form(16, training, in_per_group=4, outs_per_group=1, triton=True) == 'triton'
+        assert cuda_branch_form(4, training, in_per_group=16, outs_per_group=8, triton=True) == 'triton'
+        assert cuda_branch_form(4, training, in_per_group=32, outs_per_group=16, triton=True) != 'triton'
+        assert cuda_branch_form(64, training, in_per_group=1, outs_per_group=1, triton=True) != 'triton'
+        for outs in (1, 8, 16):
+            previous = 'grouped' if training else 'dense'
+            assert cuda_branch_form(16, training, in_per_group=4, outs_per_group=outs, triton=False) == previous
+    assert cuda_branch_form(32, False, in_per_group=4, outs_per_group=16, triton=True) == 'grouped'
+
+
+def test_triton_form_plans(monkeypatch):
+    """The 'triton' form: CPU plans identical to 'auto' (the kernels need CUDA), the grouped conv on
+    other devices; 'auto' on CUDA takes it only where triton runs on CUDA."""
+    from timm_epsanet import _branch_conv
+    from timm_epsanet.psa import PyramidSqueezeAttention
+
+    for width, stride in ((64, 1), (128, 1), (128, 2), (512, 1)):
+        auto = PyramidSqueezeAttention(width, stride=stride).convs
+        tri = PyramidSqueezeAttention(width, stride=stride, branch_form='triton').convs
+        for a, t in zip(auto, tri):
+            assert a.cpu_plans == t.cpu_plans
+            assert (a.group_sum_weight is None) == (t.group_sum_weight is None)
+    small = PyramidSqueezeAttention(64, branch_form='triton').convs  # groups 1, 4, 8, 16
+    assert [c.plan_for('cuda', True)[0] for c in small] == ['grouped', 'triton', 'triton', 'triton']
+    assert [c.plan_for('mps', False)[0] for c in small] == ['grouped'] * 4
+    auto = PyramidSqueezeAttention(512).convs  # 32, 16, 8 outputs per group for groups 4, 8, 16
+    monkeypatch.setattr(_branch_conv, 'triton_in_auto', lambda: True)
+    assert [c.plan_for('cuda', False)[0] for c in auto] == ['grouped', 'dense', 'dense', 'triton']
+    monkeypatch.setattr(_branch_conv, 'triton_in_auto', lambda: False)
+    assert [c.plan_for('cuda', False)[0] for c in auto] == ['grouped', 'dense', 'dense', 'dense']
+
+
+def test_auto_takes_triton_only_when_asked(monkeypatch):
+    """Unmeasured on a GPU, the kernels are opt-in for 'auto': off unless TIMM_EPSANET_TRITON=1,
+    and never where triton cannot run on CUDA."""
+    from timm_epsanet import _branch_plans
+    monkeypatch.setattr(_branch_plans, 'triton_runs_on_cuda', lambda: True)
+    monkeypatch.setattr(_branch_plans, 'TRITON_IN_AUTO', False)
+    assert not _branch_plans.triton_in_auto()
+    monkeypatch.setattr(_branch_plans, 'TRITON_IN_AUTO', True)
+    assert _branch_plans.triton_in_auto()
+    monkeypatch.setattr(_branch_plans, 'triton_runs_on_cuda', lambda: False)
+    assert not _branch_plans.triton_in_auto()
+    code = 'from timm_epsanet import _branch_plans as p; print(p.TRITON_IN_AUTO)'
+    for value, expected in (('', 'False'), ('1', 'True'), ('0', 'False')):
+        env = dict(os.environ, TIMM_EPSANET_TRITON=value)
+        out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == expected
+
+
+def test_cpu_use_never_imports_the_kernels():
+    """On CPU the 'triton' form computes as 'auto' (a model, or a branch on its own): it neither
+    imports the kernel module nor needs triton."""
+    code = ("import sys; sys.modules['triton'] = None\n"  # as if triton were not installed
+            "import torch, timm, timm_epsanet\n"
+            "m = timm.create_model('epsanet50_small', block_args=dict(psa_branch_form='triton'))\n"
+            "m(torch.randn(2, 3, 32, 32)).sum().backward()\n"
+            "from timm_epsanet._branch_conv import BranchConv2d\n"  # a branch on its own, too
+            "conv = BranchConv2d(16, 8, 5, padding=2, groups=4, bias=False, form='triton')\n"
+            "x = torch.randn(2, 16, 9, 9)\n"
+            "torch.testing.assert_close(conv(x), conv.forward_as(x, 'grouped'))\n"
+            "assert 'timm_epsanet._triton_branch' not in sys.modules\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')]))
+    run = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-4000:]
+
+
+if __name__ == '__main__':
+    if os.environ.get('TRITON_INTERPRET') != '1':
+        sys.exit('run with TRITON_INTERPRET=1: the kernels then run on CPU tensors')
+    print(json.dumps(interpreter_results()))

@@ -1,0 +1,334 @@
+""" Triton kernels for PSA branches: grouped convs with few outputs per group, on CUDA cores.
+
+cuDNN runs grouped convs with large kernels and 1-8 outputs per group far below the GPU's rate,
+and tensor-core tiles (`tl.dot` wants 16 or more on each side) do not fit them either. These
+kernels compute such a conv directly: each program holds a tile of pixels x channels of a few
+groups, and accumulates in fp32 registers, tap by tap, with plain multiply-adds.
+
+  * forward and input gradient: one kernel (`_conv_kernel`). The input gradient is the same sum
+    read the other way: each input pixel gathers the output gradients of the outputs whose
+    window covered it (stride > 1: only taps that land on an output pixel), with the weight
+    group-transposed (a group's outputs become its reduction channels).
+  * weight gradient (`_weight_grad_kernel`): each program sums the products of one tap over a
+    chunk of pixels; the chunks' partial sums are added afterwards in fp32 (deterministic, no
+    atomics).
+
+Tensors of any memory layout are read through their strides (channels-last is the fast one:
+a group's channels are contiguous). Inputs fp16, bf16 or fp32; fp32 accumulation; outputs in
+the input's dtype. The three are registered as custom ops (`timm_epsanet::branch_conv*`) with
+fake implementations and autograd, so torch.compile, FX and export see one op per conv.
+
+Private to the package, imported only where a branch runs in the 'triton' form (`_branch_conv`);
+needs triton, and a CUDA device (or TRITON_INTERPRET=1, which runs the kernels on CPU tensors).
+"""
+import os
+from typing import List, NamedTuple, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ['Config', 'branch_conv', 'config_for']
+
+
+def _interpreting() -> bool:
+    return os.environ.get('TRITON_INTERPRET', '0') not in ('', '0')
+
+
+@triton.jit
+def _source_index(i, tap, stride, pad, dil, size, TRANSPOSED: tl.constexpr):
+    """Along one axis: the source index that tap `tap` of destination index `i` reads, and
+    whether it exists (inside the source; transposed: the tap lands on a strided output)."""
+    if TRANSPOSED:
+        t = i + pad - tap * dil
+        src = t // stride
+        ok = (t >= 0) & (t % stride == 0) & (src < size)
+    else:
+        src = i * stride - pad + tap * dil
+        ok = (src >= 0) & (src < size)
+    return src, ok
+
+
+# sizes are not specialized on (a batch of 2 compiles what a batch of 128 runs); strides are
+@triton.jit(do_not_specialize=['N', 'H_src', 'W_src', 'H_dst', 'W_dst'])
+def _conv_kernel(
+        src_ptr, w_ptr, dst_ptr,
+        N, H_src, W_src, H_dst, W_dst,
+        s_n, s_h, s_w, s_c,  # strides of src (elements)
+        d_n, d_h, d_w, d_c,  # strides of dst
+        KH, KW, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+        G,
+        C_RED: tl.constexpr,  # reduction channels per group (forward: inputs; input grad: outputs)
+        C_OUT: tl.constexpr,  # channels per group written (forward: outputs; input grad: inputs)
+        TRANSPOSED: tl.constexpr,  # False: forward; True: input gradient
+        BLOCK_P: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr,
+):
+    """dst[p, g*C_OUT + o] = sum over taps and r of src[q, g*C_RED + r] * w[tap, g, r, o], where the
+    source pixel q of tap (kh, kw) is p*stride - pad + tap*dil (forward) or (p + pad - tap*dil) / stride
+    when that divides (transposed). w: (KH, KW, G, C_RED, C_OUT) contiguous."""
+    pid_p = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    n_oblocks = tl.cdiv(C_OUT, BLOCK_O)
+    g0 = (pid_c // n_oblocks) * BLOCK_G
+    o0 = (pid_c % n_oblocks) * BLOCK_O
+
+    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_ok = p < N * H_dst * W_dst
+    ow = p % W_dst
+    oh = (p // W_dst) % H_dst
+    n = (p // (W_dst * H_dst)).to(tl.int64)
+
+    c = tl.arange(0, BLOCK_G * BLOCK_R)  # (group in tile, reduction channel) flattened
+    g = g0 + c // BLOCK_R
+    r_in_block = c % BLOCK_R
+    g_ok = g < G
+    o = o0 + tl.arange(0, BLOCK_O)
+    o_ok = o < C_OUT
+
+    acc = tl.zeros((BLOCK_P, BLOCK_G * BLOCK_R, BLOCK_O), dtype=tl.float32)
+    for kh in range(KH):
+        ih, h_ok = _source_index(oh, kh, stride_h, pad_h, dil_h, H_src, TRANSPOSED)
+        for kw in range(KW):
+            iw, w_ok = _source_index(ow, kw, stride_w, pad_w, dil_w, W_src, TRANSPOSED)
+            pix_ok = p_ok & h_ok & w_ok
+            pix = n * s_n + ih * s_h + iw * s_w
+            tap = kh * KW + kw
+            for r0 in range(0, C_RED, BLOCK_R):
+                r = r0 + r_in_block
+                c_ok = g_ok & (r < C_RED)
+                xv = tl.load(src_ptr + pix[:, None] + ((g * C_RED + r) * s_c)[None, :],
+                             mask=pix_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+                wv = tl.load(w_ptr + ((tap * G + g) * C_RED + r)[:, None] * C_OUT + o[None, :],
+                             mask=c_ok[:, None] & o_ok[None, :], other=0.0).to(tl.float32)
+                acc += xv[:, :, None] * wv[None, :, :]
+
+    # sum the reduction channels of each group: (P, G*R, O) -> (P*G, R, O) -> (P, G*O)
+    acc = tl.sum(tl.reshape(acc, (BLOCK_P * BLOCK_G, BLOCK_R, BLOCK_O)), axis=1)
+    acc = tl.reshape(acc, (BLOCK_P, BLOCK_G * BLOCK_O))
+    col = tl.arange(0, BLOCK_G * BLOCK_O)
+    g_out = g0 + col // BLOCK_O
+    o_out = o0 + col % BLOCK_O
+    col_ok = (g_out < G) & (o_out < C_OUT)
+    dst = dst_ptr + (n * d_n + oh * d_h + ow * d_w)[:, None] + ((g_out * C_OUT + o_out) * d_c)[None, :]
+    tl.store(dst, acc.to(dst_ptr.dtype.element_ty), mask=p_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit(do_not_specialize=['N', 'H', 'W', 'H_out', 'W_out', 'PIX_PER_CHUNK'])
+def _weight_grad_kernel(
+        x_ptr, gy_ptr, part_ptr,
+        N, H, W, H_out, W_out,
+        x_n, x_h, x_w, x_c,
+        y_n, y_h, y_w, y_c,
+        KW, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+        G, PIX_PER_CHUNK,
+        C_IN: tl.constexpr, C_OUT: tl.constexpr,  # per group
+        BLOCK_P: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr,
+):
+    """part[chunk, tap, g, i, o] = sum over the chunk's output pixels p of
+    x[p*stride - pad + tap*dil, g*C_IN + i] * gy[p, g*C_OUT + o]; part: (chunks, KH*KW, G, C_IN, C_OUT)."""
+    chunk = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    tap = tl.program_id(2)
+    kh = tap // KW
+    kw = tap % KW
+    n_rblocks = tl.cdiv(C_IN, BLOCK_R)
+    n_oblocks = tl.cdiv(C_OUT, BLOCK_O)
+    g0 = (pid_c // (n_rblocks * n_oblocks)) * BLOCK_G
+    r0 = ((pid_c // n_oblocks) % n_rblocks) * BLOCK_R
+    o0 = (pid_c % n_oblocks) * BLOCK_O
+
+    c = tl.arange(0, BLOCK_G * BLOCK_R)
+    g = g0 + c // BLOCK_R
+    r = r0 + c % BLOCK_R
+    c_ok = (g < G) & (r < C_IN)
+    o = o0 + tl.arange(0, BLOCK_O)
+    go_ok = c_ok[:, None] & (o < C_OUT)[None, :]
+    y_col = (g * C_OUT)[:, None] + o[None, :]  # (G*R, O): the output gradient each product reads
+
+    n_pix = N * H_out * W_out
+    acc = tl.zeros((BLOCK_P, BLOCK_G * BLOCK_R, BLOCK_O), dtype=tl.float32)
+    start = chunk * PIX_PER_CHUNK
+    for p0 in range(start, start + PIX_PER_CHUNK, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        p_ok = p < n_pix
+        ow = p % W_out
+        oh = (p // W_out) % H_out
+        n = (p // (W_out * H_out)).to(tl.int64)
+        ih, h_ok = _source_index(oh, kh, stride_h, pad_h, dil_h, H, False)
+        iw, w_ok = _source_index(ow, kw, stride_w, pad_w, dil_w, W, False)
+        x_ok = p_ok & h_ok & w_ok
+        xv = tl.load(x_ptr + (n * x_n + ih * x_h + iw * x_w)[:, None] + ((g * C_IN + r) * x_c)[None, :],
+                     mask=x_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+        gv = tl.load(gy_ptr + (n * y_n + oh * y_h + ow * y_w)[:, None, None] + (y_col * y_c)[None, :, :],
+                     mask=p_ok[:, None, None] & go_ok[None, :, :], other=0.0).to(tl.float32)
+        acc += xv[:, :, None] * gv
+
+    part = tl.sum(acc, axis=0)  # (G*R, O)
+    dst = part_ptr + ((chunk * tl.num_programs(2) + tap) * G + g)[:, None] * (C_IN * C_OUT) \
+        + (r * C_OUT)[:, None] + o[None, :]
+    tl.store(dst, part, mask=go_ok)
+
+
+def _pow2(n: int) -> int:
+    return triton.next_power_of_2(max(1, n))
+
+
+class Config(NamedTuple):
+    """A kernel's tile: pixels x (groups x reduction channels) x written channels, and warps."""
+    block_p: int
+    block_g: int
+    block_r: int
+    block_o: int
+    num_warps: int = 4
+
+
+def config_for(groups: int, c_red: int, c_out: int) -> Config:
+    """The tile for a conv of `groups` groups, each reducing `c_red` channels into `c_out`: its
+    fp32 accumulator and its loaded input tile kept to 2K values each, pixels 16 to 64 (larger
+    tiles spilled registers in ptxas's sm_90 build)."""
+    block_o = min(_pow2(c_out), 16)
+    block_r = min(_pow2(c_red), max(1, 32 // block_o))
+    block_g = min(_pow2(groups), max(1, 32 // block_r))
+    block_p = min(64, max(16, 2048 // (block_g * block_r * block_o)))
+    return Config(block_p, block_g, block_r, block_o)
+
+
+def _out_size(size: int, k: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+
+
+def _empty_like_layout(x: torch.Tensor, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """A new tensor of `shape` in x's memory layout (channels-last when x is, else contiguous)."""
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.empty(shape, dtype=dtype, device=x.device,
+                       memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def _check_device(x: torch.Tensor) -> None:
+    if x.device.type != 'cuda' and not _interpreting():
+        raise RuntimeError(f'the Triton PSA branch kernels need a CUDA tensor (or TRITON_INTERPRET=1), got {x.device}')
+
+
+def _launch_conv(src, weight, dst, groups, stride, padding, dilation, transposed):
+    """dst = the conv of src (forward), or its input gradient from the output gradient src (transposed)."""
+    out_chs, in_per_group, k_h, k_w = weight.shape
+    outs = out_chs // groups
+    # (KH, KW, G, reduced, written) contiguous: what one tap of one group multiplies. Transposed,
+    # the group's outputs are the reduced channels and its inputs the written ones.
+    w_t = weight.reshape(groups, outs, in_per_group, k_h, k_w)
+    w_t = w_t.permute(3, 4, 0, 1, 2) if transposed else w_t.permute(3, 4, 0, 2, 1)
+    c_red, c_out = (outs, in_per_group) if transposed else (in_per_group, outs)
+    block_p, block_g, block_r, block_o, num_warps = config_for(groups, c_red, c_out)
+    n, _, h_dst, w_dst = dst.shape
+    grid = (triton.cdiv(n * h_dst * w_dst, block_p), triton.cdiv(groups, block_g) * triton.cdiv(c_out, block_o))
+    s, d = src.stride(), dst.stride()
+    _conv_kernel[grid](
+        src, w_t.contiguous(), dst, n, src.shape[2], src.shape[3], h_dst, w_dst,
+        s[0], s[2], s[3], s[1], d[0], d[2], d[3], d[1],
+        k_h, k_w, stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+        groups, C_RED=c_red, C_OUT=c_out, TRANSPOSED=transposed,
+        BLOCK_P=block_p, BLOCK_G=block_g, BLOCK_R=block_r, BLOCK_O=block_o, num_warps=num_warps)
+    return dst
+
+
+@torch.library.custom_op('timm_epsanet::branch_conv', mutates_args=())
+def _conv_op(x: torch.Tensor, weight: torch.Tensor, stride: List[int], padding: List[int],
+             dilation: List[int], groups: int) -> torch.Tensor:
+    _check_device(x)
+    y = _empty_like_layout(x, _conv_out_shape(x, weight, stride, padding, dilation), x.dtype)
+    return _launch_conv(x, weight, y, groups, stride, padding, dilation, transposed=False)
+
+
+def _conv_out_shape(x, weight, stride, padding, dilation) -> Tuple[int, int, int, int]:
+    k_h, k_w = weight.shape[-2:]
+    return (x.shape[0], weight.shape[0], _out_size(x.shape[2], k_h, stride[0], padding[0], dilation[0]),
+            _out_size(x.shape[3], k_w, stride[1], padding[1], dilation[1]))
+
+
+@_conv_op.register_fake
+def _(x, weight, stride, padding, dilation, groups):
+    return _empty_like_layout(x, _conv_out_shape(x, weight, stride, padding, dilation), x.dtype)
+
+
+@torch.library.custom_op('timm_epsanet::branch_conv_grad_input', mutates_args=())
+def _grad_input_op(grad: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, stride: List[int],
+                   padding: List[int], dilation: List[int], groups: int) -> torch.Tensor:
+    _check_device(grad)
+    grad_x = _empty_like_layout(x, x.shape, grad.dtype)
+    return _launch_conv(grad, weight, grad_x, groups, stride, padding, dilation, transposed=True)
+
+
+@_grad_input_op.register_fake
+def _(grad, weight, x, stride, padding, dilation, groups):
+    return _empty_like_layout(x, x.shape, grad.dtype)
+
+
+@torch.library.custom_op('timm_epsanet::branch_conv_grad_weight', mutates_args=())
+def _grad_weight_op(x: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor, stride: List[int],
+                    padding: List[int], dilation: List[int], groups: int) -> torch.Tensor:
+    _check_device(x)
+    out_chs, in_per_group, k_h, k_w = weight.shape
+    outs = out_chs // groups
+    n, _, h_out, w_out = grad.shape
+    block_p, block_g, block_r, block_o, num_warps = config_for(groups, in_per_group, outs)
+    blocks = triton.cdiv(groups, block_g) * triton.cdiv(in_per_group, block_r) * triton.cdiv(outs, block_o)
+    # enough chunks of pixels for ~4 programs per multiprocessor, each of whole pixel tiles
+    sms = 4 if x.device.type != 'cuda' else torch.cuda.get_device_properties(x.device).multi_processor_count
+    n_pix = n * h_out * w_out
+    chunks = max(1, min(triton.cdiv(n_pix, 4 * block_p), triton.cdiv(4 * sms, blocks * k_h * k_w)))
+    pix_per_chunk = triton.cdiv(triton.cdiv(n_pix, chunks), 64) * 64  # whole tiles of any block_p <= 64
+    chunks = triton.cdiv(n_pix, pix_per_chunk)
+    part = torch.empty((chunks, k_h, k_w, groups, in_per_group, outs), dtype=torch.float32, device=x.device)
+    s, d = x.stride(), grad.stride()
+    _weight_grad_kernel[(chunks, blocks, k_h * k_w)](
+        x, grad, part, n, x.shape[2], x.shape[3], h_out, w_out,
+        s[0], s[2], s[3], s[1], d[0], d[2], d[3], d[1],
+        k_w, stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+        groups, pix_per_chunk, C_IN=in_per_group, C_OUT=outs,
+        BLOCK_P=block_p, BLOCK_G=block_g, BLOCK_R=block_r, BLOCK_O=block_o, num_warps=num_warps)
+    grad_w = part.sum(0).permute(2, 4, 3, 0, 1).reshape(out_chs, in_per_group, k_h, k_w)
+    return grad_w.to(weight.dtype).contiguous()
+
+
+@_grad_weight_op.register_fake
+def _(x, grad, weight, stride, padding, dilation, groups):
+    return torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, stride, padding, dilation, groups = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.conv_args = (stride, padding, dilation, groups)
+
+
+def _backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    grad_x = grad_w = None
+    if ctx.needs_input_grad[0]:
+        grad_x = _grad_input_op(grad, weight, x, *ctx.conv_args)
+    if ctx.needs_input_grad[1]:
+        grad_w = _grad_weight_op(x, grad, weight, *ctx.conv_args)
+    return grad_x, grad_w, None, None, None, None
+
+
+_conv_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def branch_conv(
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        stride: Sequence[int],
+        padding: Sequence[int],
+        dilation: Sequence[int],
+        groups: int,
+) -> torch.Tensor:
+    """`F.conv2d(x, weight, None, stride, padding, dilation, groups)` by the Triton kernels,
+    differentiable in x and weight; the output in x's dtype and memory layout."""
+    if x.dim() != 4 or weight.dim() != 4:
+        raise ValueError(f'branch_conv takes 4D x and weight, got shapes {tuple(x.shape)} and {tuple(weight.shape)}')
+    if x.shape[1] != weight.shape[1] * groups or weight.shape[0] % groups:
+        raise ValueError(f'branch_conv: x {tuple(x.shape)} and weight {tuple(weight.shape)} do not form a conv '
+                         f'of {groups} groups')
+    if x.dtype != weight.dtype:
+        raise ValueError(f'branch_conv: x is {x.dtype} but weight is {weight.dtype}; cast them alike')
+    return _conv_op(x, weight, list(stride), list(padding), list(dilation), groups)
