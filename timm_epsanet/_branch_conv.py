@@ -100,9 +100,11 @@ class BranchConv2d(nn.Conv2d):
         if self.form != 'auto':
             return self.form, 'any'
         if device_type == 'cuda':
+            # TorchScript runs the kernels' custom ops only where a form names them explicitly
+            triton = False if torch.jit.is_scripting() else triton_in_auto()
             form = cuda_branch_form(
                 self.groups, grad_enabled, in_per_group=self.in_channels // self.groups,
-                outs_per_group=self.out_channels // self.groups, triton=triton_in_auto())
+                outs_per_group=self.out_channels // self.groups, triton=triton)
             return form, 'any'
         return 'grouped', 'any'
 

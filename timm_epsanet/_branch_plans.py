@@ -63,16 +63,23 @@ def cpu_branch_plan(
     return 'grouped', 'channels_last'
 
 
-def cuda_branch_form(groups: int, training: bool, *, in_per_group: int, outs_per_group: int, triton: bool) -> str:
+def cuda_branch_form(
+        groups: int,
+        training: bool,
+        in_per_group: int,
+        outs_per_group: int,
+        triton: bool,
+        triton_max_outs: int = TRITON_MAX_OUTS_PER_GROUP,
+) -> str:
     """The form of a PSA branch on CUDA, in the caller's layout.
 
     With `triton` (`triton_runs_on_cuda`): the Triton kernels for the branches they are written
-    for, 2 or more inputs and at most `TRITON_MAX_OUTS_PER_GROUP` outputs per group, where cuDNN's
+    for, 2 or more inputs and at most `triton_max_outs` outputs per group, where cuDNN's
     grouped kernels are slowest. Otherwise cuDNN: at inference the dense form for up to 16 groups,
     whose extra MACs cost less than cuDNN's slow grouped kernels; the grouped conv in training,
     where the dense form's backward costs more than it saves.
     """
-    if triton and in_per_group > 1 and outs_per_group <= TRITON_MAX_OUTS_PER_GROUP:
+    if triton and in_per_group > 1 and outs_per_group <= triton_max_outs:
         return 'triton'
     return 'dense' if not training and groups <= 16 else 'grouped'
 
