@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from timm.layers import register_notrace_module
+
 from ._branch_forms import (
     FastFormGroupedBackward, block_diagonal_weight, fast_form_conv, group_sum_weight, sums_groups_by_conv,
 )
@@ -115,7 +117,7 @@ class BranchConv2d(nn.Conv2d):
                 low_precision = x.dtype != torch.float32
             else:
                 low_precision = computes_in_low_precision(x)
-            form = self.plan_for(x.device.type, torch.is_grad_enabled(), low_precision)[0]
+            form = self.plan_for(x.device.type, _autograd_plan(), low_precision)[0]
         return self.forward_as(x, form)
 
     def forward_as(self, x: torch.Tensor, form: str) -> torch.Tensor:
@@ -127,7 +129,7 @@ class BranchConv2d(nn.Conv2d):
             return self._conv_forward(x, self.weight, self.bias)
         if form == 'triton':
             return self._triton_forward(x)
-        if not torch.is_grad_enabled():
+        if not _autograd_plan():
             y = fast_form_conv(
                 x, self.weight, form, self.stride, self.padding, self.dilation, self.groups, self.group_sum_weight)
         elif torch.jit.is_scripting():
@@ -152,6 +154,15 @@ class BranchConv2d(nn.Conv2d):
             x, self.weight, self.group_sum_weight, form, self.stride, self.padding, self.dilation, self.groups)
 
 
+def _autograd_plan() -> bool:
+    """Whether to run the training plan. A TorchScript trace (`torch.jit.trace`, the TorchScript
+    ONNX exporter) runs the inference plan in any grad mode: its forms are plain differentiable
+    ops, so the traced graph is right with or without autograd, and it holds no autograd Function
+    (which the trace would keep as an opaque Python op)."""
+    return torch.is_grad_enabled() and not torch.jit.is_tracing()
+
+
+@register_notrace_module  # an FX leaf: its plan is chosen per call, when the traced graph runs
 class BranchConvs(nn.ModuleList):
     """PSA's branch convs (`BranchConv2d`), each applied to the whole input; returns their
     outputs concatenated along channels, in the input's memory layout.
@@ -167,7 +178,11 @@ class BranchConvs(nn.ModuleList):
 
     @torch.jit.unused
     def _planned(self, x: torch.Tensor) -> torch.Tensor:
-        grad_enabled = torch.is_grad_enabled()
+        if isinstance(x, torch.fx.Proxy):
+            # traced by an FX tracer that does not know timm's leaves (torchvision's feature
+            # extraction, FX quantization): the grouped convs hold for every mode the graph runs in
+            return torch.cat([conv.forward_as(x, 'grouped') for conv in self], dim=1)
+        grad_enabled = _autograd_plan()
         plans = tuned_plans(self, x, grad_enabled)  # None unless branch tuning is on (`set_branch_tuning`)
         if plans is None:
             low_precision = x.device.type == 'cpu' and computes_in_low_precision(x)
@@ -177,7 +192,7 @@ class BranchConvs(nn.ModuleList):
     @torch.jit.unused
     def run_plans(self, x: torch.Tensor, plans: List[Plan]) -> torch.Tensor:
         """The branches of `x`, branch i in form and layout `plans[i]`."""
-        grad_enabled = torch.is_grad_enabled()
+        grad_enabled = _autograd_plan()
         caller = layout_of(x)
         flexible = 'channels_last' if any(layout == 'channels_last' for _, layout in plans) else caller
         inputs = {caller: x}
@@ -187,7 +202,7 @@ class BranchConvs(nn.ModuleList):
             if layout not in inputs:
                 inputs[layout] = in_layout(x, layout)
             feats.append(conv.forward_as(inputs[layout], form))
-        if grad_enabled or torch.compiler.is_compiling():
+        if grad_enabled or torch.jit.is_tracing() or torch.compiler.is_compiling():
             return in_layout(torch.cat(feats, dim=1), caller)
         # write the concat straight into the caller's layout (a mixed-layout cat returns NCHW)
         B, _, H, W = feats[0].shape

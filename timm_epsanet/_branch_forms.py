@@ -37,8 +37,8 @@ def depthwise_form_conv(
     reductions are slow: for narrow outputs (`sums_groups_by_conv`) it runs as a 1x1 conv with
     0/1 weights instead (`sum_weight`, from `group_sum_weight`; built here when not given).
     """
-    in_chs = x.shape[1]
     out_chs, in_per_group, k_h, k_w = weight.shape
+    in_chs = in_per_group * groups  # from the weight, not x: exported graphs fold the weights to constants
     outs = out_chs // groups
     # depthwise weights of output r: input channel c = j * in_per_group + i gets w[j * outs + r, i]
     dw_weight = weight.reshape(groups, outs, in_per_group, k_h, k_w).transpose(0, 1).reshape(outs, in_chs, 1, k_h, k_w)

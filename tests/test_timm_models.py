@@ -1,0 +1,47 @@
+"""timm's own model tests (tests/test_models.py of the installed timm's sdist) on the EPSANet
+variants: forward, backward, default cfgs, TorchScript, features, FX. They define what a timm
+model is, and need no network once the sdist is cached.
+
+The sdist is fetched with pip into pytest's cache (`.pytest_cache/d/timm-sdist-<version>`); only its
+tests and pytest config are unpacked, so that its `timm/` sources never shadow the installed timm.
+"""
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import timm
+
+SELECTION = 'epsanet'  # pytest -k: every test timm parametrizes with one of our variants
+
+
+@pytest.fixture(scope='session')
+def timm_tests(request) -> Path:
+    """The unpacked tests of the installed timm's sdist: <dir>/tests/test_models.py."""
+    root = Path(request.config.cache.mkdir(f'timm-sdist-{timm.__version__}'))
+    if not (root / 'tests' / 'test_models.py').exists():
+        subprocess.run(
+            [sys.executable, '-m', 'pip', 'download', '--quiet', '--no-binary', ':all:', '--no-deps',
+             f'timm=={timm.__version__}', '--dest', str(root)],
+            check=True)
+        sdist, = root.glob('timm-*.tar.gz')
+        prefix = f'timm-{timm.__version__}/'
+        with tarfile.open(sdist) as tar:
+            members = [m for m in tar.getmembers()
+                       if m.name == prefix + 'pyproject.toml' or m.name.startswith(prefix + 'tests/')]
+            for m in members:
+                m.name = m.name[len(prefix):]
+            safe = {'filter': 'data'} if hasattr(tarfile, 'data_filter') else {}
+            tar.extractall(root, members=members, **safe)
+    return root
+
+
+def test_timm_model_tests_pass(timm_tests):
+    # -p timm_epsanet registers the variants before timm's module lists the models to test
+    cmd = [sys.executable, '-m', 'pytest', 'tests/test_models.py', '-k', SELECTION, '-p', 'timm_epsanet',
+           '-p', 'no:cacheprovider', '-q', '-rfE', '-W', 'ignore::pytest.PytestUnknownMarkWarning']
+    result = subprocess.run(cmd, cwd=timm_tests, capture_output=True, text=True)
+    summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ''
+    assert result.returncode == 0, f'timm tests failed: {summary}\n{result.stdout[-6000:]}\n{result.stderr[-2000:]}'
+    assert ' passed' in summary and 'deselected' in summary, summary
