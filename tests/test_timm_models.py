@@ -17,9 +17,12 @@ SELECTION = 'epsanet'  # pytest -k: every test timm parametrizes with one of our
 
 
 @pytest.fixture(scope='session')
-def timm_tests(request) -> Path:
-    """The unpacked tests of the installed timm's sdist: <dir>/tests/test_models.py."""
-    root = Path(request.config.cache.mkdir(f'timm-sdist-{timm.__version__}'))
+def timm_tests(request, tmp_path_factory) -> Path:
+    """The unpacked tests of the installed timm's sdist: <dir>/tests/test_models.py (in pytest's
+    cache, or a temporary folder when the cache is off)."""
+    name = f'timm-sdist-{timm.__version__}'
+    cache = getattr(request.config, 'cache', None)
+    root = Path(cache.mkdir(name)) if cache is not None else tmp_path_factory.mktemp(name)
     if not (root / 'tests' / 'test_models.py').exists():
         subprocess.run(
             [sys.executable, '-m', 'pip', 'download', '--quiet', '--no-binary', ':all:', '--no-deps',

@@ -12,7 +12,7 @@ Variants (Table 1/2 of the paper), PSA kernels (3, 5, 7, 9):
   * Small: bottleneck width as ResNet, PSA groups (1, 4, 8, 16) - exactly the official code.
   * Large: PSA groups (32, 32, 32, 32) as the paper says, with the wider conv1 and PSA channels
     its Table 1 implies: bottleneck width doubled (base_width=128), the widths of ResNeXt-50 32x4d.
-    No valid configuration reproduces Table 2's Large sizes (README, "The Large configuration");
+    No valid configuration reproduces Table 2's Large sizes (docs/large_config.md);
     this one is 7.9% / 8.4% above its 27.90M / 49.59M parameters.
 """
 import math
