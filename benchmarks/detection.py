@@ -10,8 +10,8 @@ so the detector numbers are for this code, not for a trained model.
 `--psa-forms` also times the first-stage PSA (Small and Large) in each branch form at the stride-4
 feature map of that resolution and at ImageNet's 56x56, to check the 'auto' plan at both.
 
-    python benchmarks/detection.py                                    # CPU (CUDA if present)
-    python benchmarks/detection.py --height 512 --width 853 --kinds faster_rcnn --psa-forms
+    python -m benchmarks.detection                                    # CPU (CUDA if present)
+    python -m benchmarks.detection --height 512 --width 853 --kinds faster_rcnn --psa-forms
 """
 import argparse
 import csv

@@ -5,8 +5,9 @@ onnx_export.py uses) and dynamo. Sessions are measured round-robin `--repeats` t
 best (other load on the machine only ever slows a run down). Writes `<out>/onnxruntime-cpu.csv`,
 one row per (model, exporter) with its ratio to resnet50 from the same exporter, and prints it.
 
-    python benchmarks/onnxruntime_bench.py                       # epsanet50_small, resnet50
-    python benchmarks/onnxruntime_bench.py --models epsanet50_small epsanet50_large resnet50
+    python -m benchmarks.onnxruntime_bench                       # epsanet50_small, resnet50
+    python -m benchmarks.onnxruntime_bench --models epsanet50_small epsanet50_large resnet50
+    python -m benchmarks.onnxruntime_bench --models epsanet50_small epsanet50_small@grouped resnet50
 """
 import argparse
 import csv
@@ -22,7 +23,7 @@ import timm
 import torch
 
 import timm_epsanet  # noqa: F401
-from benchmarks.benchmark import cpu_model
+from benchmarks.benchmark import cpu_model, create
 
 EXPORTERS = ('torchscript', 'dynamo')
 REFERENCE = 'resnet50'
@@ -44,7 +45,7 @@ def parse_args(argv=None):
 
 
 def export(name: str, exporter: str, path: Path, img_size: int) -> Path:
-    model = timm.create_model(name).eval()
+    model = create(name).eval()  # timm names, and benchmark.py's @form suffixes
     x = torch.randn(2, 3, img_size, img_size)
     with torch.no_grad():
         if exporter == 'dynamo':

@@ -209,12 +209,15 @@ def test_trained_only_count_leaves_out_exactly_the_frozen_units():
 
 @pytest.mark.slow
 def test_benchmark_script_writes_results(tmp_path):
-    """benchmarks/detection.py as a user runs it, at a tiny size: both backbones, the machine line."""
+    """benchmarks.detection as a user runs it, at a tiny size: both backbones, the machine line."""
     import csv
-    from benchmarks.detection import main
+    import subprocess
+    import sys
+    from pathlib import Path
     out = tmp_path / 'detection-cpu.csv'
-    main(['--height', '64', '--width', '96', '--batch-size', '1', '--kinds', 'retinanet',
-          '--iters', '1', '--warmup', '0', '--out', str(out)])
+    subprocess.run([sys.executable, '-m', 'benchmarks.detection', '--height', '64', '--width', '96',
+                    '--batch-size', '1', '--kinds', 'retinanet', '--iters', '1', '--warmup', '0', '--out', str(out)],
+                   cwd=Path(__file__).parents[1], check=True, timeout=600)
     rows = list(csv.DictReader(out.open()))
     assert {(r['part'], r['backbone']) for r in rows} == {
         (part, b) for part in ('backbone', 'detector') for b in ('epsanet50_small', 'resnet50')}
