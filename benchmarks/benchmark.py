@@ -90,6 +90,18 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def timed(fn, device) -> float:
+    """Seconds one call of `fn` takes, with CUDA's queue drained before and after."""
+    import torch
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 def create(name, **kwargs):
     import timm
     import timm_epsanet  # noqa: F401  (explicit registration, also when the autoload is off)
@@ -154,10 +166,7 @@ def measure(cfg):
     times = []
     faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(cfg['iters']):
-        start = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - start)
+        times.append(timed(step, device))
     faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before) / cfg['iters']
     if cuda:
         peak_mib = torch.cuda.max_memory_allocated() / 2 ** 20

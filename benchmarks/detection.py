@@ -18,12 +18,11 @@ import csv
 import datetime
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.benchmark import machine_description
+from benchmarks.benchmark import machine_description, timed
 from timm_epsanet.detection import DETECTORS, create_detector
 from timm_epsanet.epsanet import LARGE_GROUPS, PSA_KERNELS, SMALL_GROUPS
 from timm_epsanet.psa import PyramidSqueezeAttention
@@ -51,16 +50,6 @@ def parse_args(argv=None):
         if getattr(args, name) < 1:
             parser.error(f'--{name.replace("_", "-")} must be >= 1, got {getattr(args, name)}')
     return args
-
-
-def timed(fn, device):
-    if device.type == 'cuda':
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device.type == 'cuda':
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def alternate(fns, device, iters, warmup):

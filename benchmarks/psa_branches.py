@@ -15,12 +15,11 @@ import argparse
 import datetime
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
-from benchmark import cpu_model
+from benchmark import cpu_model, timed
 from timm_epsanet._branch_conv import BRANCH_FORMS, BranchConv2d
 from timm_epsanet.epsanet import LARGE_GROUPS, PSA_KERNELS, SMALL_GROUPS
 
@@ -56,16 +55,7 @@ def write_json(path, device, args, rows):
 def time_ms(fn, device, iters, warmup=3):
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(iters):
-        if device.type == 'cuda':
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == 'cuda':
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    return 1e3 * statistics.median(timed(fn, device) for _ in range(iters))
 
 
 def candidates(args):
