@@ -123,6 +123,9 @@ class PyramidSqueezeAttention(nn.Module):
         # one SEWeight for all scales, then a softmax across the scales
         x_attn = self.se(x.mean((3, 4)).reshape(B * self.num_scales, self.split_chs, 1, 1))
         x_attn = x_attn.reshape(B, self.num_scales, self.split_chs, 1, 1).softmax(dim=1)
+        # CUDA autocast computes the softmax in fp32: reweighting in fp32 would promote the whole
+        # output, and the BN and activation after it, to fp32 (twice the memory and traffic)
+        x_attn = x_attn.to(x.dtype)
         # x is this module's own buffer (the concat): reweight it in place when autograd is off
         x = x.mul_(x_attn) if not torch.is_grad_enabled() else x * x_attn
         return x.reshape(B, self.num_scales * self.split_chs, H, W)
