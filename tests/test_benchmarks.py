@@ -99,6 +99,23 @@ def test_psa_branches_times_every_form_in_every_layout(tmp_path):
             assert math.isnan(t) if dense_branch and not key.startswith('grouped') else t > 0, (row, key)
 
 
+def test_triton_tiles_times_each_kernel_on_neighbouring_tiles(tmp_path):
+    """The tile sweep run_cuda.sh runs on a GPU, here under the Triton interpreter on one tiny branch:
+    each kernel on its default tile first, then its neighbours, each checked against the default."""
+    out = tmp_path / 'tiles.json'
+    env = dict(os.environ, OMP_NUM_THREADS='1', TRITON_INTERPRET='1')
+    subprocess.run([sys.executable, str(BENCHMARKS / 'triton_tiles.py'), '--device', 'cpu', '--dtype', 'float32',
+                    '--batch-size', '1', '--stages', '1', '--size', '4', '--max-shapes', '1', '--max-tiles', '2',
+                    '--iters', '1', '--warmup', '0', '--json', str(out)], check=True, capture_output=True, text=True,
+                   env=env)
+    rows = json.loads(out.read_text())['rows']
+    assert [(r['kernel_kind'], r['default']) for r in rows] == [
+        (kind, default) for kind in ('forward', 'grad_input', 'grad_weight') for default in (True, False)]
+    assert {(r['stage'], r['kernel'], r['groups']) for r in rows} == {(1, 5, 4)}  # Small's largest Triton branch
+    assert all(r['equal'] and r['ms'] > 0 for r in rows), rows
+    assert rows[1]['tile'] != rows[0]['tile']
+
+
 @pytest.mark.slow
 def test_psa_plans_times_every_psa_shape(tmp_path):
     """The check of cpu_branch_plan inside whole PSA modules: every EPSANet Small PSA shape (strided

@@ -209,8 +209,9 @@ def _check_device(x: torch.Tensor) -> None:
         raise RuntimeError(f'the Triton PSA branch kernels need a CUDA tensor (or TRITON_INTERPRET=1), got {x.device}')
 
 
-def _launch_conv(src, weight, dst, groups, stride, padding, dilation, transposed):
-    """dst = the conv of src (forward), or its input gradient from the output gradient src (transposed)."""
+def _launch_conv(src, weight, dst, groups, stride, padding, dilation, transposed, config=None):
+    """dst = the conv of src (forward), or its input gradient from the output gradient src (transposed),
+    on `config`'s tile (default `config_for`'s)."""
     out_chs, in_per_group, k_h, k_w = weight.shape
     outs = out_chs // groups
     # (KH, KW, G, reduced, written) contiguous: what one tap of one group multiplies. Transposed,
@@ -218,7 +219,7 @@ def _launch_conv(src, weight, dst, groups, stride, padding, dilation, transposed
     w_t = weight.reshape(groups, outs, in_per_group, k_h, k_w)
     w_t = w_t.permute(3, 4, 0, 1, 2) if transposed else w_t.permute(3, 4, 0, 2, 1)
     c_red, c_out = (outs, in_per_group) if transposed else (in_per_group, outs)
-    block_p, block_g, block_r, block_o, num_warps = config_for(groups, c_red, c_out)
+    block_p, block_g, block_r, block_o, num_warps = config or config_for(groups, c_red, c_out)
     n, _, h_dst, w_dst = dst.shape
     grid = (triton.cdiv(n * h_dst * w_dst, block_p), triton.cdiv(groups, block_g) * triton.cdiv(c_out, block_o))
     s, d = src.stride(), dst.stride()
@@ -267,16 +268,21 @@ def _(grad, weight, x, stride, padding, dilation, groups):
 def _grad_weight_op(x: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor, stride: List[int],
                     padding: List[int], dilation: List[int], groups: int) -> torch.Tensor:
     _check_device(x)
+    return _launch_weight_grad(x, grad, weight, stride, padding, dilation, groups)
+
+
+def _launch_weight_grad(x, grad, weight, stride, padding, dilation, groups, config=None):
+    """The weight gradient of the conv of x, given its output gradient, on `config`'s tile."""
     out_chs, in_per_group, k_h, k_w = weight.shape
     outs = out_chs // groups
     n, _, h_out, w_out = grad.shape
-    block_p, block_g, block_r, block_o, num_warps = config_for(groups, in_per_group, outs)
+    block_p, block_g, block_r, block_o, num_warps = config or config_for(groups, in_per_group, outs)
     blocks = triton.cdiv(groups, block_g) * triton.cdiv(in_per_group, block_r) * triton.cdiv(outs, block_o)
     # enough chunks of pixels for ~4 programs per multiprocessor, each of whole pixel tiles
     sms = 4 if x.device.type != 'cuda' else torch.cuda.get_device_properties(x.device).multi_processor_count
     n_pix = n * h_out * w_out
     chunks = max(1, min(triton.cdiv(n_pix, 4 * block_p), triton.cdiv(4 * sms, blocks * k_h * k_w)))
-    pix_per_chunk = triton.cdiv(triton.cdiv(n_pix, chunks), 64) * 64  # whole tiles of any block_p <= 64
+    pix_per_chunk = triton.cdiv(triton.cdiv(n_pix, chunks), block_p) * block_p  # whole pixel tiles
     chunks = triton.cdiv(n_pix, pix_per_chunk)
     part = torch.empty((chunks, k_h, k_w, groups, in_per_group, outs), dtype=torch.float32, device=x.device)
     s, d = x.stride(), grad.stride()

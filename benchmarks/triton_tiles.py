@@ -1,0 +1,123 @@
+"""Time the Triton branch kernels on tiles around `config_for`'s, for each EPSANet branch they run.
+
+`timm_epsanet._triton_branch.config_for` picks each kernel's tile (pixels x groups x reduction
+channels x written channels, and warps) by register budget alone; which tile is fastest depends on
+the GPU. For every PSA branch shape the kernels serve (2+ inputs, at most 8 outputs per group), this
+times the forward, input-gradient and weight-gradient kernels on the default tile and on its
+neighbours (half and twice the pixels, half the groups, 2 and 8 warps), checks that each tile
+computes what the default does, and writes one JSON row per (branch, kernel, tile) as it goes.
+Largest branches first, so a run cut short by a time limit keeps the ones that matter most.
+
+    python benchmarks/triton_tiles.py --device cuda --batch-size 128 --json /tmp/tiles.json
+    TRITON_INTERPRET=1 python benchmarks/triton_tiles.py --device cpu --batch-size 1 --stages 1 --size 4 --max-shapes 1 --iters 1 --warmup 0
+"""
+import argparse
+import math
+from pathlib import Path
+
+import torch
+
+from psa_branches import shapes, time_ms, write_json
+from timm_epsanet._branch_plans import TRITON_MAX_OUTS_PER_GROUP
+
+KINDS = ('forward', 'grad_input', 'grad_weight')
+
+
+def triton_shapes(variants, stages=(1, 2, 3, 4), size=None):
+    """The stride-1 PSA branch shapes the Triton kernels run, largest (in MACs) first."""
+    found = []
+    for shape in shapes(variants):
+        if shape['stage'] not in stages:
+            continue
+        in_per_group, outs = shape['chs'] // shape['groups'], shape['chs'] // 4 // shape['groups']
+        if in_per_group > 1 and outs <= TRITON_MAX_OUTS_PER_GROUP:
+            found.append(dict(shape, size=size or shape['size']))
+    return sorted(found, key=lambda s: -s['size'] ** 2 * s['chs'] ** 2 // s['groups'] * s['kernel'] ** 2)
+
+
+def neighbour_tiles(default):
+    """`default` first, then the tiles one step away from it."""
+    tiles = [default]
+    for block_p in (default.block_p // 2, default.block_p * 2):
+        if 16 <= block_p <= 128:
+            tiles.append(default._replace(block_p=block_p))
+    if default.block_g > 1:
+        tiles.append(default._replace(block_g=default.block_g // 2))
+    tiles += [default._replace(num_warps=w) for w in (2, 8) if w != default.num_warps]
+    return tiles
+
+
+def kernel_runner(kind, shape, x, weight, grad):
+    """A function of a tile that runs one kernel of this branch and returns its output."""
+    from timm_epsanet import _triton_branch as tb
+    groups, k = shape['groups'], shape['kernel']
+    conv = dict(stride=(1, 1), padding=(k // 2, k // 2), dilation=(1, 1))
+    if kind == 'grad_weight':
+        return lambda tile: tb._launch_weight_grad(x, grad, weight, groups=groups, config=tile, **conv)
+    src, dst_like = (x, grad) if kind == 'forward' else (grad, x)
+    return lambda tile: tb._launch_conv(src, weight, torch.empty_like(dst_like), groups, transposed=kind != 'forward',
+                                        config=tile, **conv)
+
+
+def default_tile(kind, shape):
+    from timm_epsanet._triton_branch import config_for
+    in_per_group, outs = shape['chs'] // shape['groups'], shape['chs'] // 4 // shape['groups']
+    return config_for(shape['groups'], outs, in_per_group) if kind == 'grad_input' \
+        else config_for(shape['groups'], in_per_group, outs)
+
+
+def measure(shape, args, device):
+    chs, size, k = shape['chs'], shape['size'], shape['kernel']
+    dtype = getattr(torch, args.dtype)
+    layout = torch.channels_last
+    x = torch.randn(args.batch_size, chs, size, size, device=device, dtype=dtype).contiguous(memory_format=layout)
+    weight = torch.randn(chs // 4, chs // shape['groups'], k, k, device=device, dtype=dtype) / math.sqrt(chs * k * k)
+    grad = torch.randn(args.batch_size, chs // 4, size, size, device=device, dtype=dtype).contiguous(memory_format=layout)
+    rows = []
+    for kind in KINDS:
+        run = kernel_runner(kind, shape, x, weight, grad)
+        default = default_tile(kind, shape)
+        reference = run(default).float()
+        default_ms = None
+        for tile in neighbour_tiles(default)[:args.max_tiles]:
+            out = run(tile).float()
+            equal = bool(torch.allclose(out, reference, rtol=1e-2, atol=1e-2 * reference.abs().max().item()))
+            ms = time_ms(lambda: run(tile), device, args.iters, args.warmup)
+            default_ms = default_ms or ms
+            rows.append(dict(shape, batch_size=args.batch_size, dtype=args.dtype, kernel_kind=kind, tile=list(tile),
+                             default=tile == default, ms=ms, x_default=default_ms / ms, equal=equal))
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--device', default='cuda')
+    parser.add_argument('--batch-size', type=int, default=128)
+    parser.add_argument('--dtype', default='float16', choices=['float16', 'bfloat16', 'float32'])
+    parser.add_argument('--iters', type=int, default=10)
+    parser.add_argument('--warmup', type=int, default=3)
+    parser.add_argument('--variants', nargs='+', default=['small'], choices=['small', 'large'])
+    parser.add_argument('--stages', nargs='+', type=int, default=[1, 2, 3, 4], choices=[1, 2, 3, 4])
+    parser.add_argument('--size', type=int, default=None, help='every branch at this resolution (CPU checks)')
+    parser.add_argument('--max-shapes', type=int, default=None)
+    parser.add_argument('--max-tiles', type=int, default=None)
+    parser.add_argument('--json', default=None, help='write the rows here, after every branch')
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    print(f'{device}, batch {args.batch_size}, {args.dtype}, channels-last; ms per kernel call')
+    print('| variant | stage | chs | size | k | groups | kernel | tile (P, G, R, O, warps) | ms | x default | equal |')
+    print('|---|---|---|---|---|---|---|---|---|---|---|')
+    rows = []
+    for shape in triton_shapes(args.variants, args.stages, args.size)[:args.max_shapes]:
+        for row in measure(shape, args, device):
+            rows.append(row)
+            print(f'| {row["variant"]} | {row["stage"]} | {row["chs"]} | {row["size"]} | {row["kernel"]} | '
+                  f'{row["groups"]} | {row["kernel_kind"]} | {tuple(row["tile"])}{" (default)" if row["default"] else ""} '
+                  f'| {row["ms"]:.3f} | {row["x_default"]:.2f} | {row["equal"]} |', flush=True)
+        if args.json:
+            write_json(Path(args.json), device, args, rows)
+    return rows
+
+
+if __name__ == '__main__':
+    main()
