@@ -183,9 +183,11 @@ class Config(NamedTuple):
 
 
 def config_for(groups: int, c_red: int, c_out: int) -> Config:
-    """The tile for a conv of `groups` groups, each reducing `c_red` channels into `c_out`: its
-    fp32 accumulator and its loaded input tile kept to 2K values each, pixels 16 to 64 (larger
-    tiles spilled registers in ptxas's sm_90 build)."""
+    """The tile for a conv of `groups` groups, each reducing `c_red` channels into `c_out`: up to
+    16 written channels, 32 (groups x reduction channels), and pixels for an fp32 accumulator of
+    about 2K values, 16 to 64 of them (larger tiles spilled registers in ptxas's sm_90 build; at
+    the floor of 16 pixels, tiles of many written channels hold up to 8K). A starting point, not
+    a measured optimum: benchmarks/triton_tiles.py times its neighbours on a GPU."""
     block_o = min(_pow2(c_out), 16)
     block_r = min(_pow2(c_red), max(1, 32 // block_o))
     block_g = min(_pow2(groups), max(1, 32 // block_r))
