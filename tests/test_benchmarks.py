@@ -37,6 +37,8 @@ def test_model_forms():
     assert not any(isinstance(m, PyramidSqueezeAttention) for m in official.modules())
     dense = benchmark.create('epsanet50_small@dense')
     assert {c.form for c in dense.layer1[0].conv2.convs} == {'grouped', 'dense'}  # branch 0 has one group
+    regrouped = benchmark.create('epsanet50_small@regrouped')
+    assert {c.form for c in regrouped.layer1[0].conv2.convs} == {'grouped', 'regrouped'}
     with pytest.raises(ValueError, match='unknown model form @fast'):
         benchmark.create('epsanet50_small@fast')
 
