@@ -500,3 +500,39 @@ def test_a_cached_triton_plan_is_measured_anew_where_triton_cannot_run(tuning, m
         monkeypatch.setattr(_branch_tuning, 'triton_runs_on_cuda', lambda: False)
         torch.testing.assert_close(psa(x), plain(x), rtol=1e-5, atol=1e-5)
     assert len(timed) == 2 and all(form != 'triton' for form, _ in table[key])
+
+
+class GradOneBf16UlpOff(torch.autograd.Function):
+    """Identity whose gradient moves by about one bf16 rounding step: a weight gradient summed in
+    another order and rounded to bf16 (as a GPU's 16-bit weight gradient is before it reaches the
+    fp32 weight)."""
+
+    @staticmethod
+    def forward(ctx, w):
+        return w.view_as(w)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (grad * (1 + 2 ** -8)).to(torch.bfloat16).to(grad.dtype)
+
+
+def test_autocast_training_candidates_are_checked_at_the_compute_precision(monkeypatch):
+    """Under autocast the fp32 weight's gradient is computed in the 16-bit dtype and rounded there:
+    every gradient is checked at the compute dtype's precision, so no correct form is dropped for
+    a different rounding."""
+    cuda_candidates_on_cpu(monkeypatch, triton=False)
+    torch.manual_seed(0)
+    conv = PyramidSqueezeAttention(CHS).convs[3]
+    forward_as = type(conv).forward_as
+
+    def dense_rounds_its_weight_grad_otherwise(self, x, form):
+        if form != 'dense':
+            return forward_as(self, x, form)
+        weight = GradOneBf16UlpOff.apply(self.weight)
+        return torch.nn.functional.conv2d(x, weight, None, self.stride, self.padding, self.dilation, self.groups)
+    monkeypatch.setattr(type(conv), 'forward_as', dense_rounds_its_weight_grad_otherwise)
+    x = torch.randn(2, CHS, 8, 8)
+    inputs = {'nchw': x, 'channels_last': x.contiguous(memory_format=torch.channels_last)}
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        verified = _branch_tuning.verified_candidates(conv, inputs, True)
+    assert set(verified) == set(_branch_tuning.candidates(conv, 'cuda'))

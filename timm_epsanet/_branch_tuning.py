@@ -376,7 +376,9 @@ def verified_candidates(conv, inputs: Dict[str, torch.Tensor], training: bool) -
     expected = _output_and_grads(conv, inputs['nchw'], 'grouped', training)
     if not all(bool(torch.isfinite(t).all()) for t in expected):
         return None
-    tols = [TOLERANCE.get(t.dtype, LOW_PRECISION_TOLERANCE) * (float(t.abs().max()) + 1e-6) for t in expected]
+    # the output's dtype is the compute dtype (autocast: an fp32 weight's gradient is computed in it too)
+    tol = TOLERANCE.get(expected[0].dtype, LOW_PRECISION_TOLERANCE)
+    tols = [tol * (float(t.abs().max()) + 1e-6) for t in expected]
     verified = []
     for form, layout in candidates(conv, inputs['nchw'].device.type):
         try:
