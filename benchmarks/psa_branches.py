@@ -6,7 +6,8 @@ It prints one row per branch shape (EPSANet-50 stages, Small and Large)
 with the milliseconds of the forward (inference) and forward + backward (training) of each form
 in each memory layout of the input (the PSA module hands each branch the layout it runs fastest in).
 The depthwise form is timed channels-last only (its NCHW depthwise convs were 3-6x slower on
-CPU), the volumetric form NCHW only (it views NCHW memory as a volume).
+CPU), the volumetric form NCHW only (it views NCHW memory as a volume); the regrouped form only
+where it is neither the grouped nor the dense conv (NaN elsewhere).
 
     python benchmarks/psa_branches.py --json benchmarks/results/psa_branches-cpu.json        # CPU, batch 8, fp32
     python benchmarks/psa_branches.py --device cuda --batch-size 128 --amp --layouts channels_last
@@ -73,7 +74,8 @@ def measure(shape, args, device):
         conv = BranchConv2d(chs, out_chs, shape['kernel'], padding=shape['kernel'] // 2, groups=shape['groups'],
                             bias=False, form=form, device=device).to(memory_format=LAYOUTS[layout])
         key = f'{form}/{layout}'
-        if conv.form != form:  # 1 input per group or 1 group: nothing to reformulate
+        # 1 input per group or 1 group: nothing to reformulate; regrouped merging none or all groups
+        if conv.form != form or (form == 'regrouped' and conv.regroup in (1, conv.groups)):
             row[f'{key}_infer_ms'] = row[f'{key}_train_ms'] = float('nan')
             continue
         x = x_any.contiguous(memory_format=LAYOUTS[layout])
@@ -103,7 +105,7 @@ def main(argv=None):
     parser.add_argument('--layouts', nargs='+', default=list(LAYOUTS), choices=list(LAYOUTS))
     parser.add_argument('--amp', action='store_true')
     parser.add_argument('--iters', type=int, default=10)
-    parser.add_argument('--forms', nargs='+', default=['grouped', 'depthwise', 'volumetric', 'dense'],
+    parser.add_argument('--forms', nargs='+', default=['grouped', 'depthwise', 'volumetric', 'dense', 'regrouped'],
                         choices=BRANCH_FORMS[1:], help="'triton': CUDA only")
     parser.add_argument('--variants', nargs='+', default=['small', 'large'], choices=['small', 'large'])
     parser.add_argument('--json', type=Path, default=None, help='also write the rows here')

@@ -8,9 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks import benchmark
 from timm_epsanet import PyramidSqueezeAttention
+from timm_epsanet._branch_tuning import device_name
 from timm_epsanet._official import OfficialPSA
 
 BENCHMARKS = Path(benchmark.__file__).parent
@@ -37,6 +39,8 @@ def test_model_forms():
     assert not any(isinstance(m, PyramidSqueezeAttention) for m in official.modules())
     dense = benchmark.create('epsanet50_small@dense')
     assert {c.form for c in dense.layer1[0].conv2.convs} == {'grouped', 'dense'}  # branch 0 has one group
+    regrouped = benchmark.create('epsanet50_small@regrouped')
+    assert {c.form for c in regrouped.layer1[0].conv2.convs} == {'grouped', 'regrouped'}
     with pytest.raises(ValueError, match='unknown model form @fast'):
         benchmark.create('epsanet50_small@fast')
 
@@ -82,21 +86,27 @@ def test_machine_line_names_the_cpu_model():
 @pytest.mark.slow
 def test_psa_branches_times_every_form_in_every_layout(tmp_path):
     """The evidence behind cpu_branch_plan: one row per EPSANet branch shape, a time per form and
-    layout (no depthwise NCHW, no volumetric channels-last, none for the dense 3x3 branch)."""
+    layout (no depthwise NCHW, no volumetric channels-last, none for the dense 3x3 branch, none for
+    regrouped where it merges no groups (8+ outputs each) or all (the dense conv))."""
     out = tmp_path / 'branches.json'
     run_script('psa_branches.py', '--batch-size', '1', '--iters', '1', '--variants', 'small',
-               '--forms', 'grouped', 'depthwise', 'volumetric', '--json', str(out))
+               '--forms', 'grouped', 'depthwise', 'volumetric', 'regrouped', '--json', str(out))
     result = json.loads(out.read_text())
     assert result['machine'].startswith(benchmark.cpu_model())
     rows = result['rows']
     assert [(r['stage'], r['kernel']) for r in rows] == [(s, k) for s in (1, 2, 3, 4) for k in (3, 5, 7, 9)]
-    forms = ('grouped/nchw', 'grouped/channels_last', 'depthwise/channels_last', 'volumetric/nchw')
+    forms = ('grouped/nchw', 'grouped/channels_last', 'depthwise/channels_last', 'volumetric/nchw',
+             'regrouped/nchw', 'regrouped/channels_last')
     for row in rows:
         times = {key: v for key, v in row.items() if key.endswith('_ms')}
         assert set(times) == {f'{f}_{m}_ms' for f in forms for m in ('infer', 'train')}
         dense_branch = row['groups'] == 1
+        outs = row['chs'] // 4 // row['groups']  # outputs per group
+        merges = row['groups'] > 1 and outs < 8
         for key, t in times.items():
-            assert math.isnan(t) if dense_branch and not key.startswith('grouped') else t > 0, (row, key)
+            untimed = (dense_branch and not key.startswith('grouped')) or (key.startswith('regrouped') and not merges)
+            assert math.isnan(t) if untimed else t > 0, (row, key)
+    assert sum(not math.isnan(row['regrouped/nchw_infer_ms']) for row in rows) == 6
 
 
 def test_triton_tiles_times_each_kernel_on_neighbouring_tiles(tmp_path):
@@ -148,3 +158,35 @@ def test_benchmark_run_records_page_faults_and_malloc_keep(tmp_path):
     with pytest.raises(SystemExit, match='different machines'):
         benchmark.merge([tmp_path / 'benchmark-cpu.csv', tmp_path / 'benchmark-cpu-malloc_keep.csv'],
                         tmp_path / 'mixed.csv')
+
+
+@pytest.mark.slow
+def test_branch_tuning_script_measures_first_use_and_tuned_throughput(tmp_path):
+    """branch_tuning.py as the CUDA run calls it (--device, --amp, batch), on CPU with tiny shapes:
+    a row per configuration with its first-use cost, both throughputs and the forms of the plans
+    it measured, in the autocast dtype, on the machine named."""
+    out = tmp_path / 'tuning.json'
+    run_script('branch_tuning.py', '--device', 'cpu', '--amp', '--batch-size', '2', '--img-size', '32', '--rounds', '1',
+               '--modes', 'infer', '--layouts', 'channels_last', '--threads', '1', '--json', str(out))
+    result = json.loads(out.read_text())
+    assert result['machine']['device'] == device_name(torch.device('cpu'))  # the CPU model, as the plan cache names it
+    (row,) = result['rows']
+    assert (row['mode'], row['layout'], row['batch']) == ('infer', 'channels_last', 2)
+    assert row['first_tuned_call_s'] > 0 and row['off_median_s'] > 0 and row['on_median_s'] > 0
+    plans = result['plans']
+    assert plans and all(key.startswith('infer|bfloat16|') for key in plans)
+    assert sum(row['forms'].values()) == sum(len(plan) for plan in plans.values())
+
+
+def test_cuda_run_fits_in_8_minutes_and_times_every_gpu_form():
+    """benchmarks/run_cuda.sh on one GPU: its stage limits add up to at most 450 s (under 8 minutes
+    with the machine line and process starts), the model tables first; the branch timings cover
+    the regrouped form and the Triton kernels, and the tuning stage measures on the GPU in AMP."""
+    script = (BENCHMARKS / 'run_cuda.sh').read_text()
+    stages = [line.split()[1:3] for line in script.splitlines() if line.startswith('stage ')]
+    limits = {name: int(seconds) for name, seconds in stages}
+    assert sum(limits.values()) <= 450, limits
+    assert list(limits)[:3] == ['checks', 'amp_fp16_b128', 'amp_fp16_b256'] and 'amp_bf16_b128' in limits
+    branches, tuning = (script.split(f'stage {name} ', 1)[1].split('\nstage ', 1)[0] for name in ('branches', 'tuning'))
+    assert 'regrouped' in branches and 'triton' in branches
+    assert 'branch_tuning.py --device $DEVICE $AMP' in tuning and '--json' in tuning

@@ -9,7 +9,7 @@ import torch
 
 import timm_epsanet
 from timm_epsanet import PyramidSqueezeAttention, _branch_tuning
-from timm_epsanet._branch_conv import BranchConvs
+from timm_epsanet._branch_conv import BranchConv2d, BranchConvs
 
 CHS = 64  # branches (k3 g1, k5 g4, k7 g8, k9 g16), 16 outputs each
 
@@ -408,3 +408,131 @@ def test_measure_interleaves_and_skips_the_warm_up():
     times = _branch_tuning.measure({'a': call('a'), 'bad': call('bad')}, torch.device('cpu'), warmup=True, repeats=2)
     assert order == ['a', 'bad'] * 3
     assert len(times['a']) == 2 and all(t >= 0 for t in times['a']) and times['bad'] == [float('inf')] * 2
+
+
+def cuda_candidates_on_cpu(monkeypatch, triton: bool):
+    """The candidates a CUDA device gets (the Triton kernels where `triton`), offered for CPU tensors."""
+    candidates = _branch_tuning.candidates
+    monkeypatch.setattr(_branch_tuning, 'triton_runs_on_cuda', lambda: triton)
+    monkeypatch.setattr(_branch_tuning, 'candidates', lambda conv, device_type: candidates(conv, 'cuda'))
+
+
+@pytest.mark.parametrize('triton', [False, True])
+def test_cuda_candidates_add_the_wider_forms_and_the_triton_kernels(monkeypatch, triton):
+    """On CUDA: dense, regrouped where it is neither the grouped nor the dense conv, and the
+    Triton kernels where they run, each in both layouts; the CPU's candidates stay as they were."""
+    monkeypatch.setattr(_branch_tuning, 'triton_runs_on_cuda', lambda: triton)
+    layouts = {'nchw', 'channels_last'}
+    cpu = {('grouped', 'nchw'), ('grouped', 'channels_last'), ('depthwise', 'channels_last'), ('volumetric', 'nchw')}
+    extra = {'dense', 'regrouped'} | ({'triton'} if triton else set())
+    for conv in PyramidSqueezeAttention(CHS).convs[1:]:  # 4, 2, 1 outputs per group: merged by 2, 4, 8
+        assert set(_branch_tuning.candidates(conv, 'cpu')) == cpu
+        assert set(_branch_tuning.candidates(conv, 'cuda')) == cpu | {(f, lo) for f in extra for lo in layouts}
+    wide = BranchConv2d(32, 128, 9, groups=16, bias=False)  # 8 outputs per group: regrouped is the grouped conv
+    few = BranchConv2d(16, 4, 5, groups=4, bias=False)  # 1 output per group: regrouped merges all 4, the dense conv
+    for conv in (wide, few):
+        assert {form for form, _ in _branch_tuning.candidates(conv, 'cuda')} == {'grouped', 'depthwise', 'volumetric'} | (extra - {'regrouped'})
+    depthwise = BranchConv2d(16, 16, 9, groups=16, bias=False)  # 1 input per group
+    assert set(_branch_tuning.candidates(depthwise, 'cuda')) == {('grouped', 'nchw'), ('grouped', 'channels_last')}
+
+
+@pytest.mark.parametrize('training', [False, True])
+def test_forms_that_cannot_run_here_are_dropped_and_regrouped_is_verified(monkeypatch, training):
+    """The CUDA candidates checked on CPU tensors: the Triton kernels' custom ops refuse them (so the
+    form is no candidate, and nothing raises), dense and regrouped compute the grouped conv."""
+    cuda_candidates_on_cpu(monkeypatch, triton=True)
+    monkeypatch.delenv('TRITON_INTERPRET', raising=False)  # which would run the kernels on CPU
+    conv = PyramidSqueezeAttention(CHS).convs[2]
+    x = torch.randn(2, CHS, 8, 8)
+    inputs = {'nchw': x, 'channels_last': x.contiguous(memory_format=torch.channels_last)}
+    verified = _branch_tuning.verified_candidates(conv, inputs, training)
+    assert set(verified) == set(_branch_tuning.candidates(conv, 'cuda')) - {('triton', 'nchw'), ('triton', 'channels_last')}
+
+
+def test_training_candidates_need_the_grouped_conv_gradients(monkeypatch):
+    """A form whose forward is right but whose gradients are not is a candidate for inference only."""
+    conv = PyramidSqueezeAttention(CHS).convs[3]
+    forward_as = type(conv).forward_as
+
+    def wrong_backward(self, x, form):
+        y = forward_as(self, x, form)
+        return y.detach() + 2 * (y - y.detach()) if form == 'depthwise' else y  # same values, doubled gradients
+    monkeypatch.setattr(type(conv), 'forward_as', wrong_backward)
+    x = torch.randn(2, CHS, 8, 8)
+    inputs = {'nchw': x, 'channels_last': x.contiguous(memory_format=torch.channels_last)}
+    assert ('depthwise', 'channels_last') in _branch_tuning.verified_candidates(conv, inputs, False)
+    assert ('depthwise', 'channels_last') not in _branch_tuning.verified_candidates(conv, inputs, True)
+
+
+@pytest.mark.parametrize('training', [False, True])
+def test_a_fastest_regrouped_plan_runs_and_computes_the_grouped_convs(tuning, monkeypatch, training):
+    """The timing path end to end with the CUDA candidates: the regrouped form, timed fastest,
+    is the plan; the Triton kernels (fastest of all, but unable to run here) are never timed."""
+    cuda_candidates_on_cpu(monkeypatch, triton=True)
+    psa, plain = psa_pair()
+    psa.train(training), plain.train(training)
+    times = {(i, ('regrouped', 'channels_last')): 0.01 for i in range(1, 4)}
+    times |= {(i, ('triton', layout)): 1e-6 for i in range(4) for layout in ('nchw', 'channels_last')}
+    timed = fake_timer(monkeypatch, times | {('convert', 'channels_last'): 0.0})
+    x = torch.randn(2, CHS, 8, 8, requires_grad=training)
+    with torch.set_grad_enabled(training):
+        y, expected = psa(x), plain(x)
+    assert tuning[0][1:] == [('regrouped', 'channels_last')] * 3
+    assert not any(key[1][0] == 'triton' for key in timed[0] if key[0] != 'convert')
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    if training:
+        for a, b in zip(torch.autograd.grad(y.sum(), [x, *psa.parameters()]),
+                        torch.autograd.grad(expected.sum(), [x, *plain.parameters()])):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_a_cached_triton_plan_is_measured_anew_where_triton_cannot_run(tuning, monkeypatch):
+    """A plan file written where the Triton kernels ran, read where they cannot (triton removed):
+    the PSA measures again rather than fail."""
+    timed = fake_timer(monkeypatch)
+    psa, plain = psa_pair()
+    x = torch.randn(2, CHS, 8, 8)
+    with torch.no_grad():
+        psa(x)
+        (table,) = _branch_tuning._state.tables.values()
+        (key,) = table
+        table[key] = [('grouped', 'nchw')] + [('triton', 'channels_last')] * 3
+        monkeypatch.setattr(_branch_tuning, 'triton_runs_on_cuda', lambda: False)
+        torch.testing.assert_close(psa(x), plain(x), rtol=1e-5, atol=1e-5)
+    assert len(timed) == 2 and all(form != 'triton' for form, _ in table[key])
+
+
+class GradOneBf16UlpOff(torch.autograd.Function):
+    """Identity whose gradient moves by about one bf16 rounding step: a weight gradient summed in
+    another order and rounded to bf16 (as a GPU's 16-bit weight gradient is before it reaches the
+    fp32 weight)."""
+
+    @staticmethod
+    def forward(ctx, w):
+        return w.view_as(w)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (grad * (1 + 2 ** -8)).to(torch.bfloat16).to(grad.dtype)
+
+
+def test_autocast_training_candidates_are_checked_at_the_compute_precision(monkeypatch):
+    """Under autocast the fp32 weight's gradient is computed in the 16-bit dtype and rounded there:
+    every gradient is checked at the compute dtype's precision, so no correct form is dropped for
+    a different rounding."""
+    cuda_candidates_on_cpu(monkeypatch, triton=False)
+    torch.manual_seed(0)
+    conv = PyramidSqueezeAttention(CHS).convs[3]
+    forward_as = type(conv).forward_as
+
+    def dense_rounds_its_weight_grad_otherwise(self, x, form):
+        if form != 'dense':
+            return forward_as(self, x, form)
+        weight = GradOneBf16UlpOff.apply(self.weight)
+        return torch.nn.functional.conv2d(x, weight, None, self.stride, self.padding, self.dilation, self.groups)
+    monkeypatch.setattr(type(conv), 'forward_as', dense_rounds_its_weight_grad_otherwise)
+    x = torch.randn(2, CHS, 8, 8)
+    inputs = {'nchw': x, 'channels_last': x.contiguous(memory_format=torch.channels_last)}
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        verified = _branch_tuning.verified_candidates(conv, inputs, True)
+    assert set(verified) == set(_branch_tuning.candidates(conv, 'cuda'))

@@ -6,7 +6,7 @@ from torch import nn
 
 from timm_epsanet import PyramidSqueezeAttention, default_groups, default_kernel_sizes
 from timm_epsanet._branch_conv import BranchConv2d
-from timm_epsanet._branch_forms import block_diagonal_weight, fft_weight_grad, fft_weight_grad_pays_off
+from timm_epsanet._branch_forms import block_diagonal_weight, fft_weight_grad, fft_weight_grad_pays_off, regroup_factor
 from timm_epsanet._official import OfficialPSA
 from timm_epsanet.epsanet import LARGE_GROUPS, SMALL_GROUPS
 
@@ -39,7 +39,7 @@ def test_paper_defaults_follow_eq3():
     (dict(in_chs=64, out_chs=0), 'out_chs must be a positive integer, got 0'),
     (dict(in_chs=64, stride=0), 'stride must be a positive integer, got 0'),
     (dict(in_chs=64, dilation=0), 'dilation must be a positive integer, got 0'),
-    (dict(in_chs=64, branch_form='fast'), "branch_form must be one of ('auto', 'grouped', 'depthwise', 'volumetric', 'dense', 'triton'), got 'fast'"),
+    (dict(in_chs=64, branch_form='fast'), "branch_form must be one of ('auto', 'grouped', 'depthwise', 'volumetric', 'dense', 'regrouped', 'triton'), got 'fast'"),
 ])
 def test_invalid_config_names_the_numbers(kwargs, message):
     with pytest.raises(ValueError) as info:
@@ -105,18 +105,20 @@ def test_psa_matches_official_forward(chs, stride, groups, grad):
 
 
 @pytest.mark.parametrize('channels_last', [False, True])
-@pytest.mark.parametrize('in_chs, out_chs, k, groups, stride', [
-    (64, 16, 9, 16, 1),   # 1 output per group
-    (64, 16, 7, 8, 2),    # 2 outputs per group, strided
-    (128, 32, 7, 8, 1),   # 4 outputs per group
+@pytest.mark.parametrize('in_chs, out_chs, k, groups, stride, dilation', [
+    (64, 16, 9, 16, 1, 1),   # 1 output per group
+    (64, 16, 7, 8, 2, 1),    # 2 outputs per group, strided
+    (128, 32, 7, 8, 1, 1),   # 4 outputs per group
+    (48, 12, 5, 4, 1, 2),    # 3 outputs per group (regrouped: all 4 merged), dilated
 ])
-@pytest.mark.parametrize('form', ['depthwise', 'volumetric', 'dense'])
-def test_branch_form_equals_grouped_conv(form, channels_last, in_chs, out_chs, k, groups, stride):
-    """BranchConv2d's depthwise, volumetric and dense forms: same output, memory layout and
-    gradients as the grouped conv."""
+@pytest.mark.parametrize('form', ['depthwise', 'volumetric', 'dense', 'regrouped'])
+def test_branch_form_equals_grouped_conv(form, channels_last, in_chs, out_chs, k, groups, stride, dilation):
+    """BranchConv2d's depthwise, volumetric, dense and regrouped forms: same output, memory layout
+    and gradients as the grouped conv."""
     torch.manual_seed(0)
-    fast = BranchConv2d(in_chs, out_chs, k, stride=stride, padding=k // 2, groups=groups, bias=False, form=form)
-    plain = BranchConv2d(in_chs, out_chs, k, stride=stride, padding=k // 2, groups=groups, bias=False, form='grouped')
+    kwargs = dict(stride=stride, padding=dilation * (k // 2), dilation=dilation, groups=groups, bias=False)
+    fast = BranchConv2d(in_chs, out_chs, k, form=form, **kwargs)
+    plain = BranchConv2d(in_chs, out_chs, k, form='grouped', **kwargs)
     assert fast.plan_for('cpu', True)[0] == form and plain.plan_for('cpu', True)[0] == 'grouped'
     plain.load_state_dict(fast.state_dict())
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -246,12 +248,13 @@ def _epsanet_psa_shapes():
 @pytest.mark.parametrize('mode', ['infer', 'train', 'bf16'])
 @pytest.mark.parametrize('channels_last', [False, True])
 @pytest.mark.parametrize('groups, chs, stride', list(_epsanet_psa_shapes()))
-def test_every_epsanet_psa_equals_plain_grouped_convs(groups, chs, stride, channels_last, mode):
+@pytest.mark.parametrize('form', ['auto', 'regrouped'])
+def test_every_epsanet_psa_equals_plain_grouped_convs(form, groups, chs, stride, channels_last, mode):
     """Whatever form and layout each branch runs in on CPU (they differ by shape, stride, training
-    and precision), a PSA computes what plain grouped convs compute, values and gradients, and
-    returns the caller's memory layout."""
+    and precision; 'regrouped' forced, as a GPU may run it), a PSA computes what plain grouped
+    convs compute, values and gradients, and returns the caller's memory layout."""
     torch.manual_seed(0)
-    fast = PyramidSqueezeAttention(chs, stride=stride, groups=groups)
+    fast = PyramidSqueezeAttention(chs, stride=stride, groups=groups, branch_form=form)
     plain = PyramidSqueezeAttention(chs, stride=stride, groups=groups, branch_form='grouped')
     plain.load_state_dict(fast.state_dict())
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -276,7 +279,7 @@ def test_every_epsanet_psa_equals_plain_grouped_convs(groups, chs, stride, chann
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize('form', ['depthwise', 'volumetric', 'dense'])
+@pytest.mark.parametrize('form', ['depthwise', 'volumetric', 'dense', 'regrouped'])
 def test_explicit_branch_form_computes_the_same_psa(form):
     """`branch_form` forces one form on every reformulable branch, on every device; same function."""
     torch.manual_seed(0)
@@ -292,14 +295,55 @@ def test_explicit_branch_form_computes_the_same_psa(form):
                                torch.autograd.grad(plain(x).square().sum(), x)[0], rtol=1e-4, atol=1e-4)
 
 
-def test_block_diagonal_weight():
-    w = torch.randn(6, 2, 3, 3)  # 3 groups, 2 outputs and 2 inputs each
-    dense = block_diagonal_weight(w, 3)
-    assert dense.shape == (6, 6, 3, 3)
-    for g in range(3):
-        for h in range(3):
-            block = dense[2 * g:2 * g + 2, 2 * h:2 * h + 2]
-            assert torch.equal(block, w[2 * g:2 * g + 2] if g == h else torch.zeros_like(block))
+@pytest.mark.parametrize('merge', [None, 3, 2, 1])
+def test_block_diagonal_weight(merge):
+    """6 groups of 2 outputs and 2 inputs: merged 3, 2 or 1 at a time, or all (dense), each merged
+    group's weight holds its groups' blocks on the diagonal and zeros elsewhere."""
+    w = torch.randn(12, 2, 3, 3)
+    m = 6 if merge is None else merge
+    merged = block_diagonal_weight(w, 6, merge)
+    assert merged.shape == (12, 2 * m, 3, 3)
+    for g in range(6):  # output block of group g, against every input block of its merged group
+        for h in range(m):
+            block = merged[2 * g:2 * g + 2, 2 * h:2 * h + 2]
+            assert torch.equal(block, w[2 * g:2 * g + 2] if g % m == h else torch.zeros_like(block))
+
+
+@pytest.mark.parametrize('groups, outs, merge', [
+    (16, 1, 8), (16, 2, 4), (16, 4, 2), (16, 8, 1), (32, 1, 8), (4, 16, 1),
+    (4, 3, 4),  # no divisor of 4 gives 8 outputs before all 4: the dense conv
+    (6, 3, 3),  # 9 outputs from 3 groups: the smallest divisor that reaches 8
+])
+def test_regrouping_merges_the_fewest_groups_that_reach_8_outputs(groups, outs, merge):
+    assert regroup_factor(groups, outs) == merge
+    conv = BranchConv2d(4 * groups, outs * groups, 3, padding=1, groups=groups, bias=False, form='regrouped')
+    x = torch.randn(1, 4 * groups, 5, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(conv(x), conv.forward_as(x, 'grouped'), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('form', ['dense', 'regrouped'])
+def test_merged_group_forms_script_trace_and_fx(form):
+    """The forms of block-diagonal weights are plain ops: a PSA forced to one runs scripted, traced
+    and as timm's FX graph as in eager, and trains through them (gradients reach the grouped weight)."""
+    from timm.layers import get_graph_node_names
+    from timm.models import create_feature_extractor
+    torch.manual_seed(0)
+    psa = PyramidSqueezeAttention(64, stride=2, branch_form=form)
+    plain = PyramidSqueezeAttention(64, stride=2, branch_form='grouped')
+    plain.load_state_dict(psa.state_dict())
+    x = torch.randn(2, 64, 10, 10).contiguous(memory_format=torch.channels_last)
+    last = get_graph_node_names(psa)[1][-1]
+    fx = create_feature_extractor(psa, [last])
+    assert any(n.op == 'call_module' and n.target == 'convs' for n in fx.graph.nodes)  # a leaf: runs the form
+    expected = plain(x)
+    grads = torch.autograd.grad(expected.square().sum(), plain.parameters())
+    for how, model in (('script', torch.jit.script(psa)), ('trace', torch.jit.trace(psa, x, check_trace=False)),
+                       ('fx', lambda x_in: fx(x_in)[last])):
+        y = model(x)
+        torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5, msg=how)
+        for a, b in zip(torch.autograd.grad(y.square().sum(), psa.parameters()), grads):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=how)
 
 
 def test_inference_reweights_in_place_but_training_keeps_autograd():

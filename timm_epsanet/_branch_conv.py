@@ -15,7 +15,8 @@ from torch import nn
 from timm.layers import register_notrace_module
 
 from ._branch_forms import (
-    FastFormGroupedBackward, block_diagonal_weight, fast_form_conv, group_sum_weight, sums_groups_by_conv,
+    FastFormGroupedBackward, block_diagonal_weight, fast_form_conv, group_sum_weight, regroup_factor,
+    sums_groups_by_conv,
 )
 from ._branch_plans import (
     Plan, computes_in_low_precision, cpu_branch_plan, cuda_branch_form, in_layout, layout_of, triton_in_auto,
@@ -23,7 +24,7 @@ from ._branch_plans import (
 from ._branch_tuning import tuned_plans
 
 # How a PSA branch's grouped conv is computed (`BranchConv2d`).
-BRANCH_FORMS = ('auto', 'grouped', 'depthwise', 'volumetric', 'dense', 'triton')
+BRANCH_FORMS = ('auto', 'grouped', 'depthwise', 'volumetric', 'dense', 'regrouped', 'triton')
 
 
 class BranchConv2d(nn.Conv2d):
@@ -35,6 +36,8 @@ class BranchConv2d(nn.Conv2d):
         conv's, so training pairs its forward with the grouped conv's backward.
       * volumetric: depthwise conv3ds over NCHW x viewed as a volume; trains like depthwise.
       * dense: a dense conv with the block-diagonal weight.
+      * regrouped: adjacent groups merged into groups of 8 or more outputs (`regroup_factor`),
+        each with a block-diagonal weight: between grouped (1x MACs) and dense (groups x).
       * triton: the Triton kernels of `_triton_branch` (forward and both gradients), on CUDA;
         on CPU the same plans as auto, on other devices the grouped conv.
       * auto: on CPU `cpu_branch_plan` (form and memory layout), on CUDA `cuda_branch_form`,
@@ -51,6 +54,8 @@ class BranchConv2d(nn.Conv2d):
         if self.groups == 1 or in_per_group == 1 or self.bias is not None:
             form = 'grouped'  # dense or depthwise already: nothing to reformulate
         self.form = form
+        # groups merged by the regrouped form (1: it is the grouped conv)
+        self.regroup: int = regroup_factor(self.groups, self.out_channels // self.groups)
         shape = (self.kernel_size[0], in_per_group, self.out_channels // self.groups, self.groups, max(self.stride))
         # CPU plans at index 2 * training + low_precision
         self.cpu_plans: List[Plan] = [
@@ -122,9 +127,12 @@ class BranchConv2d(nn.Conv2d):
 
     def forward_as(self, x: torch.Tensor, form: str) -> torch.Tensor:
         """The branch computed in `form`, in `x`'s memory layout."""
-        if form == 'dense':
-            weight = block_diagonal_weight(self.weight, self.groups)
-            return F.conv2d(x, weight, None, self.stride, self.padding, self.dilation, 1)
+        if form == 'dense' or form == 'regrouped':
+            merge = self.groups if form == 'dense' else self.regroup
+            if merge == 1:
+                return self._conv_forward(x, self.weight, self.bias)
+            weight = block_diagonal_weight(self.weight, self.groups, merge)
+            return F.conv2d(x, weight, None, self.stride, self.padding, self.dilation, self.groups // merge)
         if form == 'grouped':  # NCHW inputs stay NCHW on CPU: the weight is kept NCHW (`_apply`)
             return self._conv_forward(x, self.weight, self.bias)
         if form == 'triton':

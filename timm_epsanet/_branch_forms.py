@@ -111,16 +111,30 @@ def volumetric_form_conv(
     return y.flatten(1, 2)
 
 
-def block_diagonal_weight(weight: torch.Tensor, groups: int) -> torch.Tensor:
-    """The weight of the dense conv equal to a grouped conv: each group's block, zeros elsewhere.
+def regroup_factor(groups: int, outs_per_group: int, min_outs: int = 8) -> int:
+    """How many adjacent groups the regrouped form merges: the smallest divisor m of `groups` with
+    m * outs_per_group >= `min_outs` (all of them, the dense conv, when none reaches it; 1, the
+    grouped conv itself, when each group has that many outputs already)."""
+    for m in range(1, groups + 1):
+        if groups % m == 0 and m * outs_per_group >= min_outs:
+            return m
+    return groups
 
-    `groups` times the MACs, but on one of the backends' best-tuned kernels. Differentiable, so
-    training the dense form trains the grouped weight.
+
+def block_diagonal_weight(weight: torch.Tensor, groups: int, merge: Optional[int] = None) -> torch.Tensor:
+    """The weight of the conv of `groups // merge` groups equal to a grouped conv of `groups`:
+    `merge` adjacent groups per merged group, each block-diagonal (each group's block, zeros
+    elsewhere). `merge=None` merges all: the dense conv.
+
+    `merge` times the MACs, but on wider groups (or dense), which the backends' tuned kernels run
+    far faster than 1-4 outputs per group. Differentiable, so training this form trains the
+    grouped weight (the zeros pass no gradient to it).
     """
+    m = groups if merge is None else merge
     out_chs, in_per_group, k_h, k_w = weight.shape
-    w = weight.reshape(groups, out_chs // groups, 1, in_per_group, k_h, k_w)
-    mask = torch.eye(groups, dtype=weight.dtype, device=weight.device).reshape(groups, 1, groups, 1, 1, 1)
-    return (w * mask).reshape(out_chs, groups * in_per_group, k_h, k_w)
+    w = weight.reshape(groups // m, m, out_chs // groups, 1, in_per_group, k_h, k_w)
+    mask = torch.eye(m, dtype=weight.dtype, device=weight.device).reshape(1, m, 1, m, 1, 1, 1)
+    return (w * mask).reshape(out_chs, m * in_per_group, k_h, k_w)
 
 
 def fast_form_conv(

@@ -1,10 +1,10 @@
 """ Which form and memory layout a PSA branch runs in, per device.
 
 A plan is (form, layout): a form of `_branch_forms` ('grouped', 'depthwise', 'volumetric',
-'dense') or 'triton' (`_triton_branch`, CUDA only) and 'nchw', 'channels_last', or 'any' (channels-last when the PSA has a channels-last
-copy of its input anyway, else NCHW). The rules come from per-branch and per-PSA timings
-(benchmarks/psa_branches.py, benchmarks/psa_plans.py; their results and the numbers behind each
-rule are in benchmarks/README.md).
+'dense', 'regrouped') or 'triton' (`_triton_branch`, CUDA only) and 'nchw', 'channels_last', or
+'any' (channels-last when the PSA has a channels-last copy of its input anyway, else NCHW). The
+rules come from per-branch and per-PSA timings (benchmarks/psa_branches.py, benchmarks/psa_plans.py;
+their results and the numbers behind each rule are in benchmarks/README.md).
 """
 import importlib.util
 import os

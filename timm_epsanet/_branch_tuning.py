@@ -37,7 +37,7 @@ import torch
 import torch.fx
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from ._branch_plans import Plan, in_layout, layout_of
+from ._branch_plans import Plan, in_layout, layout_of, triton_runs_on_cuda
 
 try:
     import fcntl
@@ -137,7 +137,9 @@ def tuned_plans(convs: Sequence[torch.nn.Conv2d], x: torch.Tensor, grad_enabled:
     with _state.lock:
         table, path = _table(x.device)
         plans = table.get(key)
-        if plans is not None and len(plans) == len(convs):
+        # a plan of the Triton kernels, cached where they ran, is measured anew where they cannot
+        if plans is not None and len(plans) == len(convs) and (
+                triton_runs_on_cuda() or all(form != 'triton' for form, _ in plans)):
             return plans
         plans = tune(convs, x, grad_enabled)
         if plans is None:
@@ -154,12 +156,22 @@ def reformulable(conv: torch.nn.Conv2d) -> bool:
 
 
 def candidates(conv: torch.nn.Conv2d, device_type: str) -> List[Plan]:
-    """The (form, layout) plans tried for one branch."""
+    """The (form, layout) plans tried for one branch.
+
+    On CUDA also the forms of more MACs on wider groups (dense; regrouped, where it differs from
+    both grouped and dense), which pay on GPUs and never on CPUs, and the Triton kernels where
+    they run. A form is tried in both layouts wherever it runs.
+    """
     if not reformulable(conv):
         return [('grouped', layout) for layout in LAYOUTS]
     plans = [('grouped', 'nchw'), ('grouped', 'channels_last'), ('depthwise', 'channels_last'), ('volumetric', 'nchw')]
-    if device_type == 'cuda':  # more MACs on dense kernels: pays on GPUs, never on CPUs
-        plans += [('dense', 'nchw'), ('dense', 'channels_last')]
+    if device_type == 'cuda':
+        forms = ['dense']
+        if 1 < conv.regroup < conv.groups:
+            forms.append('regrouped')
+        if triton_runs_on_cuda():
+            forms.append('triton')
+        plans += [(form, layout) for form in forms for layout in LAYOUTS]
     return plans
 
 
@@ -357,26 +369,42 @@ def tune(convs, x: torch.Tensor, training: bool) -> Optional[List[Plan]]:
 
 
 def verified_candidates(conv, inputs: Dict[str, torch.Tensor], training: bool) -> Optional[List[Plan]]:
-    """The candidates of `conv` whose output matches the grouped conv's on `inputs` (the input in
-    each layout); None when the grouped conv's own output is not finite (nothing to check against).
-    This is also each candidate's warm-up before `measure`."""
-    with torch.set_grad_enabled(training):
-        expected = conv._conv_forward(inputs['nchw'], conv.weight, None).detach()
-        if not bool(torch.isfinite(expected).all()):
-            return None
-        scale = float(expected.abs().max()) + 1e-6
-        tol = TOLERANCE.get(expected.dtype, LOW_PRECISION_TOLERANCE) * scale
-        verified = []
-        for form, layout in candidates(conv, inputs['nchw'].device.type):
-            try:
-                y = conv.forward_as(inputs[layout], form).detach()
-                ok = (y.shape == expected.shape and bool(torch.isfinite(y).all())
-                      and float((y.float() - expected.float()).abs().max()) <= tol)
-            except Exception:  # a form this device or dtype cannot run is simply not a candidate
-                ok = False
-            if ok:
-                verified.append((form, layout))
+    """The candidates of `conv` whose output (and in training, whose input and weight gradients)
+    match the grouped conv's on `inputs` (the input in each layout); None when the grouped conv's
+    own output is not finite (nothing to check against). This is also each candidate's warm-up
+    before `measure`, backward included."""
+    expected = _output_and_grads(conv, inputs['nchw'], 'grouped', training)
+    if not all(bool(torch.isfinite(t).all()) for t in expected):
+        return None
+    # the output's dtype is the compute dtype (autocast: an fp32 weight's gradient is computed in it too)
+    tol = TOLERANCE.get(expected[0].dtype, LOW_PRECISION_TOLERANCE)
+    tols = [tol * (float(t.abs().max()) + 1e-6) for t in expected]
+    verified = []
+    for form, layout in candidates(conv, inputs['nchw'].device.type):
+        try:
+            got = _output_and_grads(conv, inputs[layout], form, training, grad_out=expected[0])
+            ok = all(a.shape == b.shape and bool(torch.isfinite(a).all())
+                     and float((a.float() - b.float()).abs().max()) <= tol for a, b, tol in zip(got, expected, tols))
+        except Exception:  # a form this device or dtype cannot run is simply not a candidate
+            ok = False
+        if ok:
+            verified.append((form, layout))
     return verified
+
+
+def _output_and_grads(conv, x: torch.Tensor, form: str, training: bool,
+                      grad_out: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
+    """[output] of `conv` in `form`; in training also its gradients in x and in the weight (where
+    it trains) for `grad_out` (default: the output itself), returned, not accumulated."""
+    if not training:
+        with torch.no_grad():
+            return [conv.forward_as(x, form)]
+    x_in = x.detach().requires_grad_()
+    wrt = [x_in] + ([conv.weight] if conv.weight.requires_grad else [])
+    with torch.enable_grad():
+        y = conv.forward_as(x_in, form)
+        grads = torch.autograd.grad(y, wrt, y.detach() if grad_out is None else grad_out)
+    return [y.detach(), *grads]
 
 
 def _call(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, params: List[torch.Tensor], training: bool):
