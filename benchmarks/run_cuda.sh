@@ -3,7 +3,7 @@
 # branch form (Triton kernels included), the model table beside the peers (AMP fp16 and bf16,
 # channels-last, eager; inference at batch 128 and 256, training at 128 with peak memory), per-branch
 # timings of every form and layout, branch tuning's first-use cost and tuned vs untuned throughput,
-# torch.compile of epsanet50_small with the Triton kernels.
+# torch.compile of epsanet50_small with the Triton kernels, and the Triton kernels' tiles.
 # Stages run in order of importance, each under its own time limit, each writing as it goes, so a
 # stage cut short still leaves what it measured.
 #   bash benchmarks/run_cuda.sh                              # results in /tmp/run_cuda
@@ -28,6 +28,7 @@ if [ "${1:-}" = --dry-run ]; then
     BENCH_ARGS="--device cpu --img-size 64 --iters 1 --warmup 1"
     B128=2 B256=4 BRANCH_ARGS="--batch-size 1 --iters 1 --variants small" AMP=  # CPU bf16 dense convs: minutes
     TUNE_ARGS="--batch-size 2 --img-size 32 --rounds 1 --threads 2"
+    TILE_ARGS="--device cpu --dtype float32 --batch-size 1 --stages 1 --size 4 --max-shapes 1 --max-tiles 2 --iters 1 --warmup 0"
     PEERS="resnet50" EPSANETS="epsanet50_small@triton" CUDNN_FORMS="epsanet50_small@dense"
 else
     OUT_DIR=${OUT_DIR:-/tmp/run_cuda}
@@ -35,6 +36,7 @@ else
     BENCH_ARGS="--device cuda --one-process --iters 20"
     B128=128 B256=256 BRANCH_ARGS="--batch-size 128 --iters 5" AMP=--amp
     TUNE_ARGS="--batch-size 128 --rounds 5"
+    TILE_ARGS="--device cuda --batch-size 128 --iters 10"
 fi
 mkdir -p "$OUT_DIR"
 
@@ -69,23 +71,25 @@ else:
 print(f'Machine: {gpu}, torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}, '
       f'triton {triton_version}, timm {timm.__version__}')
 EOF
-stage checks 65 $PYTHON benchmarks/cuda_checks.py forms cpu grads --device $DEVICE $TINY
+stage checks 60 $PYTHON benchmarks/cuda_checks.py forms cpu grads --device $DEVICE $TINY
 # the targets: AMP fp16, channels-last, eager; peers first, every ratio needs resnet50
 stage amp_fp16_b128 130 $PYTHON benchmarks/benchmark.py $BENCH_ARGS --batch-size $B128 --precisions amp \
     --layouts channels_last --models $PEERS $CUDNN_FORMS $EPSANETS --out "$OUT_DIR/amp_fp16_b128"
-stage amp_fp16_b256 40 $PYTHON benchmarks/benchmark.py $BENCH_ARGS --batch-size $B256 --precisions amp \
+stage amp_fp16_b256 35 $PYTHON benchmarks/benchmark.py $BENCH_ARGS --batch-size $B256 --precisions amp \
     --layouts channels_last --modes infer --models $PEERS $EPSANETS --out "$OUT_DIR/amp_fp16_b256"
 # the cuDNN forms and the Triton kernels in both layouts; the depthwise and volumetric forms are CPU
 # forms, 3-7x slower than the grouped conv on CUDA (benchmarks/README.md): BRANCH_FORMS to add them
-stage branches 45 $PYTHON benchmarks/psa_branches.py --device $DEVICE $AMP $BRANCH_ARGS \
+stage branches 40 $PYTHON benchmarks/psa_branches.py --device $DEVICE $AMP $BRANCH_ARGS \
     --layouts channels_last nchw --forms ${BRANCH_FORMS:-grouped dense regrouped triton} --json "$OUT_DIR/branches.json"
 # branch tuning (training first): the untuned rules are today's default (TIMM_EPSANET_TRITON=0), the
 # tuner tries every form, the Triton kernels included, compiling them anew (an empty Triton cache)
 rm -rf "$OUT_DIR/triton_cache_tuning"
-stage tuning 60 env TIMM_EPSANET_TRITON=0 TRITON_CACHE_DIR="$OUT_DIR/triton_cache_tuning" \
+stage tuning 55 env TIMM_EPSANET_TRITON=0 TRITON_CACHE_DIR="$OUT_DIR/triton_cache_tuning" \
     $PYTHON benchmarks/branch_tuning.py --device $DEVICE $AMP $TUNE_ARGS --modes train infer \
     --layouts channels_last --json "$OUT_DIR/tuning.json"
-stage compile 60 $PYTHON benchmarks/cuda_checks.py compile --device $DEVICE $TINY
-stage amp_bf16_b128 50 $PYTHON benchmarks/benchmark.py $BENCH_ARGS --batch-size $B128 --precisions amp_bf16 \
+stage compile 55 $PYTHON benchmarks/cuda_checks.py compile --device $DEVICE $TINY
+stage amp_bf16_b128 40 $PYTHON benchmarks/benchmark.py $BENCH_ARGS --batch-size $B128 --precisions amp_bf16 \
     --layouts channels_last --models $PEERS $EPSANETS --out "$OUT_DIR/amp_bf16_b128"
+# the Triton kernels' tiles: config_for's against its neighbours, Small's branches largest first
+stage tiles 35 $PYTHON benchmarks/triton_tiles.py $TILE_ARGS --json "$OUT_DIR/tiles.json"
 echo "=== done $(date +%T)"

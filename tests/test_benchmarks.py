@@ -178,15 +178,11 @@ def test_branch_tuning_script_measures_first_use_and_tuned_throughput(tmp_path):
     assert sum(row['forms'].values()) == sum(len(plan) for plan in plans.values())
 
 
-def test_cuda_run_fits_in_8_minutes_and_times_every_gpu_form():
+def test_cuda_run_fits_in_8_minutes():
     """benchmarks/run_cuda.sh on one GPU: its stage limits add up to at most 450 s (under 8 minutes
-    with the machine line and process starts), the model tables first; the branch timings cover
-    the regrouped form and the Triton kernels, and the tuning stage measures on the GPU in AMP."""
+    with the machine line and process starts), the checks and the model tables first."""
     script = (BENCHMARKS / 'run_cuda.sh').read_text()
     stages = [line.split()[1:3] for line in script.splitlines() if line.startswith('stage ')]
     limits = {name: int(seconds) for name, seconds in stages}
     assert sum(limits.values()) <= 450, limits
     assert list(limits)[:3] == ['checks', 'amp_fp16_b128', 'amp_fp16_b256'] and 'amp_bf16_b128' in limits
-    branches, tuning = (script.split(f'stage {name} ', 1)[1].split('\nstage ', 1)[0] for name in ('branches', 'tuning'))
-    assert 'regrouped' in branches and 'triton' in branches
-    assert 'branch_tuning.py --device $DEVICE $AMP' in tuning and '--json' in tuning
