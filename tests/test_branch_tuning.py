@@ -536,3 +536,35 @@ def test_autocast_training_candidates_are_checked_at_the_compute_precision(monke
     with torch.autocast('cpu', dtype=torch.bfloat16):
         verified = _branch_tuning.verified_candidates(conv, inputs, True)
     assert set(verified) == set(_branch_tuning.candidates(conv, 'cuda'))
+
+
+def test_training_timings_include_the_input_gradient(monkeypatch):
+    """A PSA's input follows a trained layer, so the model's backward runs through it: the tuner's
+    timed training calls (each branch, the convert, the whole PSA) compute that gradient too.
+    Forms differ most in it; without it the tuner picked plans that trained 25% slower."""
+    x = torch.randn(2, CHS, 9, 9).requires_grad_()
+    grads_wrt, timing = [], []
+    grad = torch.autograd.grad
+
+    def recording_grad(outputs, inputs, *args, **kwargs):
+        if timing:
+            grads_wrt.append(any(t.shape == x.shape for t in inputs))
+        return grad(outputs, inputs, *args, **kwargs)
+
+    def measure(calls, device, warmup=False, repeats=2):
+        timing.append(True)
+        try:
+            for call in calls.values():
+                call()
+        finally:
+            timing.pop()
+        return {key: [1.0] for key in calls}  # ties: the rules' plan stays, every call ran once
+
+    monkeypatch.setattr(torch.autograd, 'grad', recording_grad)
+    monkeypatch.setattr(_branch_tuning, 'measure', measure)
+    convs = PyramidSqueezeAttention(CHS).convs
+    _branch_tuning.tune(convs, x, training=True)
+    assert grads_wrt and all(grads_wrt), grads_wrt
+    grads_wrt.clear()
+    _branch_tuning.tune(convs, x.detach(), training=True)  # an input that needs no gradient: none timed
+    assert grads_wrt and not any(grads_wrt), grads_wrt

@@ -327,6 +327,8 @@ def tune(convs, x: torch.Tensor, training: bool) -> Optional[List[Plan]]:
     alone, interleaved; a plan costs its branches plus the convert when it uses the other
     layout. The cheapest plan replaces the rules' plan when the whole PSA confirms it.
     """
+    # the model's backward runs through x too (it follows a trained layer): time that gradient
+    input_grad = training and x.requires_grad
     x = x.detach()
     caller = layout_of(x)
     other = LAYOUTS[1 - LAYOUTS.index(caller)]
@@ -337,11 +339,12 @@ def tune(convs, x: torch.Tensor, training: bool) -> Optional[List[Plan]]:
         if verified is None:
             return None
         options.append(verified)
-    calls = {('convert', other): _call(lambda x_in: in_layout(x_in, other), x, [], training)}
+    calls = {('convert', other): _call(lambda x_in: in_layout(x_in, other), x, [], training, input_grad)}
     for i, (conv, verified) in enumerate(zip(convs, options)):
         params = [conv.weight] if conv.weight.requires_grad else []
         for form, layout in verified:
-            calls[(i, (form, layout))] = _call(partial(conv.forward_as, form=form), inputs[layout], params, training)
+            calls[(i, (form, layout))] = _call(
+                partial(conv.forward_as, form=form), inputs[layout], params, training, input_grad)
     times = {key: min(seconds) for key, seconds in measure(calls, x.device).items()}
 
     def cost(plan):
@@ -361,7 +364,7 @@ def tune(convs, x: torch.Tensor, training: bool) -> Optional[List[Plan]]:
     # replaces the rules' only when the whole PSA confirms it, every call of it faster than every
     # call of the rules' plan (on a busy machine the rules stay)
     params = [p for p in convs.parameters() if p.requires_grad]
-    whole = {('plan', tuple(plan)): _call(partial(convs.run_plans, plans=plan), x, params, training)
+    whole = {('plan', tuple(plan)): _call(partial(convs.run_plans, plans=plan), x, params, training, input_grad)
              for plan in (rules, best)}
     seconds = measure(whole, x.device, warmup=True, repeats=CONFIRM_REPEATS)
     new, old = seconds[('plan', tuple(best))], seconds[('plan', tuple(rules))]
@@ -407,16 +410,17 @@ def _output_and_grads(conv, x: torch.Tensor, form: str, training: bool,
     return [y.detach(), *grads]
 
 
-def _call(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, params: List[torch.Tensor], training: bool):
-    """A call of `fn(x)` as the model makes it: in training with its backward, the gradients
-    returned rather than accumulated into the parameters."""
+def _call(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, params: List[torch.Tensor], training: bool,
+          input_grad: bool):
+    """A call of `fn(x)` as the model makes it: in training with its backward (to `params`, and
+    to x with `input_grad`), the gradients returned rather than accumulated into the parameters."""
     def call():
         if not training:
             with torch.no_grad():
                 fn(x)
             return
-        x_in = x.detach().requires_grad_(x.requires_grad)
-        wrt = ([x_in] if x.requires_grad else []) + params
+        x_in = x.detach().requires_grad_(input_grad)
+        wrt = ([x_in] if input_grad else []) + params
         with torch.enable_grad():
             y = fn(x_in)
             if wrt:
