@@ -18,7 +18,6 @@ Prints one line per check and exits non-zero if any fails. TF32 is off throughou
 """
 import argparse
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +27,7 @@ import timm_epsanet  # noqa: F401
 from timm_epsanet._branch_conv import BRANCH_FORMS, BranchConv2d
 from timm_epsanet._branch_plans import in_layout
 
-from psa_branches import shapes as branch_shapes
+from psa_branches import shapes as branch_shapes, time_ms
 
 FORMS = BRANCH_FORMS[1:]
 # float64-referenced relative error a correct form stays under, per dtype (fp32 accumulation)
@@ -161,22 +160,8 @@ def check_compile(device, tiny, check):
         err = rel_err(comp, eager)
         check(f'torch.compile logits == eager (AMP, channels_last): {err:.1e}', err <= 1e-2)
         for name, fn in (('eager', m), ('compiled', compiled)):
-            check(f'{name} inference, batch {batch}: {batch / time_s(fn, x, device, 3 if tiny else 20):.0f} img/s', True)
-
-
-def time_s(fn, x, device, iters):
-    """Median seconds of fn(x), after a warm-up."""
-    fn(x)
-    times = []
-    for _ in range(iters):
-        if device.type == 'cuda':
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn(x)
-        if device.type == 'cuda':
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+            ms = time_ms(lambda: fn(x), device, 3 if tiny else 20, warmup=1)
+            check(f'{name} inference, batch {batch}: {1e3 * batch / ms:.0f} img/s', True)
 
 
 CHECKS = {'forms': check_forms, 'cpu': check_cpu, 'grads': check_grads, 'compile': check_compile}

@@ -487,19 +487,25 @@ def test_a_fastest_regrouped_plan_runs_and_computes_the_grouped_convs(tuning, mo
 
 
 def test_a_cached_triton_plan_is_measured_anew_where_triton_cannot_run(tuning, monkeypatch):
-    """A plan file written where the Triton kernels ran, read where they cannot (triton removed):
-    the PSA measures again rather than fail."""
-    timed = fake_timer(monkeypatch)
+    """A plan file written where the Triton kernels ran, read by a process where they cannot
+    (triton removed): that entry is measured again rather than failing the forward."""
     psa, plain = psa_pair()
     x = torch.randn(2, CHS, 8, 8)
+    fake_timer(monkeypatch)
     with torch.no_grad():
         psa(x)
-        (table,) = _branch_tuning._state.tables.values()
-        (key,) = table
-        table[key] = [('grouped', 'nchw')] + [('triton', 'channels_last')] * 3
-        monkeypatch.setattr(_branch_tuning, 'triton_runs_on_cuda', lambda: False)
+    path = _branch_tuning.cache_path(x.device)
+    data = json.loads(path.read_text())
+    (key,) = data['plans']
+    data['plans'][key] = [['grouped', 'nchw']] + [['triton', 'channels_last']] * 3
+    path.write_text(json.dumps(data))
+    _branch_tuning._state.tables.clear()  # a new process
+    monkeypatch.setattr(_branch_tuning, 'triton_runs_on_cuda', lambda: False)
+    timed = fake_timer(monkeypatch)
+    with torch.no_grad():
         torch.testing.assert_close(psa(x), plain(x), rtol=1e-5, atol=1e-5)
-    assert len(timed) == 2 and all(form != 'triton' for form, _ in table[key])
+    assert len(timed) == 1
+    assert all(form != 'triton' for form, _ in json.loads(path.read_text())['plans'][key])
 
 
 class GradOneBf16UlpOff(torch.autograd.Function):

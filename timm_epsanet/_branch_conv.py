@@ -15,8 +15,8 @@ from torch import nn
 from timm.layers import register_notrace_module
 
 from ._branch_forms import (
-    FastFormGroupedBackward, block_diagonal_weight, fast_form_conv, group_sum_weight, regroup_factor,
-    sums_groups_by_conv,
+    FastFormGroupedBackward, autocast_conv_inputs, block_diagonal_weight, fast_form_conv, group_sum_weight,
+    regroup_factor, sums_groups_by_conv,
 )
 from ._branch_plans import (
     Plan, computes_in_low_precision, cpu_branch_plan, cuda_branch_form, in_layout, layout_of, triton_in_auto,
@@ -149,11 +149,7 @@ class BranchConv2d(nn.Conv2d):
     @torch.jit.unused
     def _triton_forward(self, x: torch.Tensor) -> torch.Tensor:
         from . import _triton_branch  # imported only where it runs: it needs triton
-        weight = self.weight
-        # a custom op is outside autocast's lists: cast as autocast casts a conv
-        if torch.is_autocast_enabled(x.device.type):
-            dtype = torch.get_autocast_dtype(x.device.type)
-            x, weight = x.to(dtype), weight.to(dtype)
+        x, weight = autocast_conv_inputs(x, self.weight)
         return _triton_branch.branch_conv(x, weight, self.stride, self.padding, self.dilation, self.groups)
 
     @torch.jit.unused

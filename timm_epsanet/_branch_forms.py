@@ -153,6 +153,16 @@ def fast_form_conv(
     return depthwise_form_conv(x, weight, stride, padding, dilation, groups, sum_weight)
 
 
+def autocast_conv_inputs(x: torch.Tensor, weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """x and weight cast as autocast casts a conv's: an autograd Function or a custom op is
+    outside autocast's op lists, and its backward sees one dtype (CUDA refuses fp16 x with an
+    fp32 weight)."""
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        return x.to(dtype), weight.to(dtype)
+    return x, weight
+
+
 class FastFormGroupedBackward(torch.autograd.Function):
     """Training: a fast form's forward with the grouped conv's backward (CPU backends run the
     grouped conv's backward faster than the fast forms'), its weight gradient through FFTs where
@@ -160,13 +170,8 @@ class FastFormGroupedBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, sum_weight, form, stride, padding, dilation, groups):
-        # autocast does not reach into backward: cast as autocast would cast a conv, and save
-        # those, so that the backward conv sees one dtype (CUDA refuses fp16 input, fp32 weight)
-        device_type = x.device.type
-        if torch.is_autocast_enabled(device_type):
-            dtype = torch.get_autocast_dtype(device_type)
-            x, weight = x.to(dtype), weight.to(dtype)
-        with torch.autocast(device_type, enabled=False):
+        x, weight = autocast_conv_inputs(x, weight)  # saved as cast: the backward conv sees one dtype
+        with torch.autocast(x.device.type, enabled=False):
             out = fast_form_conv(x, weight, form, stride, padding, dilation, groups, sum_weight)
         ctx.save_for_backward(x, weight)
         ctx.conv_args = (stride, padding, dilation, groups)

@@ -137,9 +137,7 @@ def tuned_plans(convs: Sequence[torch.nn.Conv2d], x: torch.Tensor, grad_enabled:
     with _state.lock:
         table, path = _table(x.device)
         plans = table.get(key)
-        # a plan of the Triton kernels, cached where they ran, is measured anew where they cannot
-        if plans is not None and len(plans) == len(convs) and (
-                triton_runs_on_cuda() or all(form != 'triton' for form, _ in plans)):
+        if plans is not None and len(plans) == len(convs):
             return plans
         plans = tune(convs, x, grad_enabled)
         if plans is None:
@@ -274,12 +272,14 @@ def _parse(data, header: Tuple[str, ...]) -> Dict[str, List[Plan]]:
     if found != header:
         raise ValueError(f'written for {found}, not for {header}')
     plans = {}
+    triton = triton_runs_on_cuda()
     for key, plan in data['plans'].items():
         plan = [tuple(choice) for choice in plan]
         if not isinstance(key, str) or not plan or any(
                 len(choice) != 2 or choice[0] not in BRANCH_FORMS[1:] or choice[1] not in LAYOUTS for choice in plan):
             raise ValueError(f'invalid plan {plan!r} for {key!r}')
-        plans[key] = plan
+        if triton or all(form != 'triton' for form, _ in plan):  # else written where the kernels ran: measure anew
+            plans[key] = plan
     return plans
 
 
