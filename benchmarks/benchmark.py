@@ -25,7 +25,7 @@ Why this script and not timm's own benchmark.py: benchmarks/README.md.
 Model names are timm names, optionally with a suffix for EPSANet: `@official` (every PSA runs the
 official code's forward structure, see timm_epsanet/_official.py), or a PSA branch form that applies
 on every device instead of the per-device default: `@grouped`, `@depthwise`, `@volumetric`, `@dense`,
-`@regrouped` or `@triton` (see timm_epsanet._branch_conv.BranchConv2d).
+`@regrouped`, `@triton` or `@triton_mma` (see timm_epsanet._branch_conv.BranchConv2d).
 """
 import argparse
 import csv

@@ -3,11 +3,12 @@
     python benchmarks/cuda_checks.py [forms] [cpu] [grads] [compile]     # default: all
     TRITON_INTERPRET=1 python benchmarks/cuda_checks.py --device cpu --tiny   # dry run of the code paths
 
-1. forms: every branch form (grouped, depthwise, volumetric, dense, triton) against the plain
-   grouped conv computed in float64: forward, input gradient and weight gradient, for every
-   EPSANet branch shape (Small and Large, stride 1 and 2, dilation 2) in fp16 channels-last,
-   and for a few shapes in fp32, fp16 and bf16, NCHW and channels-last. A form passes when its
-   error is within its dtype's tolerance or within 3x the plain grouped conv's own error.
+1. forms: every branch form (grouped, depthwise, volumetric, dense, regrouped, triton, triton_mma)
+   against the plain grouped conv computed in float64: forward, input gradient and weight
+   gradient, for every EPSANet branch shape (Small and Large, stride 1 and 2, dilation 2) in fp16
+   channels-last, and for a few shapes in fp32, fp16 and bf16, NCHW and channels-last. A form
+   passes when its error is within its dtype's tolerance or within 3x the plain grouped conv's own
+   error.
 2. cpu: CUDA fp32 logits (the default forms, the Triton kernels where triton runs) equal the CPU's.
 3. grads: AMP (fp16) gradients of every PSA branch form equal fp32's within fp16 noise, and
    parameter gradients stay fp32.
@@ -89,7 +90,7 @@ def check_forms(device, tiny, check):
         y64.backward(grad)
         errors = {}
         for form in FORMS:
-            if form == 'triton' and device.type == 'cpu' and not tiny:
+            if form.startswith('triton') and device.type == 'cpu' and not tiny:
                 continue
             with torch.no_grad():
                 conv.weight.copy_(weight)

@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 
 from psa_branches import shapes, time_ms, write_json
-from timm_epsanet._branch_plans import TRITON_MAX_OUTS_PER_GROUP
 
 KINDS = ('forward', 'grad_input', 'grad_weight')
+# the outputs per group the CUDA-core kernels are written for
+MAX_OUTS_PER_GROUP = 8
 
 
 def triton_shapes(variants, stages=(1, 2, 3, 4), size=None):
@@ -30,7 +31,7 @@ def triton_shapes(variants, stages=(1, 2, 3, 4), size=None):
         if shape['stage'] not in stages:
             continue
         in_per_group, outs = shape['chs'] // shape['groups'], shape['chs'] // 4 // shape['groups']
-        if in_per_group > 1 and outs <= TRITON_MAX_OUTS_PER_GROUP:
+        if in_per_group > 1 and outs <= MAX_OUTS_PER_GROUP:
             found.append(dict(shape, size=size or shape['size']))
     return sorted(found, key=lambda s: -s['size'] ** 2 * s['chs'] ** 2 // s['groups'] * s['kernel'] ** 2)
 

@@ -424,7 +424,7 @@ def test_cuda_candidates_add_the_wider_forms_and_the_triton_kernels(monkeypatch,
     monkeypatch.setattr(_branch_tuning, 'triton_runs_on_cuda', lambda: triton)
     layouts = {'nchw', 'channels_last'}
     cpu = {('grouped', 'nchw'), ('grouped', 'channels_last'), ('depthwise', 'channels_last'), ('volumetric', 'nchw')}
-    extra = {'dense', 'regrouped'} | ({'triton'} if triton else set())
+    extra = {'dense', 'regrouped'} | ({'triton', 'triton_mma'} if triton else set())
     for conv in PyramidSqueezeAttention(CHS).convs[1:]:  # 4, 2, 1 outputs per group: merged by 2, 4, 8
         assert set(_branch_tuning.candidates(conv, 'cpu')) == cpu
         assert set(_branch_tuning.candidates(conv, 'cuda')) == cpu | {(f, lo) for f in extra for lo in layouts}
@@ -446,7 +446,8 @@ def test_forms_that_cannot_run_here_are_dropped_and_regrouped_is_verified(monkey
     x = torch.randn(2, CHS, 8, 8)
     inputs = {'nchw': x, 'channels_last': x.contiguous(memory_format=torch.channels_last)}
     verified = _branch_tuning.verified_candidates(conv, inputs, training)
-    assert set(verified) == set(_branch_tuning.candidates(conv, 'cuda')) - {('triton', 'nchw'), ('triton', 'channels_last')}
+    triton = {(form, layout) for form in ('triton', 'triton_mma') for layout in ('nchw', 'channels_last')}
+    assert set(verified) == set(_branch_tuning.candidates(conv, 'cuda')) - triton
 
 
 def test_training_candidates_need_the_grouped_conv_gradients(monkeypatch):
@@ -472,13 +473,14 @@ def test_a_fastest_regrouped_plan_runs_and_computes_the_grouped_convs(tuning, mo
     psa, plain = psa_pair()
     psa.train(training), plain.train(training)
     times = {(i, ('regrouped', 'channels_last')): 0.01 for i in range(1, 4)}
-    times |= {(i, ('triton', layout)): 1e-6 for i in range(4) for layout in ('nchw', 'channels_last')}
+    times |= {(i, (form, layout)): 1e-6 for i in range(4) for layout in ('nchw', 'channels_last')
+              for form in ('triton', 'triton_mma')}
     timed = fake_timer(monkeypatch, times | {('convert', 'channels_last'): 0.0})
     x = torch.randn(2, CHS, 8, 8, requires_grad=training)
     with torch.set_grad_enabled(training):
         y, expected = psa(x), plain(x)
     assert tuning[0][1:] == [('regrouped', 'channels_last')] * 3
-    assert not any(key[1][0] == 'triton' for key in timed[0] if key[0] != 'convert')
+    assert not any(key[1][0] in ('triton', 'triton_mma') for key in timed[0] if key[0] != 'convert')
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
     if training:
         for a, b in zip(torch.autograd.grad(y.sum(), [x, *psa.parameters()]),
@@ -497,7 +499,7 @@ def test_a_cached_triton_plan_is_measured_anew_where_triton_cannot_run(tuning, m
     path = _branch_tuning.cache_path(x.device)
     data = json.loads(path.read_text())
     (key,) = data['plans']
-    data['plans'][key] = [['grouped', 'nchw']] + [['triton', 'channels_last']] * 3
+    data['plans'][key] = [['grouped', 'nchw'], ['triton', 'channels_last']] + [['triton_mma', 'channels_last']] * 2
     path.write_text(json.dumps(data))
     _branch_tuning._state.tables.clear()  # a new process
     monkeypatch.setattr(_branch_tuning, 'triton_runs_on_cuda', lambda: False)
@@ -505,7 +507,7 @@ def test_a_cached_triton_plan_is_measured_anew_where_triton_cannot_run(tuning, m
     with torch.no_grad():
         torch.testing.assert_close(psa(x), plain(x), rtol=1e-5, atol=1e-5)
     assert len(timed) == 1
-    assert all(form != 'triton' for form, _ in json.loads(path.read_text())['plans'][key])
+    assert all(form not in ('triton', 'triton_mma') for form, _ in json.loads(path.read_text())['plans'][key])
 
 
 class GradOneBf16UlpOff(torch.autograd.Function):

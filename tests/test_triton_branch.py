@@ -1,4 +1,5 @@
-"""The Triton PSA branch kernels (`timm_epsanet._triton_branch`) and the 'triton' branch form.
+"""The Triton PSA branch kernels (`timm_epsanet._triton_branch`) and the 'triton' and 'triton_mma'
+branch forms (CUDA-core and tensor-core kernels).
 
 The kernels run here on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1), in one
 subprocess for the whole file: the variable must be set before triton is imported, and must not
@@ -34,20 +35,24 @@ CASES = [
 ]
 
 
-def case_id(case) -> str:
+FORMS = ('triton', 'triton_mma')
+
+
+def case_id(case, form='triton') -> str:
     in_chs, out_chs, k, groups, stride, dilation, channels_last, dtype = case
     layout = 'cl' if channels_last else 'nchw'
-    return f'{in_chs}to{out_chs}-k{k}-g{groups}-s{stride}-d{dilation}-{layout}-{dtype}'
+    return f'{form}-{in_chs}to{out_chs}-k{k}-g{groups}-s{stride}-d{dilation}-{layout}-{dtype}'
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def check_case(case) -> dict:
-    """Errors of the op against F.conv2d and its autograd (in float64), and the output's layout."""
+def check_case(case, form) -> dict:
+    """Errors of a branch in `form` against F.conv2d and its autograd (in float64), and the
+    output's layout. 'triton_mma' merges the groups (block-diagonal weights) before its kernels."""
     import torch.nn.functional as F
-    from timm_epsanet._triton_branch import branch_conv
+    from timm_epsanet._branch_conv import BranchConv2d
 
     in_chs, out_chs, k, groups, stride, dilation, channels_last, dtype = case
     dtype = getattr(torch, dtype)
@@ -59,13 +64,16 @@ def check_case(case) -> dict:
     y_ref = F.conv2d(x_ref, w_ref, None, stride, padding, dilation, groups)
     grad = torch.randn_like(y_ref).to(dtype)
     y_ref.backward(grad.double())
-    x_t, w_t = x.clone().requires_grad_(), w.clone().requires_grad_()
-    y = branch_conv(x_t, w_t, (stride, stride), (padding, padding), (dilation, dilation), groups)
+    conv = BranchConv2d(in_chs, out_chs, k, stride, padding, dilation, groups, bias=False, form=form).to(dtype)
+    conv.weight.data.copy_(w)
+    x_t = x.clone().requires_grad_()
+    y = conv.forward_as(x_t, form)
     y.backward(grad)
+    w_grad = conv.weight.grad
     return dict(
-        shape_ok=y.shape == y_ref.shape, dtype_ok=y.dtype == dtype and x_t.grad.dtype == dtype == w_t.grad.dtype,
+        shape_ok=y.shape == y_ref.shape, dtype_ok=y.dtype == dtype and x_t.grad.dtype == dtype == w_grad.dtype,
         layout_ok=y.is_contiguous(memory_format=fmt) and x_t.grad.is_contiguous(memory_format=fmt),
-        out=rel_err(y, y_ref), grad_input=rel_err(x_t.grad, x_ref.grad), grad_weight=rel_err(w_t.grad, w_ref.grad))
+        out=rel_err(y, y_ref), grad_input=rel_err(x_t.grad, x_ref.grad), grad_weight=rel_err(w_grad, w_ref.grad))
 
 
 def check_ops() -> dict:
@@ -74,25 +82,30 @@ def check_ops() -> dict:
     ops = torch.ops.timm_epsanet
     x = torch.randn(2, 16, 7, 6).contiguous(memory_format=torch.channels_last)
     w, grad = torch.randn(8, 4, 3, 3), torch.randn(2, 8, 7, 6)
-    args = ([1, 1], [1, 1], [1, 1], 4)
-    results = {
-        'branch_conv': torch.library.opcheck(ops.branch_conv.default, (x.requires_grad_(), w.requires_grad_(), *args)),
-        'grad_input': torch.library.opcheck(ops.branch_conv_grad_input.default, (grad, w.detach(), x.detach(), *args)),
-        'grad_weight': torch.library.opcheck(ops.branch_conv_grad_weight.default, (x.detach(), grad, w.detach(), *args)),
-    }
-    return {op: sorted(name for name, status in result.items() if status != 'SUCCESS') for op, result in results.items()}
+    failed = {}
+    for tensor_cores in (False, True):
+        args = ([1, 1], [1, 1], [1, 1], 4, tensor_cores)
+        results = {
+            'branch_conv': torch.library.opcheck(ops.branch_conv.default, (x.requires_grad_(), w.requires_grad_(), *args)),
+            'grad_input': torch.library.opcheck(ops.branch_conv_grad_input.default, (grad, w.detach(), x.detach(), *args)),
+            'grad_weight': torch.library.opcheck(ops.branch_conv_grad_weight.default, (x.detach(), grad, w.detach(), *args)),
+        }
+        for op, result in results.items():
+            failed.setdefault(op, []).extend(f'{name} (tensor_cores={tensor_cores})'
+                                             for name, status in sorted(result.items()) if status != 'SUCCESS')
+    return failed
 
 
-def check_compile() -> dict:
-    """torch.compile of a branch in the 'triton' form: graph breaks, ops in the graph, equality."""
+def check_compile(form) -> dict:
+    """torch.compile of a branch in `form`: graph breaks, ops in the graph, equality."""
     import torch.nn.functional as F
     from timm_epsanet._branch_conv import BranchConv2d
 
-    conv = BranchConv2d(16, 8, 5, padding=2, groups=4, bias=False, form='triton')
+    conv = BranchConv2d(16, 8, 5, padding=2, groups=4, bias=False, form=form)
     x = torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last).requires_grad_()
 
     def loss(x):
-        return conv.forward_as(x, 'triton').square().sum()
+        return conv.forward_as(x, form).square().sum()
 
     explained = torch._dynamo.explain(loss)(x)
     code = '\n'.join(graph.code for graph in explained.graphs)
@@ -107,7 +120,8 @@ def check_compile() -> dict:
 
 def interpreter_results() -> dict:
     torch.manual_seed(0)
-    return dict(cases={case_id(case): check_case(case) for case in CASES}, ops=check_ops(), compile=check_compile())
+    return dict(cases={case_id(case, form): check_case(case, form) for form in FORMS for case in CASES},
+                ops=check_ops(), compile={form: check_compile(form) for form in FORMS})
 
 
 @pytest.fixture(scope='module')
@@ -120,12 +134,13 @@ def interpreted():
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize('case', CASES, ids=[case_id(case) for case in CASES])
-def test_kernels_equal_grouped_conv(interpreted, case):
+@pytest.mark.parametrize('form', FORMS)
+@pytest.mark.parametrize('case', CASES, ids=[case_id(case, '')[1:] for case in CASES])
+def test_kernels_equal_grouped_conv(interpreted, case, form):
     """Forward, input gradient and weight gradient equal the grouped conv's (fp32 accumulation:
     fp32 within float summation order; fp16 within the rounding of its output); output and input
     gradient in the input's dtype and memory layout."""
-    result = interpreted['cases'][case_id(case)]
+    result = interpreted['cases'][case_id(case, form)]
     assert result['shape_ok'] and result['dtype_ok'] and result['layout_ok'], result
     tol = 1e-5 if case[-1] == 'float32' else 2e-3
     for key in ('out', 'grad_input', 'grad_weight'):
@@ -137,15 +152,17 @@ def test_custom_ops_pass_opcheck(interpreted):
     assert interpreted['ops'] == {'branch_conv': [], 'grad_input': [], 'grad_weight': []}
 
 
-def test_compile_sees_one_op_without_graph_break(interpreted):
-    result = interpreted['compile']
+@pytest.mark.parametrize('form', FORMS)
+def test_compile_sees_one_op_without_graph_break(interpreted, form):
+    result = interpreted['compile'][form]
     assert result['graph_breaks'] == 0 and result['ops'] == 1, result
     assert result['loss'] <= 1e-5 and result['grad'] <= 1e-5, result
 
 
 def test_kernels_compile_for_hopper_without_spills():
     """The kernels build for sm_90 (no GPU needed: triton's own ptxas), fp16 and bf16, on the
-    tiles EPSANet's branches use, without spilling registers to local memory."""
+    tiles EPSANet's branches use, without spilling registers to local memory; the tensor-core
+    kernels' machine code multiplies on tensor cores (Hopper's warpgroup MMA, or MMA)."""
     pytest.importorskip('triton')
     import inspect
     import re
@@ -156,16 +173,22 @@ def test_kernels_compile_for_hopper_without_spills():
     from triton.compiler import ASTSource
     from timm_epsanet import _triton_branch as tb
 
-    ptxas = Path(triton.__file__).parent / 'backends' / 'nvidia' / 'bin' / 'ptxas'
-    if not ptxas.exists():
+    bin_dir = Path(triton.__file__).parent / 'backends' / 'nvidia' / 'bin'
+    if not (bin_dir / 'ptxas').exists() or not (bin_dir / 'cuobjdump').exists():
         pytest.skip('triton without its CUDA backend')
+    # (kernel, dtype, inputs per group, outputs per group, groups, transposed): Small's stage-1
+    # branches, the tensor-core ones merged to 16 outputs per group
     for kernel, dtype, c_in, c_out, groups, transposed in [
             (tb._conv_kernel, 'fp16', 4, 1, 16, False), (tb._conv_kernel, 'bf16', 16, 4, 4, True),
-            (tb._weight_grad_kernel, 'fp16', 4, 1, 32, None), (tb._weight_grad_kernel, 'bf16', 32, 8, 32, None)]:
+            (tb._weight_grad_kernel, 'fp16', 4, 1, 32, None), (tb._weight_grad_kernel, 'bf16', 32, 8, 32, None),
+            (tb._conv_mma_kernel, 'fp16', 64, 16, 1, False), (tb._conv_mma_kernel, 'bf16', 64, 16, 1, True),
+            (tb._weight_grad_mma_kernel, 'fp16', 64, 16, 1, None)]:
         names = list(inspect.signature(kernel.fn).parameters)
+        mma = 'PRECISION' in names
         c_red, c_written = (c_out, c_in) if transposed else (c_in, c_out)
-        cfg = tb.config_for(groups, c_red, c_written)
-        consts = dict(BLOCK_P=cfg.block_p, BLOCK_G=cfg.block_g, BLOCK_R=cfg.block_r, BLOCK_O=cfg.block_o)
+        cfg = tb.mma_config_for(c_red, c_written) if mma else tb.config_for(groups, c_red, c_written)
+        consts = dict(BLOCK_P=cfg.block_p, BLOCK_R=cfg.block_r, BLOCK_O=cfg.block_o)
+        consts.update(dict(PRECISION='tf32') if mma else dict(BLOCK_G=cfg.block_g))
         consts.update(dict(C_IN=c_in, C_OUT=c_out) if transposed is None else
                       dict(C_RED=c_red, C_OUT=c_written, TRANSPOSED=transposed))
         signature = {name: 'constexpr' if name in consts else '*fp32' if name == 'part_ptr'
@@ -173,47 +196,60 @@ def test_kernels_compile_for_hopper_without_spills():
         source = ASTSource(kernel, signature, {(names.index(k),): v for k, v in consts.items()})
         compiled = triton.compile(source, target=GPUTarget('cuda', 90, 32), options=dict(num_warps=cfg.num_warps))
         with tempfile.TemporaryDirectory() as tmp:
-            (Path(tmp) / 'k.ptx').write_text(compiled.asm['ptx'])
-            report = subprocess.run([str(ptxas), '-v', '--gpu-name', 'sm_90a', str(Path(tmp) / 'k.ptx'), '-o',
-                                     str(Path(tmp) / 'k.cubin')], capture_output=True, text=True).stderr
+            ptx, cubin = Path(tmp) / 'k.ptx', Path(tmp) / 'k.cubin'
+            ptx.write_text(compiled.asm['ptx'])
+            report = subprocess.run([str(bin_dir / 'ptxas'), '-v', '--gpu-name', 'sm_90a', str(ptx), '-o', str(cubin)],
+                                    capture_output=True, text=True).stderr
+            sass = subprocess.run([str(bin_dir / 'cuobjdump'), '--dump-sass', str(cubin)],
+                                  capture_output=True, text=True).stdout
         assert re.search(r'\b0 bytes spill stores', report), (kernel.fn.__name__, dtype, cfg, report)
+        assert bool(re.search(r'\bH(G)?MMA\b', sass)) == mma, (kernel.fn.__name__, dtype)
 
 
-def test_cuda_rule_picks_triton_only_where_written_for():
-    """'auto' on CUDA with triton: the Triton kernels for 2+ inputs and <= 8 outputs per group;
-    cuDNN's forms otherwise, and without triton exactly the previous rule."""
+def test_cuda_rule_with_triton_runs_tensor_cores():
+    """'auto' on CUDA with the Triton kernels asked for: every grouped branch on the tensor-core
+    kernels; a depthwise branch on cuDNN; without them exactly the cuDNN rule."""
     from timm_epsanet._branch_plans import cuda_branch_form
     for training in (False, True):
-        assert cuda_branch_form(16, training, in_per_group=4, outs_per_group=1, triton=True) == 'triton'
-        assert cuda_branch_form(4, training, in_per_group=16, outs_per_group=8, triton=True) == 'triton'
-        assert cuda_branch_form(4, training, in_per_group=32, outs_per_group=16, triton=True) != 'triton'
-        assert cuda_branch_form(64, training, in_per_group=1, outs_per_group=1, triton=True) != 'triton'
-        for outs in (1, 8, 16):
+        for groups, in_per_group in ((16, 4), (4, 16), (4, 32), (32, 4)):
+            assert cuda_branch_form(groups, training, in_per_group=in_per_group, triton=True) == 'triton_mma'
+        assert cuda_branch_form(64, training, in_per_group=1, triton=True) not in ('triton', 'triton_mma')
+        for groups in (4, 16):
             previous = 'grouped' if training else 'dense'
-            assert cuda_branch_form(16, training, in_per_group=4, outs_per_group=outs, triton=False) == previous
-    assert cuda_branch_form(32, False, in_per_group=4, outs_per_group=16, triton=True) == 'grouped'
+            assert cuda_branch_form(groups, training, in_per_group=4, triton=False) == previous
+    assert cuda_branch_form(32, False, in_per_group=4, triton=False) == 'grouped'
 
 
-def test_triton_form_plans(monkeypatch):
-    """The 'triton' form: CPU plans identical to 'auto' (the kernels need CUDA), the grouped conv on
-    other devices; 'auto' on CUDA takes it only where triton runs on CUDA."""
+@pytest.mark.parametrize('form', FORMS)
+def test_triton_form_plans(monkeypatch, form):
+    """The Triton forms: CPU plans identical to 'auto' (the kernels need CUDA), the grouped conv on
+    other devices; 'auto' on CUDA takes the tensor-core kernels only where triton runs on CUDA."""
     from timm_epsanet import _branch_conv
     from timm_epsanet.psa import PyramidSqueezeAttention
 
     for width, stride in ((64, 1), (128, 1), (128, 2), (512, 1)):
         auto = PyramidSqueezeAttention(width, stride=stride).convs
-        tri = PyramidSqueezeAttention(width, stride=stride, branch_form='triton').convs
+        tri = PyramidSqueezeAttention(width, stride=stride, branch_form=form).convs
         for a, t in zip(auto, tri):
             assert a.cpu_plans == t.cpu_plans
             assert (a.group_sum_weight is None) == (t.group_sum_weight is None)
-    small = PyramidSqueezeAttention(64, branch_form='triton').convs  # groups 1, 4, 8, 16
-    assert [c.plan_for('cuda', True)[0] for c in small] == ['grouped', 'triton', 'triton', 'triton']
+    small = PyramidSqueezeAttention(64, branch_form=form).convs  # groups 1, 4, 8, 16
+    assert [c.plan_for('cuda', True)[0] for c in small] == ['grouped', form, form, form]
     assert [c.plan_for('mps', False)[0] for c in small] == ['grouped'] * 4
     auto = PyramidSqueezeAttention(512).convs  # 32, 16, 8 outputs per group for groups 4, 8, 16
     monkeypatch.setattr(_branch_conv, 'triton_in_auto', lambda: True)
-    assert [c.plan_for('cuda', False)[0] for c in auto] == ['grouped', 'dense', 'dense', 'triton']
+    assert [c.plan_for('cuda', False)[0] for c in auto] == ['grouped'] + ['triton_mma'] * 3
     monkeypatch.setattr(_branch_conv, 'triton_in_auto', lambda: False)
     assert [c.plan_for('cuda', False)[0] for c in auto] == ['grouped', 'dense', 'dense', 'dense']
+
+
+def test_tensor_core_form_merges_groups_to_sixteen_outputs():
+    """'triton_mma' merges the fewest adjacent groups that give each merged group 16 outputs
+    (`tl.dot`'s smallest tile): Small's stage-1 branches, 4, 2 and 1 outputs per group, merge
+    4, 8 and 16 groups; groups of 16 or more outputs stay as they are."""
+    from timm_epsanet.psa import PyramidSqueezeAttention
+    assert [c.mma_regroup for c in PyramidSqueezeAttention(64).convs] == [1, 4, 8, 16]
+    assert [c.mma_regroup for c in PyramidSqueezeAttention(512).convs] == [1, 1, 1, 2]
 
 
 def test_auto_takes_triton_only_when_asked(monkeypatch):

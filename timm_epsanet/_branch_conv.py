@@ -19,12 +19,13 @@ from ._branch_forms import (
     regroup_factor, sums_groups_by_conv,
 )
 from ._branch_plans import (
-    Plan, computes_in_low_precision, cpu_branch_plan, cuda_branch_form, in_layout, layout_of, triton_in_auto,
+    TRITON_FORMS, Plan, computes_in_low_precision, cpu_branch_plan, cuda_branch_form, in_layout, layout_of,
+    triton_in_auto,
 )
 from ._branch_tuning import tuned_plans
 
 # How a PSA branch's grouped conv is computed (`BranchConv2d`).
-BRANCH_FORMS = ('auto', 'grouped', 'depthwise', 'volumetric', 'dense', 'regrouped', 'triton')
+BRANCH_FORMS = ('auto', 'grouped', 'depthwise', 'volumetric', 'dense', 'regrouped', 'triton', 'triton_mma')
 
 
 class BranchConv2d(nn.Conv2d):
@@ -38,8 +39,11 @@ class BranchConv2d(nn.Conv2d):
       * dense: a dense conv with the block-diagonal weight.
       * regrouped: adjacent groups merged into groups of 8 or more outputs (`regroup_factor`),
         each with a block-diagonal weight: between grouped (1x MACs) and dense (groups x).
-      * triton: the Triton kernels of `_triton_branch` (forward and both gradients), on CUDA;
-        on CPU the same plans as auto, on other devices the grouped conv.
+      * triton: the Triton kernels of `_triton_branch` (forward and both gradients) on CUDA
+        cores, on CUDA; on CPU the same plans as auto, on other devices the grouped conv.
+      * triton_mma: the regrouped conv by `_triton_branch`'s tensor-core kernels: adjacent groups
+        merged into groups of 16 or more outputs (`tl.dot`'s smallest tile), block-diagonal
+        weights; CUDA only, elsewhere as triton.
       * auto: on CPU `cpu_branch_plan` (form and memory layout), on CUDA `cuda_branch_form`,
         elsewhere the grouped conv.
     The module computes in its input's layout; `BranchConvs` hands each branch the layout of its
@@ -56,13 +60,15 @@ class BranchConv2d(nn.Conv2d):
         self.form = form
         # groups merged by the regrouped form (1: it is the grouped conv)
         self.regroup: int = regroup_factor(self.groups, self.out_channels // self.groups)
+        # groups merged by the triton_mma form
+        self.mma_regroup: int = regroup_factor(self.groups, self.out_channels // self.groups, min_outs=16)
         shape = (self.kernel_size[0], in_per_group, self.out_channels // self.groups, self.groups, max(self.stride))
         # CPU plans at index 2 * training + low_precision
         self.cpu_plans: List[Plan] = [
             self._cpu_plan(shape, training, low) for training in (False, True) for low in (False, True)]
         # the depthwise form's group-sum weights: computed once, moved and cast with the module,
         # not part of the state dict (None where the form or the output width never uses them)
-        uses_sum_conv = form in ('auto', 'depthwise', 'triton') and sums_groups_by_conv(self.out_channels)
+        uses_sum_conv = form in ('auto', 'depthwise') + TRITON_FORMS and sums_groups_by_conv(self.out_channels)
         self.register_buffer('group_sum_weight', self._group_sum_weight() if uses_sum_conv else None, persistent=False)
 
     def _apply(self, fn, recurse=True):
@@ -88,7 +94,7 @@ class BranchConv2d(nn.Conv2d):
                 self.group_sum_weight.copy_(self._group_sum_weight())
 
     def _cpu_plan(self, shape: Tuple[int, int, int, int, int], training: bool, low_precision: bool) -> Plan:
-        if self.form in ('auto', 'triton'):  # the kernels run on CUDA only
+        if self.form == 'auto' or self.form in TRITON_FORMS:  # the kernels run on CUDA only
             return cpu_branch_plan(*shape, training=training, low_precision=low_precision)
         if self.groups == 1 and not low_precision:
             return 'grouped', 'any'  # a dense conv is as fast in either layout
@@ -102,7 +108,7 @@ class BranchConv2d(nn.Conv2d):
         chosen on CPU; elsewhere the branch runs in the caller's layout ('any')."""
         if device_type == 'cpu':
             return self.cpu_plans[2 * int(grad_enabled) + int(low_precision)]
-        if self.form == 'triton' and device_type != 'cuda':
+        if self.form.startswith('triton') and device_type != 'cuda':  # TRITON_FORMS (TorchScript: no global tuples)
             return 'grouped', 'any'
         if self.form != 'auto':
             return self.form, 'any'
@@ -110,14 +116,13 @@ class BranchConv2d(nn.Conv2d):
             # TorchScript runs the kernels' custom ops only where a form names them explicitly
             triton = False if torch.jit.is_scripting() else triton_in_auto()
             form = cuda_branch_form(
-                self.groups, grad_enabled, in_per_group=self.in_channels // self.groups,
-                outs_per_group=self.out_channels // self.groups, triton=triton)
+                self.groups, grad_enabled, in_per_group=self.in_channels // self.groups, triton=triton)
             return form, 'any'
         return 'grouped', 'any'
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         form = self.form
-        if form == 'auto' or (form == 'triton' and x.device.type != 'cuda'):  # the kernels need CUDA
+        if form == 'auto' or (form.startswith('triton') and x.device.type != 'cuda'):  # the kernels need CUDA
             if torch.jit.is_scripting():
                 low_precision = x.dtype != torch.float32
             else:
@@ -135,8 +140,8 @@ class BranchConv2d(nn.Conv2d):
             return F.conv2d(x, weight, None, self.stride, self.padding, self.dilation, self.groups // merge)
         if form == 'grouped':  # NCHW inputs stay NCHW on CPU: the weight is kept NCHW (`_apply`)
             return self._conv_forward(x, self.weight, self.bias)
-        if form == 'triton':
-            return self._triton_forward(x)
+        if form == 'triton' or form == 'triton_mma':
+            return self._triton_forward(x, form == 'triton_mma')
         if not _autograd_plan():
             y = fast_form_conv(
                 x, self.weight, form, self.stride, self.padding, self.dilation, self.groups, self.group_sum_weight)
@@ -147,10 +152,14 @@ class BranchConv2d(nn.Conv2d):
         return in_layout(y, layout_of(x)) if form == 'volumetric' else y  # volumetric computes NCHW
 
     @torch.jit.unused
-    def _triton_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _triton_forward(self, x: torch.Tensor, tensor_cores: bool) -> torch.Tensor:
         from . import _triton_branch  # imported only where it runs: it needs triton
         x, weight = autocast_conv_inputs(x, self.weight)
-        return _triton_branch.branch_conv(x, weight, self.stride, self.padding, self.dilation, self.groups)
+        groups = self.groups
+        if tensor_cores and self.mma_regroup > 1:
+            weight = block_diagonal_weight(weight, groups, self.mma_regroup)
+            groups //= self.mma_regroup
+        return _triton_branch.branch_conv(x, weight, self.stride, self.padding, self.dilation, groups, tensor_cores)
 
     @torch.jit.unused
     def _train_forward(self, x: torch.Tensor, form: str) -> torch.Tensor:

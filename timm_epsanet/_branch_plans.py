@@ -1,8 +1,9 @@
 """ Which form and memory layout a PSA branch runs in, per device.
 
 A plan is (form, layout): a form of `_branch_forms` ('grouped', 'depthwise', 'volumetric',
-'dense', 'regrouped') or 'triton' (`_triton_branch`, CUDA only) and 'nchw', 'channels_last', or
-'any' (channels-last when the PSA has a channels-last copy of its input anyway, else NCHW). The
+'dense', 'regrouped') or one of `TRITON_FORMS` (`_triton_branch`, CUDA only) and 'nchw',
+'channels_last', or 'any' (channels-last when the PSA has a channels-last copy of its input
+anyway, else NCHW). The
 rules come from per-branch and per-PSA timings (benchmarks/psa_branches.py, benchmarks/psa_plans.py;
 their results and the numbers behind each rule are in benchmarks/README.md).
 """
@@ -14,12 +15,13 @@ import torch
 
 Plan = Tuple[str, str]
 
+# the forms run by the Triton kernels (`_triton_branch`): CUDA cores, tensor cores; CUDA only
+TRITON_FORMS = ('triton', 'triton_mma')
+
 # found without importing it: importing this package must not need (or load) triton
 TRITON_INSTALLED = importlib.util.find_spec('triton') is not None
-# the outputs per group the Triton kernels are written for (CUDA cores, no tensor-core tiles)
-TRITON_MAX_OUTS_PER_GROUP = 8
 # 'auto' takes the Triton kernels on CUDA only when asked to, until they are measured on a GPU
-# against cuDNN (benchmarks/run_cuda.sh); branch_form='triton' uses them regardless
+# against cuDNN (benchmarks/run_cuda.sh); branch_form='triton' / 'triton_mma' use them regardless
 TRITON_IN_AUTO = os.environ.get('TIMM_EPSANET_TRITON', '0').lower() in ('1', 'true', 'yes', 'on')
 
 
@@ -67,25 +69,25 @@ def cuda_branch_form(
         groups: int,
         training: bool,
         in_per_group: int,
-        outs_per_group: int,
         triton: bool,
-        triton_max_outs: int = TRITON_MAX_OUTS_PER_GROUP,
 ) -> str:
     """The form of a PSA branch on CUDA, in the caller's layout.
 
-    With `triton` (`triton_runs_on_cuda`): the Triton kernels for the branches they are written
-    for, 2 or more inputs and at most `triton_max_outs` outputs per group, where cuDNN's
-    grouped kernels are slowest. Otherwise cuDNN: at inference the dense form for up to 16 groups,
-    whose extra MACs cost less than cuDNN's slow grouped kernels; the grouped conv in training,
-    where the dense form's backward costs more than it saves.
+    With `triton` (`triton_in_auto`): every grouped branch on the Triton tensor-core kernels
+    ('triton_mma'). Not the CUDA-core kernels ('triton'): EPSANet's grouped branches hold more
+    multiply-adds than CUDA cores can run, even at their peak, in the time a ResNet-50-class
+    budget leaves them, while merged groups on tensor cores cost a few times the MACs at many
+    times the rate (benchmarks/branch_macs.py). Otherwise cuDNN: at inference the dense form for
+    up to 16 groups, whose extra MACs cost less than cuDNN's slow grouped kernels; the grouped
+    conv in training, where the dense form's backward costs more than it saves.
     """
-    if triton and in_per_group > 1 and outs_per_group <= triton_max_outs:
-        return 'triton'
+    if triton and in_per_group > 1:
+        return 'triton_mma'
     return 'dense' if not training and groups <= 16 else 'grouped'
 
 
 def triton_runs_on_cuda() -> bool:
-    """Whether the 'triton' form can run here: triton installed and a CUDA device present."""
+    """Whether the Triton forms can run here: triton installed and a CUDA device present."""
     return TRITON_INSTALLED and torch.cuda.is_available()
 
 

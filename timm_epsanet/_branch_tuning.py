@@ -37,7 +37,7 @@ import torch
 import torch.fx
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from ._branch_plans import Plan, in_layout, layout_of, triton_runs_on_cuda
+from ._branch_plans import TRITON_FORMS, Plan, in_layout, layout_of, triton_runs_on_cuda
 
 try:
     import fcntl
@@ -168,7 +168,7 @@ def candidates(conv: torch.nn.Conv2d, device_type: str) -> List[Plan]:
         if 1 < conv.regroup < conv.groups:
             forms.append('regrouped')
         if triton_runs_on_cuda():
-            forms.append('triton')
+            forms += TRITON_FORMS
         plans += [(form, layout) for form in forms for layout in LAYOUTS]
     return plans
 
@@ -278,7 +278,7 @@ def _parse(data, header: Tuple[str, ...]) -> Dict[str, List[Plan]]:
         if not isinstance(key, str) or not plan or any(
                 len(choice) != 2 or choice[0] not in BRANCH_FORMS[1:] or choice[1] not in LAYOUTS for choice in plan):
             raise ValueError(f'invalid plan {plan!r} for {key!r}')
-        if triton or all(form != 'triton' for form, _ in plan):  # else written where the kernels ran: measure anew
+        if triton or all(form not in TRITON_FORMS for form, _ in plan):  # else written where the kernels ran: measure anew
             plans[key] = plan
     return plans
 

@@ -1,8 +1,8 @@
-""" Triton kernels for PSA branches: grouped convs with few outputs per group, on CUDA cores.
+""" Triton kernels for PSA branches: grouped convs with few outputs per group.
 
 cuDNN runs grouped convs with large kernels and 1-8 outputs per group far below the GPU's rate,
-and tensor-core tiles (`tl.dot` wants 16 or more on each side) do not fit them either. These
-kernels compute such a conv directly: each program holds a tile of pixels x channels of a few
+and tensor-core tiles (`tl.dot` wants 16 or more on each side) do not fit such groups. The first
+kernels compute such a conv directly on CUDA cores: each program holds a tile of pixels x channels of a few
 groups, and accumulates in fp32 registers, tap by tap, with plain multiply-adds.
 
   * forward and input gradient: one kernel (`_conv_kernel`). The input gradient is the same sum
@@ -12,14 +12,19 @@ groups, and accumulates in fp32 registers, tap by tap, with plain multiply-adds.
   * weight gradient (`_weight_grad_kernel`): each program sums the products of one tap over a
     chunk of pixels; the chunks' partial sums are added afterwards in fp32 (deterministic, no
     atomics).
+  * on tensor cores (`_conv_mma_kernel`, `_weight_grad_mma_kernel`): the same sums as tile
+    products (`tl.dot`), for groups of 16 or more channels each way, which is what a PSA branch
+    becomes when adjacent groups are merged with block-diagonal weights. The merge multiplies the
+    MACs, but tensor cores run them many times faster than CUDA cores run plain multiply-adds.
 
 Tensors of any memory layout are read through their strides (channels-last is the fast one:
 a group's channels are contiguous). Inputs fp16, bf16 or fp32; fp32 accumulation; outputs in
 the input's dtype. The three are registered as custom ops (`timm_epsanet::branch_conv*`) with
 fake implementations and autograd, so torch.compile, FX and export see one op per conv.
 
-Private to the package, imported only where a branch runs in the 'triton' form (`_branch_conv`);
-needs triton, and a CUDA device (or TRITON_INTERPRET=1, which runs the kernels on CPU tensors).
+Private to the package, imported only where a branch runs in the 'triton' or 'triton_mma' form
+(`_branch_conv`); needs triton, and a CUDA device (or TRITON_INTERPRET=1, which runs the kernels
+on CPU tensors).
 """
 import os
 from typing import List, NamedTuple, Sequence, Tuple
@@ -28,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ['Config', 'branch_conv', 'config_for']
+__all__ = ['Config', 'branch_conv', 'config_for', 'mma_config_for']
 
 
 def _interpreting() -> bool:
@@ -169,6 +174,104 @@ def _weight_grad_kernel(
     tl.store(dst, part, mask=go_ok)
 
 
+@triton.jit(do_not_specialize=['N', 'H_src', 'W_src', 'H_dst', 'W_dst'])
+def _conv_mma_kernel(
+        src_ptr, w_ptr, dst_ptr,
+        N, H_src, W_src, H_dst, W_dst,
+        s_n, s_h, s_w, s_c,
+        d_n, d_h, d_w, d_c,
+        KH, KW, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+        G,
+        C_RED: tl.constexpr, C_OUT: tl.constexpr, TRANSPOSED: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr,
+):
+    """`_conv_kernel`'s sum for groups of 16 or more channels each way, on tensor cores: each program
+    takes one group and, tap by tap, adds the product of a (pixels x reduction channels) tile of
+    src and the tap's (reduction x written channels) weight tile (`tl.dot`, fp32 accumulation)."""
+    pid_p = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    n_oblocks = tl.cdiv(C_OUT, BLOCK_O)
+    g = pid_c // n_oblocks
+    o = (pid_c % n_oblocks) * BLOCK_O + tl.arange(0, BLOCK_O)
+    o_ok = o < C_OUT
+
+    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_ok = p < N * H_dst * W_dst
+    ow = p % W_dst
+    oh = (p // W_dst) % H_dst
+    n = (p // (W_dst * H_dst)).to(tl.int64)
+    r_block = tl.arange(0, BLOCK_R)
+
+    acc = tl.zeros((BLOCK_P, BLOCK_O), dtype=tl.float32)
+    for kh in range(KH):
+        ih, h_ok = _source_index(oh, kh, stride_h, pad_h, dil_h, H_src, TRANSPOSED)
+        for kw in range(KW):
+            iw, w_ok = _source_index(ow, kw, stride_w, pad_w, dil_w, W_src, TRANSPOSED)
+            pix_ok = p_ok & h_ok & w_ok
+            pix = n * s_n + ih * s_h + iw * s_w
+            tap = kh * KW + kw
+            for r0 in range(0, C_RED, BLOCK_R):
+                r = r0 + r_block
+                r_ok = r < C_RED
+                xv = tl.load(src_ptr + pix[:, None] + ((g * C_RED + r) * s_c)[None, :],
+                             mask=pix_ok[:, None] & r_ok[None, :], other=0.0)
+                wv = tl.load(w_ptr + ((tap * G + g) * C_RED + r)[:, None] * C_OUT + o[None, :],
+                             mask=r_ok[:, None] & o_ok[None, :], other=0.0)
+                acc = tl.dot(xv, wv, acc, input_precision=PRECISION)
+
+    dst = dst_ptr + (n * d_n + oh * d_h + ow * d_w)[:, None] + ((g * C_OUT + o) * d_c)[None, :]
+    tl.store(dst, acc.to(dst_ptr.dtype.element_ty), mask=p_ok[:, None] & o_ok[None, :])
+
+
+@triton.jit(do_not_specialize=['N', 'H', 'W', 'H_out', 'W_out', 'PIX_PER_CHUNK'])
+def _weight_grad_mma_kernel(
+        x_ptr, gy_ptr, part_ptr,
+        N, H, W, H_out, W_out,
+        x_n, x_h, x_w, x_c,
+        y_n, y_h, y_w, y_c,
+        KW, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+        G, PIX_PER_CHUNK,
+        C_IN: tl.constexpr, C_OUT: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr,
+):
+    """`_weight_grad_kernel`'s partial sums on tensor cores: per chunk of pixels, one tap and one
+    group, the product of the (input channels x pixels) and (pixels x output channels) tiles."""
+    chunk = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    tap = tl.program_id(2)
+    kh = tap // KW
+    kw = tap % KW
+    n_rblocks = tl.cdiv(C_IN, BLOCK_R)
+    n_oblocks = tl.cdiv(C_OUT, BLOCK_O)
+    g = pid_c // (n_rblocks * n_oblocks)
+    r = ((pid_c // n_oblocks) % n_rblocks) * BLOCK_R + tl.arange(0, BLOCK_R)
+    o = (pid_c % n_oblocks) * BLOCK_O + tl.arange(0, BLOCK_O)
+    r_ok = r < C_IN
+    o_ok = o < C_OUT
+
+    n_pix = N * H_out * W_out
+    acc = tl.zeros((BLOCK_R, BLOCK_O), dtype=tl.float32)
+    start = chunk * PIX_PER_CHUNK
+    for p0 in range(start, start + PIX_PER_CHUNK, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        p_ok = p < n_pix
+        ow = p % W_out
+        oh = (p // W_out) % H_out
+        n = (p // (W_out * H_out)).to(tl.int64)
+        ih, h_ok = _source_index(oh, kh, stride_h, pad_h, dil_h, H, False)
+        iw, w_ok = _source_index(ow, kw, stride_w, pad_w, dil_w, W, False)
+        x_ok = p_ok & h_ok & w_ok
+        xv = tl.load(x_ptr + (n * x_n + ih * x_h + iw * x_w)[:, None] + ((g * C_IN + r) * x_c)[None, :],
+                     mask=x_ok[:, None] & r_ok[None, :], other=0.0)
+        gv = tl.load(gy_ptr + (n * y_n + oh * y_h + ow * y_w)[:, None] + ((g * C_OUT + o) * y_c)[None, :],
+                     mask=p_ok[:, None] & o_ok[None, :], other=0.0)
+        acc = tl.dot(tl.trans(xv), gv, acc, input_precision=PRECISION)
+
+    dst = part_ptr + ((chunk * tl.num_programs(2) + tap) * G + g) * (C_IN * C_OUT) \
+        + (r * C_OUT)[:, None] + o[None, :]
+    tl.store(dst, acc, mask=r_ok[:, None] & o_ok[None, :])
+
+
 def _pow2(n: int) -> int:
     return triton.next_power_of_2(max(1, n))
 
@@ -195,6 +298,18 @@ def config_for(groups: int, c_red: int, c_out: int) -> Config:
     return Config(block_p, block_g, block_r, block_o)
 
 
+def mma_config_for(c_red: int, c_out: int) -> Config:
+    """The tile of the tensor-core kernels for one group reducing `c_red` channels into `c_out`:
+    16 to 64 of each (`tl.dot` takes 16 or more on every side; narrower groups are masked) and 64
+    pixels. A starting point, like `config_for`'s."""
+    return Config(64, 1, min(64, max(16, _pow2(c_red))), min(64, max(16, _pow2(c_out))))
+
+
+def _precision(x: torch.Tensor) -> str:
+    # fp32 products exactly, like the grouped conv they replace (tf32 would round the inputs)
+    return 'ieee' if x.dtype == torch.float32 else 'tf32'
+
+
 def _out_size(size: int, k: int, stride: int, padding: int, dilation: int) -> int:
     return (size + 2 * padding - dilation * (k - 1) - 1) // stride + 1
 
@@ -211,9 +326,9 @@ def _check_device(x: torch.Tensor) -> None:
         raise RuntimeError(f'the Triton PSA branch kernels need a CUDA tensor (or TRITON_INTERPRET=1), got {x.device}')
 
 
-def _launch_conv(src, weight, dst, groups, stride, padding, dilation, transposed, config=None):
+def _launch_conv(src, weight, dst, groups, stride, padding, dilation, transposed, config=None, tensor_cores=False):
     """dst = the conv of src (forward), or its input gradient from the output gradient src (transposed),
-    on `config`'s tile (default `config_for`'s)."""
+    on `config`'s tile (default `config_for`'s, or `mma_config_for`'s on tensor cores)."""
     out_chs, in_per_group, k_h, k_w = weight.shape
     outs = out_chs // groups
     # (KH, KW, G, reduced, written) contiguous: what one tap of one group multiplies. Transposed,
@@ -221,25 +336,32 @@ def _launch_conv(src, weight, dst, groups, stride, padding, dilation, transposed
     w_t = weight.reshape(groups, outs, in_per_group, k_h, k_w)
     w_t = w_t.permute(3, 4, 0, 1, 2) if transposed else w_t.permute(3, 4, 0, 2, 1)
     c_red, c_out = (outs, in_per_group) if transposed else (in_per_group, outs)
-    block_p, block_g, block_r, block_o, num_warps = config or config_for(groups, c_red, c_out)
+    if config is None:
+        config = mma_config_for(c_red, c_out) if tensor_cores else config_for(groups, c_red, c_out)
+    block_p, block_g, block_r, block_o, num_warps = config
     n, _, h_dst, w_dst = dst.shape
     grid = (triton.cdiv(n * h_dst * w_dst, block_p), triton.cdiv(groups, block_g) * triton.cdiv(c_out, block_o))
     s, d = src.stride(), dst.stride()
-    _conv_kernel[grid](
-        src, w_t.contiguous(), dst, n, src.shape[2], src.shape[3], h_dst, w_dst,
-        s[0], s[2], s[3], s[1], d[0], d[2], d[3], d[1],
-        k_h, k_w, stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-        groups, C_RED=c_red, C_OUT=c_out, TRANSPOSED=transposed,
-        BLOCK_P=block_p, BLOCK_G=block_g, BLOCK_R=block_r, BLOCK_O=block_o, num_warps=num_warps)
+    args = (src, w_t.contiguous(), dst, n, src.shape[2], src.shape[3], h_dst, w_dst,
+            s[0], s[2], s[3], s[1], d[0], d[2], d[3], d[1],
+            k_h, k_w, stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], groups)
+    if tensor_cores:
+        _conv_mma_kernel[grid](
+            *args, C_RED=c_red, C_OUT=c_out, TRANSPOSED=transposed, PRECISION=_precision(src),
+            BLOCK_P=block_p, BLOCK_R=block_r, BLOCK_O=block_o, num_warps=num_warps)
+    else:
+        _conv_kernel[grid](
+            *args, C_RED=c_red, C_OUT=c_out, TRANSPOSED=transposed,
+            BLOCK_P=block_p, BLOCK_G=block_g, BLOCK_R=block_r, BLOCK_O=block_o, num_warps=num_warps)
     return dst
 
 
 @torch.library.custom_op('timm_epsanet::branch_conv', mutates_args=())
 def _conv_op(x: torch.Tensor, weight: torch.Tensor, stride: List[int], padding: List[int],
-             dilation: List[int], groups: int) -> torch.Tensor:
+             dilation: List[int], groups: int, tensor_cores: bool) -> torch.Tensor:
     _check_device(x)
     y = _empty_like_layout(x, _conv_out_shape(x, weight, stride, padding, dilation), x.dtype)
-    return _launch_conv(x, weight, y, groups, stride, padding, dilation, transposed=False)
+    return _launch_conv(x, weight, y, groups, stride, padding, dilation, transposed=False, tensor_cores=tensor_cores)
 
 
 def _conv_out_shape(x, weight, stride, padding, dilation) -> Tuple[int, int, int, int]:
@@ -249,36 +371,39 @@ def _conv_out_shape(x, weight, stride, padding, dilation) -> Tuple[int, int, int
 
 
 @_conv_op.register_fake
-def _(x, weight, stride, padding, dilation, groups):
+def _(x, weight, stride, padding, dilation, groups, tensor_cores):
     return _empty_like_layout(x, _conv_out_shape(x, weight, stride, padding, dilation), x.dtype)
 
 
 @torch.library.custom_op('timm_epsanet::branch_conv_grad_input', mutates_args=())
 def _grad_input_op(grad: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, stride: List[int],
-                   padding: List[int], dilation: List[int], groups: int) -> torch.Tensor:
+                   padding: List[int], dilation: List[int], groups: int, tensor_cores: bool) -> torch.Tensor:
     _check_device(grad)
     grad_x = _empty_like_layout(x, x.shape, grad.dtype)
-    return _launch_conv(grad, weight, grad_x, groups, stride, padding, dilation, transposed=True)
+    return _launch_conv(grad, weight, grad_x, groups, stride, padding, dilation, transposed=True,
+                        tensor_cores=tensor_cores)
 
 
 @_grad_input_op.register_fake
-def _(grad, weight, x, stride, padding, dilation, groups):
+def _(grad, weight, x, stride, padding, dilation, groups, tensor_cores):
     return _empty_like_layout(x, x.shape, grad.dtype)
 
 
 @torch.library.custom_op('timm_epsanet::branch_conv_grad_weight', mutates_args=())
 def _grad_weight_op(x: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor, stride: List[int],
-                    padding: List[int], dilation: List[int], groups: int) -> torch.Tensor:
+                    padding: List[int], dilation: List[int], groups: int, tensor_cores: bool) -> torch.Tensor:
     _check_device(x)
-    return _launch_weight_grad(x, grad, weight, stride, padding, dilation, groups)
+    return _launch_weight_grad(x, grad, weight, stride, padding, dilation, groups, tensor_cores=tensor_cores)
 
 
-def _launch_weight_grad(x, grad, weight, stride, padding, dilation, groups, config=None):
+def _launch_weight_grad(x, grad, weight, stride, padding, dilation, groups, config=None, tensor_cores=False):
     """The weight gradient of the conv of x, given its output gradient, on `config`'s tile."""
     out_chs, in_per_group, k_h, k_w = weight.shape
     outs = out_chs // groups
     n, _, h_out, w_out = grad.shape
-    block_p, block_g, block_r, block_o, num_warps = config or config_for(groups, in_per_group, outs)
+    if config is None:
+        config = mma_config_for(in_per_group, outs) if tensor_cores else config_for(groups, in_per_group, outs)
+    block_p, block_g, block_r, block_o, num_warps = config
     blocks = triton.cdiv(groups, block_g) * triton.cdiv(in_per_group, block_r) * triton.cdiv(outs, block_o)
     # enough chunks of pixels for ~4 programs per multiprocessor, each of whole pixel tiles
     sms = 4 if x.device.type != 'cuda' else torch.cuda.get_device_properties(x.device).multi_processor_count
@@ -288,25 +413,30 @@ def _launch_weight_grad(x, grad, weight, stride, padding, dilation, groups, conf
     chunks = triton.cdiv(n_pix, pix_per_chunk)
     part = torch.empty((chunks, k_h, k_w, groups, in_per_group, outs), dtype=torch.float32, device=x.device)
     s, d = x.stride(), grad.stride()
-    _weight_grad_kernel[(chunks, blocks, k_h * k_w)](
-        x, grad, part, n, x.shape[2], x.shape[3], h_out, w_out,
-        s[0], s[2], s[3], s[1], d[0], d[2], d[3], d[1],
-        k_w, stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-        groups, pix_per_chunk, C_IN=in_per_group, C_OUT=outs,
-        BLOCK_P=block_p, BLOCK_G=block_g, BLOCK_R=block_r, BLOCK_O=block_o, num_warps=num_warps)
+    grid = (chunks, blocks, k_h * k_w)
+    args = (x, grad, part, n, x.shape[2], x.shape[3], h_out, w_out, s[0], s[2], s[3], s[1], d[0], d[2], d[3], d[1],
+            k_w, stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], groups, pix_per_chunk)
+    if tensor_cores:
+        _weight_grad_mma_kernel[grid](
+            *args, C_IN=in_per_group, C_OUT=outs, PRECISION=_precision(x),
+            BLOCK_P=block_p, BLOCK_R=block_r, BLOCK_O=block_o, num_warps=num_warps)
+    else:
+        _weight_grad_kernel[grid](
+            *args, C_IN=in_per_group, C_OUT=outs,
+            BLOCK_P=block_p, BLOCK_G=block_g, BLOCK_R=block_r, BLOCK_O=block_o, num_warps=num_warps)
     grad_w = part.sum(0).permute(2, 4, 3, 0, 1).reshape(out_chs, in_per_group, k_h, k_w)
     return grad_w.to(weight.dtype).contiguous()
 
 
 @_grad_weight_op.register_fake
-def _(x, grad, weight, stride, padding, dilation, groups):
+def _(x, grad, weight, stride, padding, dilation, groups, tensor_cores):
     return torch.empty_like(weight, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, stride, padding, dilation, groups = inputs
+    x, weight, stride, padding, dilation, groups, tensor_cores = inputs
     ctx.save_for_backward(x, weight)
-    ctx.conv_args = (stride, padding, dilation, groups)
+    ctx.conv_args = (stride, padding, dilation, groups, tensor_cores)
 
 
 def _backward(ctx, grad):
@@ -316,7 +446,7 @@ def _backward(ctx, grad):
         grad_x = _grad_input_op(grad, weight, x, *ctx.conv_args)
     if ctx.needs_input_grad[1]:
         grad_w = _grad_weight_op(x, grad, weight, *ctx.conv_args)
-    return grad_x, grad_w, None, None, None, None
+    return grad_x, grad_w, None, None, None, None, None
 
 
 _conv_op.register_autograd(_backward, setup_context=_setup_context)
@@ -329,9 +459,14 @@ def branch_conv(
         padding: Sequence[int],
         dilation: Sequence[int],
         groups: int,
+        tensor_cores: bool = False,
 ) -> torch.Tensor:
     """`F.conv2d(x, weight, None, stride, padding, dilation, groups)` by the Triton kernels,
-    differentiable in x and weight; the output in x's dtype and memory layout."""
+    differentiable in x and weight; the output in x's dtype and memory layout.
+
+    `tensor_cores`: the `tl.dot` kernels, for groups of 16 or more channels each way (narrower
+    groups are padded with zeros, so merge them first: `_branch_forms.block_diagonal_weight`);
+    else the CUDA-core kernels, for groups of a few outputs."""
     if x.dim() != 4 or weight.dim() != 4:
         raise ValueError(f'branch_conv takes 4D x and weight, got shapes {tuple(x.shape)} and {tuple(weight.shape)}')
     if x.shape[1] != weight.shape[1] * groups or weight.shape[0] % groups:
@@ -339,4 +474,4 @@ def branch_conv(
                          f'of {groups} groups')
     if x.dtype != weight.dtype:
         raise ValueError(f'branch_conv: x is {x.dtype} but weight is {weight.dtype}; cast them alike')
-    return _conv_op(x, weight, list(stride), list(padding), list(dilation), groups)
+    return _conv_op(x, weight, list(stride), list(padding), list(dilation), groups, tensor_cores)
