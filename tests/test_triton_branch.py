@@ -118,10 +118,30 @@ def check_compile(form) -> dict:
                 loss=rel_err(compiled, reference), grad=rel_err(grad_compiled, x.grad))
 
 
+def check_wide_weight_grad() -> dict:
+    """Both weight-gradient kernels on rows wider than their pixel tile (tiles of part of a row,
+    several per row): errors against the grouped conv's weight gradient."""
+    import torch.nn.functional as F
+    from timm_epsanet import _triton_branch as tb
+
+    x = torch.randn(2, 16, 5, 37).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(8, 4, 3, 3)
+    w_ref = w.double().requires_grad_()
+    y = F.conv2d(x.double(), w_ref, None, 1, 1, 1, 4)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    errors = {}
+    for tensor_cores, config in ((False, tb.Config(8, 4, 4, 2)), (True, tb.Config(16, 1, 16, 16))):
+        got = tb._launch_weight_grad(x, grad.float(), w, (1, 1), (1, 1), (1, 1), 4, config, tensor_cores)
+        errors['mma' if tensor_cores else 'cuda_cores'] = rel_err(got, w_ref.grad)
+    return errors
+
+
 def interpreter_results() -> dict:
     torch.manual_seed(0)
     return dict(cases={case_id(case, form): check_case(case, form) for form in FORMS for case in CASES},
-                ops=check_ops(), compile={form: check_compile(form) for form in FORMS})
+                ops=check_ops(), compile={form: check_compile(form) for form in FORMS},
+                wide_weight_grad=check_wide_weight_grad())
 
 
 @pytest.fixture(scope='module')
@@ -152,6 +172,11 @@ def test_custom_ops_pass_opcheck(interpreted):
     assert interpreted['ops'] == {'branch_conv': [], 'grad_input': [], 'grad_weight': []}
 
 
+def test_weight_grad_tiles_of_part_of_a_row(interpreted):
+    errors = interpreted['wide_weight_grad']
+    assert set(errors) == {'cuda_cores', 'mma'} and all(e <= 1e-5 for e in errors.values()), errors
+
+
 @pytest.mark.parametrize('form', FORMS)
 def test_compile_sees_one_op_without_graph_break(interpreted, form):
     result = interpreted['compile'][form]
@@ -159,51 +184,27 @@ def test_compile_sees_one_op_without_graph_break(interpreted, form):
     assert result['loss'] <= 1e-5 and result['grad'] <= 1e-5, result
 
 
-def test_kernels_compile_for_hopper_without_spills():
-    """The kernels build for sm_90 (no GPU needed: triton's own ptxas), fp16 and bf16, on the
-    tiles EPSANet's branches use, without spilling registers to local memory; the tensor-core
-    kernels' machine code multiplies on tensor cores (Hopper's warpgroup MMA, or MMA)."""
+def test_kernels_compile_for_hopper_without_spills(tmp_path):
+    """benchmarks/triton_sass.py as a user runs it: every kernel of Small's stage-1 branches builds
+    for sm_90 (no GPU needed: triton's own ptxas and cuobjdump) without spilling registers, and
+    its innermost loop multiplies on the unit it is written for: tensor cores (Hopper's
+    warpgroup MMA) for the tensor-core kernels, FFMA on CUDA cores for the others."""
     pytest.importorskip('triton')
-    import inspect
-    import re
-    import tempfile
-
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from timm_epsanet import _triton_branch as tb
-
-    bin_dir = Path(triton.__file__).parent / 'backends' / 'nvidia' / 'bin'
-    if not (bin_dir / 'ptxas').exists() or not (bin_dir / 'cuobjdump').exists():
+    if not (Path(triton.__file__).parent / 'backends' / 'nvidia' / 'bin' / 'cuobjdump').exists():
         pytest.skip('triton without its CUDA backend')
-    # (kernel, dtype, inputs per group, outputs per group, groups, transposed): Small's stage-1
-    # branches, the tensor-core ones merged to 16 outputs per group
-    for kernel, dtype, c_in, c_out, groups, transposed in [
-            (tb._conv_kernel, 'fp16', 4, 1, 16, False), (tb._conv_kernel, 'bf16', 16, 4, 4, True),
-            (tb._weight_grad_kernel, 'fp16', 4, 1, 32, None), (tb._weight_grad_kernel, 'bf16', 32, 8, 32, None),
-            (tb._conv_mma_kernel, 'fp16', 64, 16, 1, False), (tb._conv_mma_kernel, 'bf16', 64, 16, 1, True),
-            (tb._weight_grad_mma_kernel, 'fp16', 64, 16, 1, None)]:
-        names = list(inspect.signature(kernel.fn).parameters)
-        mma = 'PRECISION' in names
-        c_red, c_written = (c_out, c_in) if transposed else (c_in, c_out)
-        cfg = tb.mma_config_for(c_red, c_written) if mma else tb.config_for(groups, c_red, c_written)
-        consts = dict(BLOCK_P=cfg.block_p, BLOCK_R=cfg.block_r, BLOCK_O=cfg.block_o)
-        consts.update(dict(PRECISION='tf32') if mma else dict(BLOCK_G=cfg.block_g))
-        consts.update(dict(C_IN=c_in, C_OUT=c_out) if transposed is None else
-                      dict(C_RED=c_red, C_OUT=c_written, TRANSPOSED=transposed))
-        signature = {name: 'constexpr' if name in consts else '*fp32' if name == 'part_ptr'
-                     else f'*{dtype}' if name.endswith('_ptr') else 'i32' for name in names}
-        source = ASTSource(kernel, signature, {(names.index(k),): v for k, v in consts.items()})
-        compiled = triton.compile(source, target=GPUTarget('cuda', 90, 32), options=dict(num_warps=cfg.num_warps))
-        with tempfile.TemporaryDirectory() as tmp:
-            ptx, cubin = Path(tmp) / 'k.ptx', Path(tmp) / 'k.cubin'
-            ptx.write_text(compiled.asm['ptx'])
-            report = subprocess.run([str(bin_dir / 'ptxas'), '-v', '--gpu-name', 'sm_90a', str(ptx), '-o', str(cubin)],
-                                    capture_output=True, text=True).stderr
-            sass = subprocess.run([str(bin_dir / 'cuobjdump'), '--dump-sass', str(cubin)],
-                                  capture_output=True, text=True).stdout
-        assert re.search(r'\b0 bytes spill stores', report), (kernel.fn.__name__, dtype, cfg, report)
-        assert bool(re.search(r'\bH(G)?MMA\b', sass)) == mma, (kernel.fn.__name__, dtype)
+    out = tmp_path / 'sass.json'
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')]))
+    run = subprocess.run([sys.executable, str(ROOT / 'benchmarks' / 'triton_sass.py'), '--stages', '1', '--json', str(out)],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-4000:]
+    rows = json.loads(out.read_text())['rows']
+    assert len(rows) == 3 * 6  # three branches, three kernels on each unit
+    for row in rows:
+        assert row['spill_bytes'] == 0, row
+        tensor_cores = row['kernel'].startswith('mma')
+        assert (row['mma_macs'] > 0) == tensor_cores and (row['ffma'] > 0) != tensor_cores, row
+        assert 0 < row['issue_bound'] <= 1, row
 
 
 def test_cuda_rule_with_triton_runs_tensor_cores():

@@ -10,8 +10,8 @@ groups, and accumulates in fp32 registers, tap by tap, with plain multiply-adds.
     window covered it (stride > 1: only taps that land on an output pixel), with the weight
     group-transposed (a group's outputs become its reduction channels).
   * weight gradient (`_weight_grad_kernel`): each program sums the products of one tap over a
-    chunk of pixels; the chunks' partial sums are added afterwards in fp32 (deterministic, no
-    atomics).
+    chunk of pixel tiles (rows of one image, so a pixel's coordinates are shifts, not divisions);
+    the chunks' partial sums are added afterwards in fp32 (deterministic, no atomics).
   * on tensor cores (`_conv_mma_kernel`, `_weight_grad_mma_kernel`): the same sums as tile
     products (`tl.dot`), for groups of 16 or more channels each way, which is what a PSA branch
     becomes when adjacent groups are merged with block-diagonal weights. The merge multiplies the
@@ -52,6 +52,21 @@ def _source_index(i, tap, stride, pad, dil, size, TRANSPOSED: tl.constexpr):
         src = i * stride - pad + tap * dil
         ok = (src >= 0) & (src < size)
     return src, ok
+
+
+@triton.jit
+def _tile_pixels(t, H_out, W_out, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    """The output pixels of tile `t` of the weight-gradient kernels, BLOCK_H rows x BLOCK_W columns
+    of one image: its image (a scalar), each pixel's row and column, and whether it exists. Only
+    the tile is divided (once, a scalar); the pixels' coordinates are shifts and masks."""
+    row_blocks = tl.cdiv(H_out, BLOCK_H)
+    col_blocks = tl.cdiv(W_out, BLOCK_W)
+    n = t // (row_blocks * col_blocks)
+    rest = t % (row_blocks * col_blocks)
+    i = tl.arange(0, BLOCK_H * BLOCK_W)
+    oh = (rest // col_blocks) * BLOCK_H + i // BLOCK_W
+    ow = (rest % col_blocks) * BLOCK_W + i % BLOCK_W
+    return n.to(tl.int64), oh, ow, (oh < H_out) & (ow < W_out)
 
 
 # sizes are not specialized on (a batch of 2 compiles what a batch of 128 runs); strides are
@@ -118,19 +133,21 @@ def _conv_kernel(
     tl.store(dst, acc.to(dst_ptr.dtype.element_ty), mask=p_ok[:, None] & col_ok[None, :])
 
 
-@triton.jit(do_not_specialize=['N', 'H', 'W', 'H_out', 'W_out', 'PIX_PER_CHUNK'])
+@triton.jit(do_not_specialize=['N', 'H', 'W', 'H_out', 'W_out', 'TILES_PER_CHUNK'])
 def _weight_grad_kernel(
         x_ptr, gy_ptr, part_ptr,
         N, H, W, H_out, W_out,
         x_n, x_h, x_w, x_c,
         y_n, y_h, y_w, y_c,
         KW, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-        G, PIX_PER_CHUNK,
+        G, TILES_PER_CHUNK,
         C_IN: tl.constexpr, C_OUT: tl.constexpr,  # per group
-        BLOCK_P: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr,
+        BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,  # a pixel tile: rows x columns of one image
+        BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr,
 ):
     """part[chunk, tap, g, i, o] = sum over the chunk's output pixels p of
-    x[p*stride - pad + tap*dil, g*C_IN + i] * gy[p, g*C_OUT + o]; part: (chunks, KH*KW, G, C_IN, C_OUT)."""
+    x[p*stride - pad + tap*dil, g*C_IN + i] * gy[p, g*C_OUT + o]; part: (chunks, KH*KW, G, C_IN, C_OUT).
+    A chunk is TILES_PER_CHUNK consecutive tiles of `_tile_pixels`."""
     chunk = tl.program_id(0)
     pid_c = tl.program_id(1)
     tap = tl.program_id(2)
@@ -150,21 +167,16 @@ def _weight_grad_kernel(
     go_ok = c_ok[:, None] & (o < C_OUT)[None, :]
     y_col = (g * C_OUT)[:, None] + o[None, :]  # (G*R, O): the output gradient each product reads
 
-    n_pix = N * H_out * W_out
-    acc = tl.zeros((BLOCK_P, BLOCK_G * BLOCK_R, BLOCK_O), dtype=tl.float32)
-    start = chunk * PIX_PER_CHUNK
-    for p0 in range(start, start + PIX_PER_CHUNK, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        p_ok = p < n_pix
-        ow = p % W_out
-        oh = (p // W_out) % H_out
-        n = (p // (W_out * H_out)).to(tl.int64)
+    n_tiles = N * tl.cdiv(H_out, BLOCK_H) * tl.cdiv(W_out, BLOCK_W)
+    acc = tl.zeros((BLOCK_H * BLOCK_W, BLOCK_G * BLOCK_R, BLOCK_O), dtype=tl.float32)
+    for t in range(chunk * TILES_PER_CHUNK, tl.minimum((chunk + 1) * TILES_PER_CHUNK, n_tiles)):
+        n, oh, ow, p_ok = _tile_pixels(t, H_out, W_out, BLOCK_H, BLOCK_W)
         ih, h_ok = _source_index(oh, kh, stride_h, pad_h, dil_h, H, False)
         iw, w_ok = _source_index(ow, kw, stride_w, pad_w, dil_w, W, False)
         x_ok = p_ok & h_ok & w_ok
-        xv = tl.load(x_ptr + (n * x_n + ih * x_h + iw * x_w)[:, None] + ((g * C_IN + r) * x_c)[None, :],
+        xv = tl.load(x_ptr + n * x_n + (ih * x_h + iw * x_w)[:, None] + ((g * C_IN + r) * x_c)[None, :],
                      mask=x_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
-        gv = tl.load(gy_ptr + (n * y_n + oh * y_h + ow * y_w)[:, None, None] + (y_col * y_c)[None, :, :],
+        gv = tl.load(gy_ptr + n * y_n + (oh * y_h + ow * y_w)[:, None, None] + (y_col * y_c)[None, :, :],
                      mask=p_ok[:, None, None] & go_ok[None, :, :], other=0.0).to(tl.float32)
         acc += xv[:, :, None] * gv
 
@@ -223,19 +235,19 @@ def _conv_mma_kernel(
     tl.store(dst, acc.to(dst_ptr.dtype.element_ty), mask=p_ok[:, None] & o_ok[None, :])
 
 
-@triton.jit(do_not_specialize=['N', 'H', 'W', 'H_out', 'W_out', 'PIX_PER_CHUNK'])
+@triton.jit(do_not_specialize=['N', 'H', 'W', 'H_out', 'W_out', 'TILES_PER_CHUNK'])
 def _weight_grad_mma_kernel(
         x_ptr, gy_ptr, part_ptr,
         N, H, W, H_out, W_out,
         x_n, x_h, x_w, x_c,
         y_n, y_h, y_w, y_c,
         KW, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-        G, PIX_PER_CHUNK,
+        G, TILES_PER_CHUNK,
         C_IN: tl.constexpr, C_OUT: tl.constexpr, PRECISION: tl.constexpr,
-        BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr,
+        BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr,
 ):
-    """`_weight_grad_kernel`'s partial sums on tensor cores: per chunk of pixels, one tap and one
-    group, the product of the (input channels x pixels) and (pixels x output channels) tiles."""
+    """`_weight_grad_kernel`'s partial sums on tensor cores: per chunk of pixel tiles, one tap and
+    one group, the product of the (input channels x pixels) and (pixels x output channels) tiles."""
     chunk = tl.program_id(0)
     pid_c = tl.program_id(1)
     tap = tl.program_id(2)
@@ -249,21 +261,16 @@ def _weight_grad_mma_kernel(
     r_ok = r < C_IN
     o_ok = o < C_OUT
 
-    n_pix = N * H_out * W_out
+    n_tiles = N * tl.cdiv(H_out, BLOCK_H) * tl.cdiv(W_out, BLOCK_W)
     acc = tl.zeros((BLOCK_R, BLOCK_O), dtype=tl.float32)
-    start = chunk * PIX_PER_CHUNK
-    for p0 in range(start, start + PIX_PER_CHUNK, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        p_ok = p < n_pix
-        ow = p % W_out
-        oh = (p // W_out) % H_out
-        n = (p // (W_out * H_out)).to(tl.int64)
+    for t in range(chunk * TILES_PER_CHUNK, tl.minimum((chunk + 1) * TILES_PER_CHUNK, n_tiles)):
+        n, oh, ow, p_ok = _tile_pixels(t, H_out, W_out, BLOCK_H, BLOCK_W)
         ih, h_ok = _source_index(oh, kh, stride_h, pad_h, dil_h, H, False)
         iw, w_ok = _source_index(ow, kw, stride_w, pad_w, dil_w, W, False)
         x_ok = p_ok & h_ok & w_ok
-        xv = tl.load(x_ptr + (n * x_n + ih * x_h + iw * x_w)[:, None] + ((g * C_IN + r) * x_c)[None, :],
+        xv = tl.load(x_ptr + n * x_n + (ih * x_h + iw * x_w)[:, None] + ((g * C_IN + r) * x_c)[None, :],
                      mask=x_ok[:, None] & r_ok[None, :], other=0.0)
-        gv = tl.load(gy_ptr + (n * y_n + oh * y_h + ow * y_w)[:, None] + ((g * C_OUT + o) * y_c)[None, :],
+        gv = tl.load(gy_ptr + n * y_n + (oh * y_h + ow * y_w)[:, None] + ((g * C_OUT + o) * y_c)[None, :],
                      mask=p_ok[:, None] & o_ok[None, :], other=0.0)
         acc = tl.dot(tl.trans(xv), gv, acc, input_precision=PRECISION)
 
@@ -300,9 +307,10 @@ def config_for(groups: int, c_red: int, c_out: int) -> Config:
 
 def mma_config_for(c_red: int, c_out: int) -> Config:
     """The tile of the tensor-core kernels for one group reducing `c_red` channels into `c_out`:
-    16 to 64 of each (`tl.dot` takes 16 or more on every side; narrower groups are masked) and 64
-    pixels. A starting point, like `config_for`'s."""
-    return Config(64, 1, min(64, max(16, _pow2(c_red))), min(64, max(16, _pow2(c_out))))
+    16 to 64 of each (`tl.dot` takes 16 or more on every side; narrower groups are masked) and 128
+    pixels (64 leave more of each loop's instructions to addressing: benchmarks/triton_sass.py).
+    A starting point, like `config_for`'s: benchmarks/triton_tiles.py times its neighbours."""
+    return Config(128, 1, min(64, max(16, _pow2(c_red))), min(64, max(16, _pow2(c_out))))
 
 
 def _precision(x: torch.Tensor) -> str:
@@ -405,25 +413,28 @@ def _launch_weight_grad(x, grad, weight, stride, padding, dilation, groups, conf
         config = mma_config_for(in_per_group, outs) if tensor_cores else config_for(groups, in_per_group, outs)
     block_p, block_g, block_r, block_o, num_warps = config
     blocks = triton.cdiv(groups, block_g) * triton.cdiv(in_per_group, block_r) * triton.cdiv(outs, block_o)
-    # enough chunks of pixels for ~4 programs per multiprocessor, each of whole pixel tiles
+    # tiles of block_p pixels: whole rows where they fit, and the fewest columns that hold a row
+    block_w = min(triton.next_power_of_2(w_out), block_p)
+    block_h = block_p // block_w
+    tiles = n * triton.cdiv(h_out, block_h) * triton.cdiv(w_out, block_w)
+    # enough chunks of tiles for ~4 programs per multiprocessor, each of 4 tiles or more
     sms = 4 if x.device.type != 'cuda' else torch.cuda.get_device_properties(x.device).multi_processor_count
-    n_pix = n * h_out * w_out
-    chunks = max(1, min(triton.cdiv(n_pix, 4 * block_p), triton.cdiv(4 * sms, blocks * k_h * k_w)))
-    pix_per_chunk = triton.cdiv(triton.cdiv(n_pix, chunks), block_p) * block_p  # whole pixel tiles
-    chunks = triton.cdiv(n_pix, pix_per_chunk)
+    chunks = max(1, min(triton.cdiv(tiles, 4), triton.cdiv(4 * sms, blocks * k_h * k_w)))
+    tiles_per_chunk = triton.cdiv(tiles, chunks)
+    chunks = triton.cdiv(tiles, tiles_per_chunk)
     part = torch.empty((chunks, k_h, k_w, groups, in_per_group, outs), dtype=torch.float32, device=x.device)
     s, d = x.stride(), grad.stride()
     grid = (chunks, blocks, k_h * k_w)
     args = (x, grad, part, n, x.shape[2], x.shape[3], h_out, w_out, s[0], s[2], s[3], s[1], d[0], d[2], d[3], d[1],
-            k_w, stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], groups, pix_per_chunk)
+            k_w, stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], groups, tiles_per_chunk)
     if tensor_cores:
         _weight_grad_mma_kernel[grid](
             *args, C_IN=in_per_group, C_OUT=outs, PRECISION=_precision(x),
-            BLOCK_P=block_p, BLOCK_R=block_r, BLOCK_O=block_o, num_warps=num_warps)
+            BLOCK_H=block_h, BLOCK_W=block_w, BLOCK_R=block_r, BLOCK_O=block_o, num_warps=num_warps)
     else:
         _weight_grad_kernel[grid](
-            *args, C_IN=in_per_group, C_OUT=outs,
-            BLOCK_P=block_p, BLOCK_G=block_g, BLOCK_R=block_r, BLOCK_O=block_o, num_warps=num_warps)
+            *args, C_IN=in_per_group, C_OUT=outs, BLOCK_H=block_h, BLOCK_W=block_w,
+            BLOCK_G=block_g, BLOCK_R=block_r, BLOCK_O=block_o, num_warps=num_warps)
     grad_w = part.sum(0).permute(2, 4, 3, 0, 1).reshape(out_chs, in_per_group, k_h, k_w)
     return grad_w.to(weight.dtype).contiguous()
 

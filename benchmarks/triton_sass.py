@@ -1,0 +1,165 @@
+"""The Triton branch kernels built for Hopper (sm_90a) without a GPU, and their innermost loops read.
+
+Triton compiles for a GPU it does not have (`triton.compile` with an sm_90 target, then its own
+`ptxas` and `cuobjdump`), so each kernel EPSANet runs can be built here and its machine code read:
+registers, spills, and the innermost loop, the one that runs once per tap. A multiprocessor issues
+one instruction per scheduler per cycle, so that loop's instruction count bounds the kernel's
+speed before memory does: of each iteration's issue slots, only the multiply-adds (FFMA) or the
+tensor-core products (HGMMA / HMMA) do the work. `issue bound` is the fraction of the unit's peak
+rate the loop could reach if nothing else stalled it: FFMA / instructions on CUDA cores; the
+products' multiply-adds per issue cycle over the tensor cores' rate on tensor cores (1.00: the
+loop issues faster than its unit multiplies). It is an upper bound, not a speed: a GPU measures
+that (`triton_tiles.py`, `psa_branches.py`).
+
+The kernels are built at fp16 for the stride-1 branches of epsanet50_small that they run: the
+CUDA-core kernels ('triton') for 2-8 outputs per group as the groups are, the tensor-core kernels
+('triton_mma') on the groups 'triton_mma' merges.
+
+    python benchmarks/triton_sass.py                       # a markdown table
+    python benchmarks/triton_sass.py --json /tmp/sass.json
+"""
+import argparse
+import inspect
+import json
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from timm_epsanet import _triton_branch as tb
+from timm_epsanet._branch_forms import regroup_factor
+
+BIN = Path(triton.__file__).parent / 'backends' / 'nvidia' / 'bin'
+# per multiprocessor and cycle, Hopper: FP32 multiply-adds on CUDA cores; dense FP16 ones on tensor cores
+CUDA_CORE_MACS_PER_CYCLE = 128
+TENSOR_CORE_MACS_PER_CYCLE = 2048
+ISSUE_PER_CYCLE = 4  # warp instructions: one per scheduler
+# epsanet50_small's grouped branches per stage: output width, and (inputs per group, outputs per
+# group, groups) of its kernel 5, 7 and 9 branches
+SMALL_BRANCHES = {1: (56, [(16, 4, 4), (8, 2, 8), (4, 1, 16)]), 2: (28, [(32, 8, 4), (16, 4, 8), (8, 2, 16)]),
+                  3: (14, [(64, 16, 4), (32, 8, 8), (16, 4, 16)]), 4: (7, [(128, 32, 4), (64, 16, 8), (32, 8, 16)])}
+KERNELS = {  # name: (kernel, tensor cores, transposed: None for the weight gradient)
+    'forward': (tb._conv_kernel, False, False), 'grad_input': (tb._conv_kernel, False, True),
+    'grad_weight': (tb._weight_grad_kernel, False, None),
+    'mma forward': (tb._conv_mma_kernel, True, False), 'mma grad_input': (tb._conv_mma_kernel, True, True),
+    'mma grad_weight': (tb._weight_grad_mma_kernel, True, None),
+}
+
+
+def build_sm90(kernel, dtype: str, c_in: int, c_out: int, groups: int, transposed, width: int = 56, config=None):
+    """Build `kernel` for sm_90a as a channels-last launch of EPSANet's shapes specializes it:
+    channel strides of 1, the other strides and the pointers multiples of 16 (Triton specializes
+    on both), weight-gradient tiles for an output `width` wide; returns (config, ptxas report, SASS)."""
+    names = list(inspect.signature(kernel.fn).parameters)
+    mma = 'PRECISION' in names
+    c_red, c_written = (c_out, c_in) if transposed else (c_in, c_out)
+    cfg = config or (tb.mma_config_for(c_red, c_written) if mma else tb.config_for(groups, c_red, c_written))
+    consts = dict(BLOCK_R=cfg.block_r, BLOCK_O=cfg.block_o)
+    if transposed is None:  # as `_launch_weight_grad` tiles the pixels
+        block_w = min(triton.next_power_of_2(width), cfg.block_p)
+        consts.update(BLOCK_H=cfg.block_p // block_w, BLOCK_W=block_w)
+    else:
+        consts.update(BLOCK_P=cfg.block_p)
+    consts.update(dict(PRECISION='tf32') if mma else dict(BLOCK_G=cfg.block_g))
+    consts.update(dict(C_IN=c_in, C_OUT=c_out) if transposed is None else
+                  dict(C_RED=c_red, C_OUT=c_written, TRANSPOSED=transposed))
+    consts.update({name: 1 for name in ('s_c', 'd_c', 'x_c', 'y_c') if name in names})
+    signature = {name: 'constexpr' if name in consts else '*fp32' if name == 'part_ptr'
+                 else f'*{dtype}' if name.endswith('_ptr') else 'i32' for name in names}
+    aligned = {(names.index(name),): [['tt.divisibility', 16]] for name in names if name not in consts and (
+        name.endswith('_ptr') or re.fullmatch(r'[sdxy]_[nhw]', name))}
+    source = ASTSource(kernel, signature, {(names.index(k),): v for k, v in consts.items()}, aligned)
+    compiled = triton.compile(source, target=GPUTarget('cuda', 90, 32), options=dict(num_warps=cfg.num_warps))
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx, cubin = Path(tmp) / 'k.ptx', Path(tmp) / 'k.cubin'
+        ptx.write_text(compiled.asm['ptx'])
+        report = subprocess.run([str(BIN / 'ptxas'), '-v', '--gpu-name', 'sm_90a', str(ptx), '-o', str(cubin)],
+                                capture_output=True, text=True, check=True).stderr
+        sass = subprocess.run([str(BIN / 'cuobjdump'), '--dump-sass', str(cubin)],
+                              capture_output=True, text=True, check=True).stdout
+    return cfg, report, sass
+
+
+def instructions(sass: str):
+    """(address, opcode, branch target or None) of each SASS instruction."""
+    found = []
+    for line in sass.splitlines():
+        m = re.match(r'\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Za-z0-9_.]*)([^;]*);', line)
+        if m:
+            target = re.search(r'0x([0-9a-f]+)', m.group(3)) if m.group(2) == 'BRA' else None
+            found.append((int(m.group(1), 16), m.group(2), int(target.group(1), 16) if target else None))
+    return found
+
+
+def innermost_loop(sass: str, num_warps: int) -> dict:
+    """The shortest loop (a backward branch's span) that multiplies: its instructions, its
+    FFMAs and tensor-core products, and the issue bound on its unit's peak."""
+    code = instructions(sass)
+    best = None
+    for address, opcode, target in code:
+        if opcode == 'BRA' and target is not None and target < address:
+            body = [op for a, op, _ in code if target <= a <= address]
+            if any(op.startswith(('FFMA', 'HGMMA', 'HMMA')) for op in body) and (best is None or len(body) < len(best)):
+                best = body
+    if best is None:
+        raise ValueError('no loop that multiplies')
+    ffma = sum(op.split('.')[0] == 'FFMA' for op in best)
+    mma_macs = 0
+    for op in best:
+        shape = re.match(r'H(G)?MMA\.(\d+)x(\d+)x(\d+)', op)
+        if shape:  # HGMMA: one warpgroup's product (4 warps); HMMA: one warp's
+            m, n, k = (int(v) for v in shape.groups()[1:])
+            mma_macs += m * n * k * (num_warps // 4 if shape.group(1) else num_warps)
+    cycles = len(best) * num_warps / ISSUE_PER_CYCLE
+    bound = mma_macs / cycles / TENSOR_CORE_MACS_PER_CYCLE if mma_macs else ffma / len(best)
+    return dict(instructions=len(best), ffma=ffma, mma_macs=mma_macs, issue_bound=round(min(bound, 1.0), 3))
+
+
+def rows(dtype: str = 'fp16', stages=(1, 2, 3, 4)):
+    for stage in stages:
+        width, branches = SMALL_BRANCHES[stage]
+        yield from stage_rows(dtype, stage, width, branches)
+
+
+def stage_rows(dtype, stage, width, branches):
+    for c_in, c_out, groups in branches:
+        merge = regroup_factor(groups, c_out, min_outs=16)
+        for name, (kernel, mma, transposed) in KERNELS.items():
+            if mma:
+                shape = (c_in * merge, c_out * merge, groups // merge)
+            elif c_out <= 8:
+                shape = (c_in, c_out, groups)
+            else:
+                continue  # the CUDA-core kernels are written for up to 8 outputs per group
+            cfg, report, sass = build_sm90(kernel, dtype, *shape, transposed, width)
+            registers = re.search(r'Used (\d+) registers', report)
+            spills = re.search(r'(\d+) bytes spill stores', report)
+            yield dict(stage=stage, branch=f'{c_in}->{c_out} x{groups}', kernel=name, built=f'{shape[0]}->{shape[1]} x{shape[2]}',
+                       tile=list(cfg), registers=int(registers.group(1)), spill_bytes=int(spills.group(1)),
+                       **innermost_loop(sass, cfg.num_warps))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--dtype', default='fp16', choices=['fp16', 'bf16'])
+    parser.add_argument('--stages', nargs='+', type=int, default=[1, 2, 3, 4], choices=[1, 2, 3, 4])
+    parser.add_argument('--json', type=Path, help='also write the rows here')
+    args = parser.parse_args(argv)
+    print(f'triton {triton.__version__}, sm_90a, {args.dtype}, epsanet50_small stride-1 branches (inputs->outputs per group x groups)\n')
+    print('| stage | branch | kernel | built as | registers | spills (B) | loop instructions | FFMA | MMA MACs | issue bound |')
+    print('|---|---|---|---|---|---|---|---|---|---|')
+    found = []
+    for row in rows(args.dtype, args.stages):
+        found.append(row)
+        print(f"| {row['stage']} | {row['branch']} | {row['kernel']} | {row['built']} | {row['registers']} | {row['spill_bytes']} | "
+              f"{row['instructions']} | {row['ffma']} | {row['mma_macs']} | {row['issue_bound']:.2f} |", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(dict(triton=triton.__version__, dtype=args.dtype, rows=found), indent=1))
+
+
+if __name__ == '__main__':
+    main()
