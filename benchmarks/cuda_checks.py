@@ -123,8 +123,13 @@ def check_cpu(device, tiny, check):
 
 
 def check_grads(device, tiny, check):
-    # eval mode (BN affine): in train mode, BN over a tiny batch amplifies any rounding difference
-    x = torch.randn(2 if tiny else 4, 3, 64 if tiny else 224, 64 if tiny else 224, device=device)
+    # eval mode (BN affine): in train mode, BN over a tiny batch amplifies any rounding difference.
+    # Tiny: 128x128, not 64x64, where stage 4 is 2x2 and oneDNN's bf16 weight gradient of a dense
+    # conv with a 7x7 or 9x9 kernel on an input smaller than about half the kernel is wrong
+    # (torch 2.11 and 2.14 on CPU: 'dense' failed at random; benchmarks/README.md)
+    torch.manual_seed(0)
+    size = 128 if tiny else 224
+    x = torch.randn(2 if tiny else 4, 3, size, size, device=device)
     amp_dtype = torch.float16 if device.type == 'cuda' else torch.bfloat16
     grads = {}
     for form, amp in [('grouped', False), ('grouped', True)] + [(f, True) for f in FORMS if f != 'grouped']:

@@ -11,16 +11,19 @@
 #   PYTHON=.venv/bin/python bash benchmarks/run_cuda.sh --dry-run   # CPU: every stage on tiny shapes, Triton interpreted
 # One results file per device from the stages' CSVs, as the CPU's:
 #   python benchmarks/benchmark.py --merge DIR/amp_*.csv --name benchmark-cuda-<gpu> --out benchmarks/results
-# The EPSANet rows run 'auto' with the Triton kernels (TIMM_EPSANET_TRITON=1, opt-in until measured);
-# @dense / @grouped are the cuDNN forms 'auto' uses without them.
+# The EPSANet rows run 'auto' with the Triton kernels (TIMM_EPSANET_TRITON=1, opt-in until measured:
+# the tensor-core kernels, 'triton_mma'); @dense / @grouped are the cuDNN forms 'auto' uses without
+# them, @triton the CUDA-core kernels.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}  # the GPU image: python3 holds torch
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TIMM_EPSANET_TRITON=1
 PEERS="resnet50 seresnet50 resnext50_32x4d res2net50_26w_4s skresnet50"
 EPSANETS="epsanet50_small epsanet50_large epsanet101_small"
-# the cuDNN forms of the previous CUDA default: dense at inference, grouped in training
-CUDNN_FORMS="epsanet50_small@dense epsanet50_small@grouped"
+# the cuDNN forms of the CUDA default without triton (dense at inference, grouped in training), and
+# the CUDA-core kernels, last: the first row a stage cut short loses
+OTHER_FORMS="epsanet50_small@dense epsanet50_small@grouped"
+CUDA_CORE_FORM="epsanet50_small@triton"
 if [ "${1:-}" = --dry-run ]; then
     export TRITON_INTERPRET=1
     OUT_DIR=${OUT_DIR:-/tmp/run_cuda_dry_run}
@@ -29,7 +32,7 @@ if [ "${1:-}" = --dry-run ]; then
     B128=2 B256=4 BRANCH_ARGS="--batch-size 1 --iters 1 --variants small" AMP=  # CPU bf16 dense convs: minutes
     TUNE_ARGS="--batch-size 2 --img-size 32 --rounds 1 --threads 2"
     TILE_ARGS="--device cpu --dtype float32 --batch-size 1 --stages 1 --size 4 --max-shapes 1 --max-tiles 2 --iters 1 --warmup 0"
-    PEERS="resnet50" EPSANETS="epsanet50_small@triton" CUDNN_FORMS="epsanet50_small@dense"
+    PEERS="resnet50" EPSANETS="epsanet50_small@triton_mma" OTHER_FORMS="epsanet50_small@dense"
 else
     OUT_DIR=${OUT_DIR:-/tmp/run_cuda}
     DEVICE=cuda TINY= SCALE=1
@@ -74,13 +77,13 @@ EOF
 stage checks 60 $PYTHON benchmarks/cuda_checks.py forms cpu grads --device $DEVICE $TINY
 # the targets: AMP fp16, channels-last, eager; peers first, every ratio needs resnet50
 stage amp_fp16_b128 130 $PYTHON benchmarks/benchmark.py $BENCH_ARGS --batch-size $B128 --precisions amp \
-    --layouts channels_last --models $PEERS $CUDNN_FORMS $EPSANETS --out "$OUT_DIR/amp_fp16_b128"
+    --layouts channels_last --models $PEERS $OTHER_FORMS $EPSANETS $CUDA_CORE_FORM --out "$OUT_DIR/amp_fp16_b128"
 stage amp_fp16_b256 35 $PYTHON benchmarks/benchmark.py $BENCH_ARGS --batch-size $B256 --precisions amp \
     --layouts channels_last --modes infer --models $PEERS $EPSANETS --out "$OUT_DIR/amp_fp16_b256"
 # the cuDNN forms and the Triton kernels in both layouts; the depthwise and volumetric forms are CPU
 # forms, 3-7x slower than the grouped conv on CUDA (benchmarks/README.md): BRANCH_FORMS to add them
 stage branches 40 $PYTHON benchmarks/psa_branches.py --device $DEVICE $AMP $BRANCH_ARGS \
-    --layouts channels_last nchw --forms ${BRANCH_FORMS:-grouped dense regrouped triton} --json "$OUT_DIR/branches.json"
+    --layouts channels_last nchw --forms ${BRANCH_FORMS:-grouped dense regrouped triton triton_mma} --json "$OUT_DIR/branches.json"
 # branch tuning (training first): the untuned rules are today's default (TIMM_EPSANET_TRITON=0), the
 # tuner tries every form, the Triton kernels included, compiling them anew (an empty Triton cache)
 rm -rf "$OUT_DIR/triton_cache_tuning"
@@ -90,6 +93,7 @@ stage tuning 55 env TIMM_EPSANET_TRITON=0 TRITON_CACHE_DIR="$OUT_DIR/triton_cach
 stage compile 55 $PYTHON benchmarks/cuda_checks.py compile --device $DEVICE $TINY
 stage amp_bf16_b128 40 $PYTHON benchmarks/benchmark.py $BENCH_ARGS --batch-size $B128 --precisions amp_bf16 \
     --layouts channels_last --models $PEERS $EPSANETS --out "$OUT_DIR/amp_bf16_b128"
-# the Triton kernels' tiles: config_for's against its neighbours, Small's branches largest first
+# the Triton kernels' tiles: the defaults against their neighbours, Small's branches largest first,
+# the tensor-core kernels before the CUDA-core ones
 stage tiles 35 $PYTHON benchmarks/triton_tiles.py $TILE_ARGS --json "$OUT_DIR/tiles.json"
 echo "=== done $(date +%T)"

@@ -1,12 +1,14 @@
-"""Time the Triton branch kernels on tiles around `config_for`'s, for each EPSANet branch they run.
+"""Time the Triton branch kernels on tiles around their defaults, for each EPSANet branch they run.
 
-`timm_epsanet._triton_branch.config_for` picks each kernel's tile (pixels x groups x reduction
-channels x written channels, and warps) by register budget alone; which tile is fastest depends on
-the GPU. For every PSA branch shape the kernels serve (2+ inputs, at most 8 outputs per group), this
-times the forward, input-gradient and weight-gradient kernels on the default tile and on its
-neighbours (half and twice the pixels, half the groups, 2 and 8 warps), checks that each tile
-computes what the default does, and writes one JSON row per (branch, kernel, tile) as it goes.
-Largest branches first, so a run cut short by a time limit keeps the ones that matter most.
+`timm_epsanet._triton_branch.config_for` (CUDA cores) and `mma_config_for` (tensor cores) pick
+each kernel's tile (pixels x groups x reduction channels x written channels, and warps) without a
+GPU; which tile is fastest depends on the GPU. For every grouped PSA branch shape (2+ inputs per
+group), this times the forward, input-gradient and weight-gradient kernels of each family asked
+for (`--kernels`: the tensor-core kernels on the groups 'triton_mma' merges; the CUDA-core ones
+where a group has at most 8 outputs) on the default tile and on its neighbours (half and twice
+the pixels, half the groups, other warp counts), checks that each tile computes what the default
+does, and writes one JSON row per (branch, kernel, tile) as it goes. Largest branches first, so a
+run cut short by a time limit keeps the ones that matter most.
 
     python benchmarks/triton_tiles.py --device cuda --batch-size 128 --json /tmp/tiles.json
     TRITON_INTERPRET=1 python benchmarks/triton_tiles.py --device cpu --batch-size 1 --stages 1 --size 4 --max-shapes 1 --iters 1 --warmup 0
@@ -18,20 +20,22 @@ from pathlib import Path
 import torch
 
 from psa_branches import shapes, time_ms, write_json
+from timm_epsanet._branch_forms import block_diagonal_weight, regroup_factor
 
 KINDS = ('forward', 'grad_input', 'grad_weight')
+KERNELS = ('mma', 'cuda_cores')  # tensor-core and CUDA-core kernels
 # the outputs per group the CUDA-core kernels are written for
 MAX_OUTS_PER_GROUP = 8
 
 
 def triton_shapes(variants, stages=(1, 2, 3, 4), size=None):
-    """The stride-1 PSA branch shapes the Triton kernels run, largest (in MACs) first."""
+    """The stride-1 grouped PSA branch shapes (2+ groups of 2+ inputs), largest (in MACs) first."""
     found = []
     for shape in shapes(variants):
         if shape['stage'] not in stages:
             continue
         in_per_group, outs = shape['chs'] // shape['groups'], shape['chs'] // 4 // shape['groups']
-        if in_per_group > 1 and outs <= MAX_OUTS_PER_GROUP:
+        if shape['groups'] > 1 and in_per_group > 1:
             found.append(dict(shape, size=size or shape['size']))
     return sorted(found, key=lambda s: -s['size'] ** 2 * s['chs'] ** 2 // s['groups'] * s['kernel'] ** 2)
 
@@ -40,19 +44,18 @@ def neighbour_tiles(default):
     """`default` first, then the tiles one step away from it."""
     tiles = [default]
     for block_p in (default.block_p // 2, default.block_p * 2):
-        if 16 <= block_p <= 128:
+        if 16 <= block_p <= 256:
             tiles.append(default._replace(block_p=block_p))
     if default.block_g > 1:
         tiles.append(default._replace(block_g=default.block_g // 2))
-    tiles += [default._replace(num_warps=w) for w in (2, 8) if w != default.num_warps]
+    tiles += [default._replace(num_warps=w) for w in (2, 4, 8) if w != default.num_warps]
     return tiles
 
 
-def kernel_runner(kind, shape, x, weight, grad):
+def kernel_runner(kind, groups, k, x, weight, grad, tensor_cores):
     """A function of a tile that runs one kernel of this branch and returns its output."""
     from timm_epsanet import _triton_branch as tb
-    groups, k = shape['groups'], shape['kernel']
-    conv = dict(stride=(1, 1), padding=(k // 2, k // 2), dilation=(1, 1))
+    conv = dict(stride=(1, 1), padding=(k // 2, k // 2), dilation=(1, 1), tensor_cores=tensor_cores)
     if kind == 'grad_weight':
         return lambda tile: tb._launch_weight_grad(x, grad, weight, groups=groups, config=tile, **conv)
     src, dst_like = (x, grad) if kind == 'forward' else (grad, x)
@@ -60,11 +63,10 @@ def kernel_runner(kind, shape, x, weight, grad):
                                         config=tile, **conv)
 
 
-def default_tile(kind, shape):
-    from timm_epsanet._triton_branch import config_for
-    in_per_group, outs = shape['chs'] // shape['groups'], shape['chs'] // 4 // shape['groups']
-    return config_for(shape['groups'], outs, in_per_group) if kind == 'grad_input' \
-        else config_for(shape['groups'], in_per_group, outs)
+def default_tile(kind, groups, in_per_group, outs, tensor_cores):
+    from timm_epsanet._triton_branch import config_for, mma_config_for
+    c_red, c_out = (outs, in_per_group) if kind == 'grad_input' else (in_per_group, outs)
+    return mma_config_for(c_red, c_out) if tensor_cores else config_for(groups, c_red, c_out)
 
 
 def measure(shape, args, device):
@@ -75,18 +77,27 @@ def measure(shape, args, device):
     weight = torch.randn(chs // 4, chs // shape['groups'], k, k, device=device, dtype=dtype) / math.sqrt(chs * k * k)
     grad = torch.randn(args.batch_size, chs // 4, size, size, device=device, dtype=dtype).contiguous(memory_format=layout)
     rows = []
-    for kind in KINDS:
-        run = kernel_runner(kind, shape, x, weight, grad)
-        default = default_tile(kind, shape)
-        reference = run(default).float()
-        default_ms = None
-        for tile in neighbour_tiles(default)[:args.max_tiles]:
-            out = run(tile).float()
-            equal = bool(torch.allclose(out, reference, rtol=1e-2, atol=1e-2 * reference.abs().max().item()))
-            ms = time_ms(lambda: run(tile), device, args.iters, args.warmup)
-            default_ms = default_ms or ms
-            rows.append(dict(shape, batch_size=args.batch_size, dtype=args.dtype, kernel_kind=kind, tile=list(tile),
-                             default=tile == default, ms=ms, x_default=default_ms / ms, equal=equal))
+    groups, outs = shape['groups'], chs // 4 // shape['groups']
+    for kernels in args.kernels:
+        tensor_cores = kernels == 'mma'
+        merge = regroup_factor(groups, outs, min_outs=16) if tensor_cores else 1
+        if not tensor_cores and outs > MAX_OUTS_PER_GROUP:
+            continue
+        merged = block_diagonal_weight(weight, groups, merge) if merge > 1 else weight
+        in_per_group = chs // groups * merge
+        for kind in KINDS:
+            run = kernel_runner(kind, groups // merge, k, x, merged, grad, tensor_cores)
+            default = default_tile(kind, groups // merge, in_per_group, outs * merge, tensor_cores)
+            reference = run(default).float()
+            default_ms = None
+            for tile in neighbour_tiles(default)[:args.max_tiles]:
+                out = run(tile).float()
+                equal = bool(torch.allclose(out, reference, rtol=1e-2, atol=1e-2 * reference.abs().max().item()))
+                ms = time_ms(lambda: run(tile), device, args.iters, args.warmup)
+                default_ms = default_ms or ms
+                rows.append(dict(shape, batch_size=args.batch_size, dtype=args.dtype, kernels=kernels, merge=merge,
+                                 kernel_kind=kind, tile=list(tile), default=tile == default, ms=ms,
+                                 x_default=default_ms / ms, equal=equal))
     return rows
 
 
@@ -98,6 +109,8 @@ def main(argv=None):
     parser.add_argument('--iters', type=int, default=10)
     parser.add_argument('--warmup', type=int, default=3)
     parser.add_argument('--variants', nargs='+', default=['small'], choices=['small', 'large'])
+    parser.add_argument('--kernels', nargs='+', default=list(KERNELS), choices=KERNELS,
+                        help='the kernel families, in this order per branch')
     parser.add_argument('--stages', nargs='+', type=int, default=[1, 2, 3, 4], choices=[1, 2, 3, 4])
     parser.add_argument('--size', type=int, default=None, help='every branch at this resolution (CPU checks)')
     parser.add_argument('--max-shapes', type=int, default=None)
@@ -106,14 +119,14 @@ def main(argv=None):
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     print(f'{device}, batch {args.batch_size}, {args.dtype}, channels-last; ms per kernel call')
-    print('| variant | stage | chs | size | k | groups | kernel | tile (P, G, R, O, warps) | ms | x default | equal |')
-    print('|---|---|---|---|---|---|---|---|---|---|---|')
+    print('| variant | stage | chs | size | k | groups | kernels | kernel | tile (P, G, R, O, warps) | ms | x default | equal |')
+    print('|---|---|---|---|---|---|---|---|---|---|---|---|')
     rows = []
     for shape in triton_shapes(args.variants, args.stages, args.size)[:args.max_shapes]:
         for row in measure(shape, args, device):
             rows.append(row)
             print(f'| {row["variant"]} | {row["stage"]} | {row["chs"]} | {row["size"]} | {row["kernel"]} | '
-                  f'{row["groups"]} | {row["kernel_kind"]} | {tuple(row["tile"])}{" (default)" if row["default"] else ""} '
+                  f'{row["groups"]} | {row["kernels"]} | {row["kernel_kind"]} | {tuple(row["tile"])}{" (default)" if row["default"] else ""} '
                   f'| {row["ms"]:.3f} | {row["x_default"]:.2f} | {row["equal"]} |', flush=True)
         if args.json:
             write_json(Path(args.json), device, args, rows)

@@ -111,7 +111,8 @@ def test_psa_branches_times_every_form_in_every_layout(tmp_path):
 
 def test_triton_tiles_times_each_kernel_on_neighbouring_tiles(tmp_path):
     """The tile sweep run_cuda.sh runs on a GPU, here under the Triton interpreter on one tiny branch:
-    each kernel on its default tile first, then its neighbours, each checked against the default."""
+    each kernel of both families (tensor cores on the merged groups first) on its default tile
+    first, then its neighbours, each checked against the default."""
     out = tmp_path / 'tiles.json'
     env = dict(os.environ, OMP_NUM_THREADS='1', TRITON_INTERPRET='1')
     subprocess.run([sys.executable, str(BENCHMARKS / 'triton_tiles.py'), '--device', 'cpu', '--dtype', 'float32',
@@ -119,11 +120,28 @@ def test_triton_tiles_times_each_kernel_on_neighbouring_tiles(tmp_path):
                     '--iters', '1', '--warmup', '0', '--json', str(out)], check=True, capture_output=True, text=True,
                    env=env)
     rows = json.loads(out.read_text())['rows']
-    assert [(r['kernel_kind'], r['default']) for r in rows] == [
-        (kind, default) for kind in ('forward', 'grad_input', 'grad_weight') for default in (True, False)]
-    assert {(r['stage'], r['kernel'], r['groups']) for r in rows} == {(1, 5, 4)}  # Small's largest Triton branch
+    assert [(r['kernels'], r['kernel_kind'], r['default']) for r in rows] == [
+        (kernels, kind, default) for kernels in ('mma', 'cuda_cores')
+        for kind in ('forward', 'grad_input', 'grad_weight') for default in (True, False)]
+    assert {(r['stage'], r['kernel'], r['groups']) for r in rows} == {(1, 5, 4)}  # Small's largest grouped branch
+    assert {r['merge'] for r in rows if r['kernels'] == 'mma'} == {4}  # 4 outputs per group, merged to 16
     assert all(r['equal'] and r['ms'] > 0 for r in rows), rows
     assert rows[1]['tile'] != rows[0]['tile']
+
+
+def test_branch_macs_orders_the_forms_by_their_merges():
+    """branch_macs.py as a user runs it: each form's MACs for Small's grouped branches grow with
+    the groups it merges (grouped < regrouped < triton_mma < dense, dense at most 16x, Small's
+    largest group count), and the whole model's budget follows the reference speed given."""
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    out = subprocess.run([sys.executable, str(BENCHMARKS / 'branch_macs.py'), '--models', 'epsanet50_small',
+                          '--reference-img-s', '1000'], check=True, capture_output=True, text=True, env=env).stdout
+    assert 'may take 1250.0 us per image' in out  # 1 / (0.8 x 1000 img/s)
+    rows = {cells[1]: cells for cells in ([c.strip() for c in line.strip('|').split('|')] for line in out.splitlines())
+            if len(cells) == 7 and cells[0] == 'epsanet50_small'}
+    macs = [float(rows[form][3]) for form in ('grouped', 'regrouped', 'triton_mma', 'dense')]
+    assert 0 < macs[0] < macs[1] < macs[2] < macs[3] <= 16 * macs[0], macs
+    assert float(rows['dense'][5]) < float(rows['grouped'][5])  # tensor cores beat CUDA cores even at 9x the MACs
 
 
 @pytest.mark.slow
