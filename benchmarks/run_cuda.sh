@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The CUDA measurements in one go on one GPU (H100/H200), under 8 minutes: correctness of every
+# The CUDA measurements in one go on one GPU (H100/H200), under 8 minutes: the Triton kernels
+# compiled first (in parallel, into Triton's cache), then correctness of every
 # branch form (Triton kernels included), the model table beside the peers (AMP fp16 and bf16,
 # channels-last, eager; inference at batch 128 and 256, training at 128 with peak memory), per-branch
 # timings of every form and layout, branch tuning's first-use cost and tuned vs untuned throughput,
@@ -32,6 +33,7 @@ if [ "${1:-}" = --dry-run ]; then
     B128=2 B256=4 BRANCH_ARGS="--batch-size 1 --iters 1 --variants small" AMP=  # CPU bf16 dense convs: minutes
     TUNE_ARGS="--batch-size 2 --img-size 32 --rounds 1 --threads 2"
     TILE_ARGS="--device cpu --dtype float32 --batch-size 1 --stages 1 --size 4 --max-shapes 1 --max-tiles 2 --iters 1 --warmup 0"
+    WARM_ARGS="--device cpu --processes 1 --max-launches 2 --size 4"
     PEERS="resnet50" EPSANETS="epsanet50_small@triton_mma" OTHER_FORMS="epsanet50_small@dense"
 else
     OUT_DIR=${OUT_DIR:-/tmp/run_cuda}
@@ -40,6 +42,7 @@ else
     B128=128 B256=256 BRANCH_ARGS="--batch-size 128 --iters 5" AMP=--amp
     TUNE_ARGS="--batch-size 128 --rounds 5"
     TILE_ARGS="--device cuda --batch-size 128 --iters 10"
+    WARM_ARGS="--processes 12"
 fi
 mkdir -p "$OUT_DIR"
 
@@ -74,26 +77,28 @@ else:
 print(f'Machine: {gpu}, torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}, '
       f'triton {triton_version}, timm {timm.__version__}')
 EOF
-stage checks 60 $PYTHON benchmarks/cuda_checks.py forms cpu grads --device $DEVICE $TINY
+# every Triton kernel the stages below run, compiled first on 12 processes into Triton's cache
+stage warm 40 $PYTHON benchmarks/triton_warmup.py $WARM_ARGS
+stage checks 50 $PYTHON benchmarks/cuda_checks.py forms cpu grads --device $DEVICE $TINY
 # the targets: AMP fp16, channels-last, eager; peers first, every ratio needs resnet50
 stage amp_fp16_b128 130 $PYTHON benchmarks/benchmark.py $BENCH_ARGS --batch-size $B128 --precisions amp \
     --layouts channels_last --models $PEERS $OTHER_FORMS $EPSANETS $CUDA_CORE_FORM --out "$OUT_DIR/amp_fp16_b128"
-stage amp_fp16_b256 35 $PYTHON benchmarks/benchmark.py $BENCH_ARGS --batch-size $B256 --precisions amp \
+stage amp_fp16_b256 30 $PYTHON benchmarks/benchmark.py $BENCH_ARGS --batch-size $B256 --precisions amp \
     --layouts channels_last --modes infer --models $PEERS $EPSANETS --out "$OUT_DIR/amp_fp16_b256"
 # the cuDNN forms and the Triton kernels in both layouts; the depthwise and volumetric forms are CPU
 # forms, 3-7x slower than the grouped conv on CUDA (benchmarks/README.md): BRANCH_FORMS to add them
-stage branches 40 $PYTHON benchmarks/psa_branches.py --device $DEVICE $AMP $BRANCH_ARGS \
+stage branches 35 $PYTHON benchmarks/psa_branches.py --device $DEVICE $AMP $BRANCH_ARGS \
     --layouts channels_last nchw --forms ${BRANCH_FORMS:-grouped dense regrouped triton triton_mma} --json "$OUT_DIR/branches.json"
 # branch tuning (training first): the untuned rules are today's default (TIMM_EPSANET_TRITON=0), the
 # tuner tries every form, the Triton kernels included, compiling them anew (an empty Triton cache)
 rm -rf "$OUT_DIR/triton_cache_tuning"
-stage tuning 55 env TIMM_EPSANET_TRITON=0 TRITON_CACHE_DIR="$OUT_DIR/triton_cache_tuning" \
+stage tuning 50 env TIMM_EPSANET_TRITON=0 TRITON_CACHE_DIR="$OUT_DIR/triton_cache_tuning" \
     $PYTHON benchmarks/branch_tuning.py --device $DEVICE $AMP $TUNE_ARGS --modes train infer \
     --layouts channels_last --json "$OUT_DIR/tuning.json"
-stage compile 55 $PYTHON benchmarks/cuda_checks.py compile --device $DEVICE $TINY
-stage amp_bf16_b128 40 $PYTHON benchmarks/benchmark.py $BENCH_ARGS --batch-size $B128 --precisions amp_bf16 \
+stage compile 50 $PYTHON benchmarks/cuda_checks.py compile --device $DEVICE $TINY
+stage amp_bf16_b128 35 $PYTHON benchmarks/benchmark.py $BENCH_ARGS --batch-size $B128 --precisions amp_bf16 \
     --layouts channels_last --models $PEERS $EPSANETS --out "$OUT_DIR/amp_bf16_b128"
 # the Triton kernels' tiles: the defaults against their neighbours, Small's branches largest first,
 # the tensor-core kernels before the CUDA-core ones
-stage tiles 35 $PYTHON benchmarks/triton_tiles.py $TILE_ARGS --json "$OUT_DIR/tiles.json"
+stage tiles 30 $PYTHON benchmarks/triton_tiles.py $TILE_ARGS --json "$OUT_DIR/tiles.json"
 echo "=== done $(date +%T)"

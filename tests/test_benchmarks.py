@@ -129,6 +129,32 @@ def test_triton_tiles_times_each_kernel_on_neighbouring_tiles(tmp_path):
     assert rows[1]['tile'] != rows[0]['tile']
 
 
+def test_triton_warmup_covers_every_grouped_branch_of_the_models():
+    """triton_warmup.py's launches cover every grouped PSA branch conv (in, out, kernel, groups,
+    stride) of all four variants, for the tensor-core form in AMP fp16 channels-last, the default
+    of run_cuda.sh's model rows; and the script runs (under the interpreter, two tiny launches)."""
+    import timm
+    import timm_epsanet  # noqa: F401
+    from timm_epsanet._branch_conv import BranchConv2d
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import triton_warmup
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    warmed = {(chs, chs // 4, k, groups, stride) for chs, k, groups, stride, _, form, dtype, layout
+              in triton_warmup.launches() if (form, dtype, layout) == ('triton_mma', 'float16', 'channels_last')}
+    for name in ('epsanet50_small', 'epsanet50_large', 'epsanet101_small', 'epsanet101_large'):
+        model = timm.create_model(name, device='meta')
+        for conv in model.modules():
+            if isinstance(conv, BranchConv2d) and conv.groups > 1 and conv.in_channels > conv.groups:
+                key = (conv.in_channels, conv.out_channels, conv.kernel_size[0], conv.groups, conv.stride[0])
+                assert key in warmed, (name, key)
+    env = dict(os.environ, OMP_NUM_THREADS='1', TRITON_INTERPRET='1')
+    out = subprocess.run([sys.executable, str(BENCHMARKS / 'triton_warmup.py'), '--device', 'cpu', '--processes', '1',
+                          '--max-launches', '2', '--size', '4'], check=True, capture_output=True, text=True, env=env)
+    assert out.stdout.startswith('2 branch convs'), out.stdout
+
+
 def test_branch_macs_orders_the_forms_by_their_merges():
     """branch_macs.py as a user runs it: each form's MACs for Small's grouped branches grow with
     the groups it merges (grouped < regrouped < triton_mma < dense, dense at most 16x, Small's
@@ -198,9 +224,10 @@ def test_branch_tuning_script_measures_first_use_and_tuned_throughput(tmp_path):
 
 def test_cuda_run_fits_in_8_minutes():
     """benchmarks/run_cuda.sh on one GPU: its stage limits add up to at most 450 s (under 8 minutes
-    with the machine line and process starts), the checks and the model tables first."""
+    with the machine line and process starts), the Triton kernels compiled first, then the checks
+    and the model tables."""
     script = (BENCHMARKS / 'run_cuda.sh').read_text()
     stages = [line.split()[1:3] for line in script.splitlines() if line.startswith('stage ')]
     limits = {name: int(seconds) for name, seconds in stages}
     assert sum(limits.values()) <= 450, limits
-    assert list(limits)[:3] == ['checks', 'amp_fp16_b128', 'amp_fp16_b256'] and 'amp_bf16_b128' in limits
+    assert list(limits)[:4] == ['warm', 'checks', 'amp_fp16_b128', 'amp_fp16_b256'] and 'amp_bf16_b128' in limits

@@ -1,0 +1,74 @@
+"""Compile every Triton branch kernel EPSANet runs, in parallel processes, before anything is timed.
+
+Triton compiles a kernel at its first launch, one specialization at a time, about a second each,
+and keeps it in its on-disk cache (TRITON_CACHE_DIR, by default ~/.triton/cache) for every later
+process. A GPU run that times models and branches would otherwise pay those compiles inside its
+timed stages, one by one. This launches each Triton form's forward and both gradients on every
+grouped PSA branch of Small and Large (Large's shapes also cover the 101 variants'), at the real
+resolutions (strides are specialized on divisibility) and batch 2 (sizes are not), as
+`run_cuda.sh` runs them (`LAUNCHES`), spread over `--processes`.
+
+    python benchmarks/triton_warmup.py --processes 12
+    TRITON_INTERPRET=1 python benchmarks/triton_warmup.py --device cpu --processes 1 --max-launches 2 --size 4   # the code path
+"""
+import argparse
+import multiprocessing
+import time
+
+import torch
+
+from psa_branches import psa_stages
+from timm_epsanet.epsanet import PSA_KERNELS
+
+# (form, dtype, layout, strides) as run_cuda.sh runs them: the models channels-last (AMP fp16 and
+# bf16; the CUDA-core kernels in fp16 only), the per-branch timings in both layouts at stride 1
+LAUNCHES = [('triton_mma', 'float16', 'channels_last', (1, 2)), ('triton_mma', 'bfloat16', 'channels_last', (1, 2)),
+            ('triton', 'float16', 'channels_last', (1, 2)), ('triton_mma', 'float16', 'nchw', (1,)),
+            ('triton', 'float16', 'nchw', (1,))]
+
+
+def launches(size=None):
+    """(chs, kernel, groups, stride, output size, form, dtype, layout) of every branch conv to run."""
+    found = []
+    for form, dtype, layout, strides in LAUNCHES:
+        for psa in psa_stages(['small', 'large']):
+            for k, groups in zip(PSA_KERNELS, psa['groups']):
+                if groups == 1 or psa['chs'] == groups:
+                    continue  # a dense or depthwise conv: never a Triton form
+                for stride in strides if psa['stage'] > 1 else (1,):
+                    found.append((psa['chs'], k, groups, stride, size or psa['size'], form, dtype, layout))
+    return found
+
+
+def run(device, batch):
+    from timm_epsanet._branch_conv import BranchConv2d
+    for chs, k, groups, stride, size, form, dtype, layout in batch:
+        dtype = getattr(torch, dtype)
+        fmt = torch.channels_last if layout == 'channels_last' else torch.contiguous_format
+        conv = BranchConv2d(chs, chs // 4, k, stride=stride, padding=k // 2, groups=groups, bias=False,
+                            form=form, device=device, dtype=dtype)
+        x = torch.randn(2, chs, size * stride, size * stride, device=device, dtype=dtype)
+        x = x.contiguous(memory_format=fmt).requires_grad_()
+        conv.forward_as(x, form).float().square().sum().backward()
+    if device == 'cuda':
+        torch.cuda.synchronize()
+    return len(batch)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--device', default='cuda')
+    parser.add_argument('--processes', type=int, default=12)
+    parser.add_argument('--max-launches', type=int, default=None)
+    parser.add_argument('--size', type=int, default=None, help='every branch at this output resolution (CPU checks)')
+    args = parser.parse_args(argv)
+    todo = launches(args.size)[:args.max_launches]
+    start = time.perf_counter()
+    with multiprocessing.get_context('spawn').Pool(args.processes) as pool:
+        done = sum(pool.starmap(run, [(args.device, todo[i::args.processes]) for i in range(args.processes)]))
+    print(f'{done} branch convs (forward and both gradients) run in {time.perf_counter() - start:.0f} s '
+          f'on {args.processes} processes')
+
+
+if __name__ == '__main__':
+    main()
