@@ -148,9 +148,9 @@ def _weight_grad_kernel(
     """part[chunk, tap, g, i, o] = sum over the chunk's output pixels p of
     x[p*stride - pad + tap*dil, g*C_IN + i] * gy[p, g*C_OUT + o]; part: (chunks, KH*KW, G, C_IN, C_OUT).
     A chunk is TILES_PER_CHUNK consecutive tiles of `_tile_pixels`."""
-    chunk = tl.program_id(0)
+    tap = tl.program_id(0)  # fastest: the programs running together read the same chunk, once from memory
     pid_c = tl.program_id(1)
-    tap = tl.program_id(2)
+    chunk = tl.program_id(2)
     kh = tap // KW
     kw = tap % KW
     n_rblocks = tl.cdiv(C_IN, BLOCK_R)
@@ -181,7 +181,7 @@ def _weight_grad_kernel(
         acc += xv[:, :, None] * gv
 
     part = tl.sum(acc, axis=0)  # (G*R, O)
-    dst = part_ptr + ((chunk * tl.num_programs(2) + tap) * G + g)[:, None] * (C_IN * C_OUT) \
+    dst = part_ptr + ((chunk * tl.num_programs(0) + tap) * G + g)[:, None] * (C_IN * C_OUT) \
         + (r * C_OUT)[:, None] + o[None, :]
     tl.store(dst, part, mask=go_ok)
 
@@ -248,9 +248,9 @@ def _weight_grad_mma_kernel(
 ):
     """`_weight_grad_kernel`'s partial sums on tensor cores: per chunk of pixel tiles, one tap and
     one group, the product of the (input channels x pixels) and (pixels x output channels) tiles."""
-    chunk = tl.program_id(0)
+    tap = tl.program_id(0)  # fastest: the programs running together read the same chunk, once from memory
     pid_c = tl.program_id(1)
-    tap = tl.program_id(2)
+    chunk = tl.program_id(2)
     kh = tap // KW
     kw = tap % KW
     n_rblocks = tl.cdiv(C_IN, BLOCK_R)
@@ -274,7 +274,7 @@ def _weight_grad_mma_kernel(
                      mask=p_ok[:, None] & o_ok[None, :], other=0.0)
         acc = tl.dot(tl.trans(xv), gv, acc, input_precision=PRECISION)
 
-    dst = part_ptr + ((chunk * tl.num_programs(2) + tap) * G + g) * (C_IN * C_OUT) \
+    dst = part_ptr + ((chunk * tl.num_programs(0) + tap) * G + g) * (C_IN * C_OUT) \
         + (r * C_OUT)[:, None] + o[None, :]
     tl.store(dst, acc, mask=r_ok[:, None] & o_ok[None, :])
 
@@ -424,7 +424,10 @@ def _launch_weight_grad(x, grad, weight, stride, padding, dilation, groups, conf
     chunks = triton.cdiv(tiles, tiles_per_chunk)
     part = torch.empty((chunks, k_h, k_w, groups, in_per_group, outs), dtype=torch.float32, device=x.device)
     s, d = x.stride(), grad.stride()
-    grid = (chunks, blocks, k_h * k_w)
+    # taps vary fastest, so that the programs in flight share a chunk of x and of the output
+    # gradient: read from memory once, then from L2 by every tap (chunk-major, each tap would
+    # sweep all of x, larger than L2 at training batch sizes, anew)
+    grid = (k_h * k_w, blocks, chunks)
     args = (x, grad, part, n, x.shape[2], x.shape[3], h_out, w_out, s[0], s[2], s[3], s[1], d[0], d[2], d[3], d[1],
             k_w, stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], groups, tiles_per_chunk)
     if tensor_cores:
