@@ -271,15 +271,18 @@ def test_auto_takes_triton_only_when_asked(monkeypatch):
         assert out.stdout.strip() == expected
 
 
-def test_cpu_use_never_imports_the_kernels():
-    """On CPU the 'triton' form computes as 'auto' (a model, or a branch on its own): it neither
-    imports the kernel module nor needs triton."""
+@pytest.mark.parametrize('form', FORMS)
+def test_cpu_use_never_imports_the_kernels(form):
+    """On CPU the Triton forms compute as 'auto' (a model, also scripted, or a branch on its own):
+    they neither import the kernel module nor need triton."""
     code = ("import sys; sys.modules['triton'] = None\n"  # as if triton were not installed
             "import torch, timm, timm_epsanet\n"
-            "m = timm.create_model('epsanet50_small', block_args=dict(psa_branch_form='triton'))\n"
-            "m(torch.randn(2, 3, 32, 32)).sum().backward()\n"
+            f"m = timm.create_model('epsanet50_small', block_args=dict(psa_branch_form='{form}'))\n"
+            "x = torch.randn(2, 3, 32, 32)\n"
+            "m(x).sum().backward()\n"
+            "torch.testing.assert_close(torch.jit.script(m.eval())(x), m(x))\n"
             "from timm_epsanet._branch_conv import BranchConv2d\n"  # a branch on its own, too
-            "conv = BranchConv2d(16, 8, 5, padding=2, groups=4, bias=False, form='triton')\n"
+            f"conv = BranchConv2d(16, 8, 5, padding=2, groups=4, bias=False, form='{form}')\n"
             "x = torch.randn(2, 16, 9, 9)\n"
             "torch.testing.assert_close(conv(x), conv.forward_as(x, 'grouped'))\n"
             "assert 'timm_epsanet._triton_branch' not in sys.modules\n")
