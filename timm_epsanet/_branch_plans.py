@@ -3,9 +3,9 @@
 A plan is (form, layout): a form of `_branch_forms` ('grouped', 'depthwise', 'volumetric',
 'dense', 'regrouped') or one of `TRITON_FORMS` (`_triton_branch`, CUDA only) and 'nchw',
 'channels_last', or 'any' (channels-last when the PSA has a channels-last copy of its input
-anyway, else NCHW). The
-rules come from per-branch and per-PSA timings (benchmarks/psa_branches.py, benchmarks/psa_plans.py;
-their results and the numbers behind each rule are in benchmarks/README.md).
+anyway, else NCHW). The rules come from per-branch and per-PSA timings (benchmarks/psa_branches.py,
+benchmarks/psa_plans.py; their results and the numbers behind each rule are in
+benchmarks/README.md), and on CUDA from arithmetic until a GPU times them (`cuda_branch_form`).
 """
 import importlib.util
 import os

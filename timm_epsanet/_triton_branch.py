@@ -2,8 +2,8 @@
 
 cuDNN runs grouped convs with large kernels and 1-8 outputs per group far below the GPU's rate,
 and tensor-core tiles (`tl.dot` wants 16 or more on each side) do not fit such groups. The first
-kernels compute such a conv directly on CUDA cores: each program holds a tile of pixels x channels of a few
-groups, and accumulates in fp32 registers, tap by tap, with plain multiply-adds.
+kernels compute such a conv directly on CUDA cores: each program holds a tile of pixels x
+channels of a few groups, and accumulates in fp32 registers, tap by tap, with plain multiply-adds.
 
   * forward and input gradient: one kernel (`_conv_kernel`). The input gradient is the same sum
     read the other way: each input pixel gathers the output gradients of the outputs whose
