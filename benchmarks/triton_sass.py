@@ -50,18 +50,22 @@ KERNELS = {  # name: (kernel, tensor cores, transposed: None for the weight grad
 }
 
 
-def build_sm90(kernel, dtype: str, c_in: int, c_out: int, groups: int, transposed, width: int = 56, config=None):
+def build_sm90(kernel, dtype: str, c_in: int, c_out: int, groups: int, transposed, width: int = 56,
+               kernel_width: int = 9, config=None):
     """Build `kernel` for sm_90a as a channels-last launch of EPSANet's shapes specializes it:
     channel strides of 1, the other strides and the pointers multiples of 16 (Triton specializes
-    on both), weight-gradient tiles for an output `width` wide; returns (config, ptxas report, SASS)."""
+    on both), weight-gradient tiles for an output `width` wide and a kernel `kernel_width` wide;
+    returns (config, ptxas report, SASS)."""
     names = list(inspect.signature(kernel.fn).parameters)
     mma = 'PRECISION' in names
     c_red, c_written = (c_out, c_in) if transposed else (c_in, c_out)
-    cfg = config or (tb.mma_config_for(c_red, c_written) if mma else tb.config_for(groups, c_red, c_written))
+    cfg = config or (tb.mma_config_for(c_red, c_written, kernel_width) if mma else tb.config_for(groups, c_red, c_written))
     consts = dict(BLOCK_R=cfg.block_r, BLOCK_O=cfg.block_o)
     if transposed is None:  # as `_launch_weight_grad` tiles the pixels
         block_w = min(triton.next_power_of_2(width), cfg.block_p)
         consts.update(BLOCK_H=cfg.block_p // block_w, BLOCK_W=block_w)
+        if mma:
+            consts.update(BLOCK_T=cfg.block_t)
     else:
         consts.update(BLOCK_P=cfg.block_p)
     consts.update(dict(PRECISION='tf32') if mma else dict(BLOCK_G=cfg.block_g))
@@ -126,7 +130,7 @@ def rows(dtype: str = 'fp16', stages=(1, 2, 3, 4)):
 
 
 def stage_rows(dtype, stage, width, branches):
-    for c_in, c_out, groups in branches:
+    for (c_in, c_out, groups), kernel_width in zip(branches, (5, 7, 9)):
         merge = regroup_factor(groups, c_out, min_outs=16)
         for name, (kernel, mma, transposed) in KERNELS.items():
             if mma:
@@ -135,7 +139,7 @@ def stage_rows(dtype, stage, width, branches):
                 shape = (c_in, c_out, groups)
             else:
                 continue  # the CUDA-core kernels are written for up to 8 outputs per group
-            cfg, report, sass = build_sm90(kernel, dtype, *shape, transposed, width)
+            cfg, report, sass = build_sm90(kernel, dtype, *shape, transposed, width, kernel_width)
             registers = re.search(r'Used (\d+) registers', report)
             spills = re.search(r'(\d+) bytes spill stores', report)
             yield dict(stage=stage, branch=f'{c_in}->{c_out} x{groups}', kernel=name, built=f'{shape[0]}->{shape[1]} x{shape[2]}',

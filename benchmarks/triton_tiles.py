@@ -6,9 +6,10 @@ GPU; which tile is fastest depends on the GPU. For every grouped PSA branch shap
 group), this times the forward, input-gradient and weight-gradient kernels of each family asked
 for (`--kernels`: the tensor-core kernels on the groups 'triton_mma' merges; the CUDA-core ones
 where a group has at most 8 outputs) on the default tile and on its neighbours (half and twice
-the pixels, half the groups, other warp counts), checks that each tile computes what the default
-does, and writes one JSON row per (branch, kernel, tile) as it goes. Largest branches first, so a
-run cut short by a time limit keeps the ones that matter most.
+the pixels, half the groups, other warp counts, half and twice the taps per program of the
+tensor-core weight gradient), checks that each tile computes what the default does, and writes
+one JSON row per (branch, kernel, tile) as it goes. Largest branches first, so a run cut short by
+a time limit keeps the ones that matter most.
 
     python benchmarks/triton_tiles.py --device cuda --batch-size 128 --json /tmp/tiles.json
     TRITON_INTERPRET=1 python benchmarks/triton_tiles.py --device cpu --batch-size 1 --stages 1 --size 4 --max-shapes 1 --iters 1 --warmup 0
@@ -40,9 +41,13 @@ def triton_shapes(variants, stages=(1, 2, 3, 4), size=None):
     return sorted(found, key=lambda s: -s['size'] ** 2 * s['chs'] ** 2 // s['groups'] * s['kernel'] ** 2)
 
 
-def neighbour_tiles(default):
-    """`default` first, then the tiles one step away from it."""
+def neighbour_tiles(default, kind='forward', tensor_cores=False):
+    """`default` first, then the tiles one step away from it (the tensor-core weight gradient's
+    taps per program first: the step most likely to matter there)."""
     tiles = [default]
+    if kind == 'grad_weight' and tensor_cores:  # taps per program: half, and twice within 256 rows
+        tiles += [default._replace(block_t=t) for t in (default.block_t // 2, default.block_t * 2)
+                  if 1 <= t and t * default.block_r <= 256]
     for block_p in (default.block_p // 2, default.block_p * 2):
         if 16 <= block_p <= 256:
             tiles.append(default._replace(block_p=block_p))
@@ -63,10 +68,10 @@ def kernel_runner(kind, groups, k, x, weight, grad, tensor_cores):
                                         config=tile, **conv)
 
 
-def default_tile(kind, groups, in_per_group, outs, tensor_cores):
+def default_tile(kind, groups, in_per_group, outs, kernel, tensor_cores):
     from timm_epsanet._triton_branch import config_for, mma_config_for
     c_red, c_out = (outs, in_per_group) if kind == 'grad_input' else (in_per_group, outs)
-    return mma_config_for(c_red, c_out) if tensor_cores else config_for(groups, c_red, c_out)
+    return mma_config_for(c_red, c_out, kernel) if tensor_cores else config_for(groups, c_red, c_out)
 
 
 def measure(shape, args, device):
@@ -87,10 +92,10 @@ def measure(shape, args, device):
         in_per_group = chs // groups * merge
         for kind in KINDS:
             run = kernel_runner(kind, groups // merge, k, x, merged, grad, tensor_cores)
-            default = default_tile(kind, groups // merge, in_per_group, outs * merge, tensor_cores)
+            default = default_tile(kind, groups // merge, in_per_group, outs * merge, k, tensor_cores)
             reference = run(default).float()
             default_ms = None
-            for tile in neighbour_tiles(default)[:args.max_tiles]:
+            for tile in neighbour_tiles(default, kind, tensor_cores)[:args.max_tiles]:
                 out = run(tile).float()
                 equal = bool(torch.allclose(out, reference, rtol=1e-2, atol=1e-2 * reference.abs().max().item()))
                 ms = time_ms(lambda: run(tile), device, args.iters, args.warmup)
@@ -119,7 +124,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     print(f'{device}, batch {args.batch_size}, {args.dtype}, channels-last; ms per kernel call')
-    print('| variant | stage | chs | size | k | groups | kernels | kernel | tile (P, G, R, O, warps) | ms | x default | equal |')
+    print('| variant | stage | chs | size | k | groups | kernels | kernel | tile (P, G, R, O, warps, T) | ms | x default | equal |')
     print('|---|---|---|---|---|---|---|---|---|---|---|---|')
     rows = []
     for shape in triton_shapes(args.variants, args.stages, args.size)[:args.max_shapes]:

@@ -120,7 +120,8 @@ def check_compile(form) -> dict:
 
 def check_wide_weight_grad() -> dict:
     """Both weight-gradient kernels on rows wider than their pixel tile (tiles of part of a row,
-    several per row): errors against the grouped conv's weight gradient."""
+    several per row), the tensor-core one with one tap and with 4 taps per program (a row of 3 and
+    a masked one): errors against the grouped conv's weight gradient."""
     import torch.nn.functional as F
     from timm_epsanet import _triton_branch as tb
 
@@ -131,9 +132,10 @@ def check_wide_weight_grad() -> dict:
     grad = torch.randn_like(y)
     y.backward(grad)
     errors = {}
-    for tensor_cores, config in ((False, tb.Config(8, 4, 4, 2)), (True, tb.Config(16, 1, 16, 16))):
-        got = tb._launch_weight_grad(x, grad.float(), w, (1, 1), (1, 1), (1, 1), 4, config, tensor_cores)
-        errors['mma' if tensor_cores else 'cuda_cores'] = rel_err(got, w_ref.grad)
+    for name, config in (('cuda_cores', tb.Config(8, 4, 4, 2)), ('mma', tb.Config(16, 1, 16, 16)),
+                         ('mma, 4 taps', tb.Config(16, 1, 16, 16, block_t=4))):
+        got = tb._launch_weight_grad(x, grad.float(), w, (1, 1), (1, 1), (1, 1), 4, config, name != 'cuda_cores')
+        errors[name] = rel_err(got, w_ref.grad)
     return errors
 
 
@@ -174,7 +176,7 @@ def test_custom_ops_pass_opcheck(interpreted):
 
 def test_weight_grad_tiles_of_part_of_a_row(interpreted):
     errors = interpreted['wide_weight_grad']
-    assert set(errors) == {'cuda_cores', 'mma'} and all(e <= 1e-5 for e in errors.values()), errors
+    assert set(errors) == {'cuda_cores', 'mma', 'mma, 4 taps'} and all(e <= 1e-5 for e in errors.values()), errors
 
 
 @pytest.mark.parametrize('form', FORMS)

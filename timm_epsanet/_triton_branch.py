@@ -241,42 +241,47 @@ def _weight_grad_mma_kernel(
         N, H, W, H_out, W_out,
         x_n, x_h, x_w, x_c,
         y_n, y_h, y_w, y_c,
-        KW, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+        KH, KW, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
         G, TILES_PER_CHUNK,
         C_IN: tl.constexpr, C_OUT: tl.constexpr, PRECISION: tl.constexpr,
-        BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr,
+        BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
+        BLOCK_O: tl.constexpr,
 ):
-    """`_weight_grad_kernel`'s partial sums on tensor cores: per chunk of pixel tiles, one tap and
-    one group, the product of the (input channels x pixels) and (pixels x output channels) tiles."""
-    tap = tl.program_id(0)  # fastest: the programs running together read the same chunk, once from memory
+    """`_weight_grad_kernel`'s partial sums on tensor cores: per chunk of pixel tiles, BLOCK_T
+    adjacent taps of one kernel row and one group, the product of the ((tap, input channel) x
+    pixels) and (pixels x output channels) tiles. A program's taps read shifted windows of the
+    same pixels (one read from memory, the rest from cache) and share the output gradient's."""
+    taps = tl.program_id(0)  # fastest: the programs running together read the same chunk, once from memory
     pid_c = tl.program_id(1)
     chunk = tl.program_id(2)
-    kh = tap // KW
-    kw = tap % KW
+    kw_blocks = tl.cdiv(KW, BLOCK_T)
+    kh = taps // kw_blocks
     n_rblocks = tl.cdiv(C_IN, BLOCK_R)
     n_oblocks = tl.cdiv(C_OUT, BLOCK_O)
     g = pid_c // (n_rblocks * n_oblocks)
-    r = ((pid_c // n_oblocks) % n_rblocks) * BLOCK_R + tl.arange(0, BLOCK_R)
+    j = tl.arange(0, BLOCK_T * BLOCK_R)  # (tap, input channel) flattened
+    kw = (taps % kw_blocks) * BLOCK_T + j // BLOCK_R
+    r = ((pid_c // n_oblocks) % n_rblocks) * BLOCK_R + j % BLOCK_R
+    j_ok = (kw < KW) & (r < C_IN)
     o = (pid_c % n_oblocks) * BLOCK_O + tl.arange(0, BLOCK_O)
-    r_ok = r < C_IN
     o_ok = o < C_OUT
 
     n_tiles = N * tl.cdiv(H_out, BLOCK_H) * tl.cdiv(W_out, BLOCK_W)
-    acc = tl.zeros((BLOCK_R, BLOCK_O), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_T * BLOCK_R, BLOCK_O), dtype=tl.float32)
     for t in range(chunk * TILES_PER_CHUNK, tl.minimum((chunk + 1) * TILES_PER_CHUNK, n_tiles)):
         n, oh, ow, p_ok = _tile_pixels(t, H_out, W_out, BLOCK_H, BLOCK_W)
         ih, h_ok = _source_index(oh, kh, stride_h, pad_h, dil_h, H, False)
-        iw, w_ok = _source_index(ow, kw, stride_w, pad_w, dil_w, W, False)
-        x_ok = p_ok & h_ok & w_ok
-        xv = tl.load(x_ptr + n * x_n + (ih * x_h + iw * x_w)[:, None] + ((g * C_IN + r) * x_c)[None, :],
-                     mask=x_ok[:, None] & r_ok[None, :], other=0.0)
+        iw, w_ok = _source_index(ow[:, None], kw[None, :], stride_w, pad_w, dil_w, W, False)
+        x_ok = (p_ok & h_ok)[:, None] & w_ok & j_ok[None, :]
+        xv = tl.load(x_ptr + n * x_n + (ih * x_h)[:, None] + iw * x_w + ((g * C_IN + r) * x_c)[None, :],
+                     mask=x_ok, other=0.0)
         gv = tl.load(gy_ptr + n * y_n + (oh * y_h + ow * y_w)[:, None] + ((g * C_OUT + o) * y_c)[None, :],
                      mask=p_ok[:, None] & o_ok[None, :], other=0.0)
         acc = tl.dot(tl.trans(xv), gv, acc, input_precision=PRECISION)
 
-    dst = part_ptr + ((chunk * tl.num_programs(0) + tap) * G + g) * (C_IN * C_OUT) \
+    dst = part_ptr + (((chunk * KH + kh) * KW + kw) * G + g)[:, None] * (C_IN * C_OUT) \
         + (r * C_OUT)[:, None] + o[None, :]
-    tl.store(dst, acc, mask=r_ok[:, None] & o_ok[None, :])
+    tl.store(dst, acc, mask=j_ok[:, None] & o_ok[None, :])
 
 
 def _pow2(n: int) -> int:
@@ -284,12 +289,14 @@ def _pow2(n: int) -> int:
 
 
 class Config(NamedTuple):
-    """A kernel's tile: pixels x (groups x reduction channels) x written channels, and warps."""
+    """A kernel's tile: pixels x (groups x reduction channels) x written channels, and warps; for
+    the tensor-core weight gradient also taps per program (adjacent taps of a kernel row)."""
     block_p: int
     block_g: int
     block_r: int
     block_o: int
     num_warps: int = 4
+    block_t: int = 1
 
 
 def config_for(groups: int, c_red: int, c_out: int) -> Config:
@@ -305,12 +312,16 @@ def config_for(groups: int, c_red: int, c_out: int) -> Config:
     return Config(block_p, block_g, block_r, block_o)
 
 
-def mma_config_for(c_red: int, c_out: int) -> Config:
+def mma_config_for(c_red: int, c_out: int, kernel_width: int = 1) -> Config:
     """The tile of the tensor-core kernels for one group reducing `c_red` channels into `c_out`:
     16 to 64 of each (`tl.dot` takes 16 or more on every side; narrower groups are masked) and 128
     pixels (64 leave more of each loop's instructions to addressing: benchmarks/triton_sass.py).
-    A starting point, like `config_for`'s: benchmarks/triton_tiles.py times its neighbours."""
-    return Config(128, 1, min(64, max(16, _pow2(c_red))), min(64, max(16, _pow2(c_out))))
+    The weight gradient takes 2 or 4 taps of a `kernel_width` row per program, the most that
+    leave at most one tap of a row unused (3 and 7: 4; 5 and 9: 2), within 256 (tap, channel)
+    rows. A starting point, like `config_for`'s: benchmarks/triton_tiles.py times its neighbours."""
+    block_r = min(64, max(16, _pow2(c_red)))
+    block_t = next(t for t in (4, 2, 1) if (kernel_width + 1) % t == 0 and t * block_r <= 256)
+    return Config(128, 1, block_r, min(64, max(16, _pow2(c_out))), block_t=block_t)
 
 
 def _precision(x: torch.Tensor) -> str:
@@ -346,7 +357,7 @@ def _launch_conv(src, weight, dst, groups, stride, padding, dilation, transposed
     c_red, c_out = (outs, in_per_group) if transposed else (in_per_group, outs)
     if config is None:
         config = mma_config_for(c_red, c_out) if tensor_cores else config_for(groups, c_red, c_out)
-    block_p, block_g, block_r, block_o, num_warps = config
+    block_p, block_g, block_r, block_o, num_warps = config[:5]
     n, _, h_dst, w_dst = dst.shape
     grid = (triton.cdiv(n * h_dst * w_dst, block_p), triton.cdiv(groups, block_g) * triton.cdiv(c_out, block_o))
     s, d = src.stride(), dst.stride()
@@ -410,16 +421,18 @@ def _launch_weight_grad(x, grad, weight, stride, padding, dilation, groups, conf
     outs = out_chs // groups
     n, _, h_out, w_out = grad.shape
     if config is None:
-        config = mma_config_for(in_per_group, outs) if tensor_cores else config_for(groups, in_per_group, outs)
-    block_p, block_g, block_r, block_o, num_warps = config
+        config = mma_config_for(in_per_group, outs, k_w) if tensor_cores else config_for(groups, in_per_group, outs)
+    block_p, block_g, block_r, block_o, num_warps, block_t = config
+    block_t = block_t if tensor_cores else 1
     blocks = triton.cdiv(groups, block_g) * triton.cdiv(in_per_group, block_r) * triton.cdiv(outs, block_o)
     # tiles of block_p pixels: whole rows where they fit, and the fewest columns that hold a row
     block_w = min(triton.next_power_of_2(w_out), block_p)
     block_h = block_p // block_w
     tiles = n * triton.cdiv(h_out, block_h) * triton.cdiv(w_out, block_w)
+    taps = k_h * triton.cdiv(k_w, block_t)  # programs per chunk and block: one per block_t taps of a row
     # enough chunks of tiles for ~4 programs per multiprocessor, each of 4 tiles or more
     sms = 4 if x.device.type != 'cuda' else torch.cuda.get_device_properties(x.device).multi_processor_count
-    chunks = max(1, min(triton.cdiv(tiles, 4), triton.cdiv(4 * sms, blocks * k_h * k_w)))
+    chunks = max(1, min(triton.cdiv(tiles, 4), triton.cdiv(4 * sms, blocks * taps)))
     tiles_per_chunk = triton.cdiv(tiles, chunks)
     chunks = triton.cdiv(tiles, tiles_per_chunk)
     part = torch.empty((chunks, k_h, k_w, groups, in_per_group, outs), dtype=torch.float32, device=x.device)
@@ -427,16 +440,16 @@ def _launch_weight_grad(x, grad, weight, stride, padding, dilation, groups, conf
     # taps vary fastest, so that the programs in flight share a chunk of x and of the output
     # gradient: read from memory once, then from L2 by every tap (chunk-major, each tap would
     # sweep all of x, larger than L2 at training batch sizes, anew)
-    grid = (k_h * k_w, blocks, chunks)
-    args = (x, grad, part, n, x.shape[2], x.shape[3], h_out, w_out, s[0], s[2], s[3], s[1], d[0], d[2], d[3], d[1],
-            k_w, stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], groups, tiles_per_chunk)
+    grid = (taps, blocks, chunks)
+    tensors = (x, grad, part, n, x.shape[2], x.shape[3], h_out, w_out, s[0], s[2], s[3], s[1], d[0], d[2], d[3], d[1])
+    conv = (stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], groups, tiles_per_chunk)
     if tensor_cores:
         _weight_grad_mma_kernel[grid](
-            *args, C_IN=in_per_group, C_OUT=outs, PRECISION=_precision(x),
-            BLOCK_H=block_h, BLOCK_W=block_w, BLOCK_R=block_r, BLOCK_O=block_o, num_warps=num_warps)
+            *tensors, k_h, k_w, *conv, C_IN=in_per_group, C_OUT=outs, PRECISION=_precision(x),
+            BLOCK_H=block_h, BLOCK_W=block_w, BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_O=block_o, num_warps=num_warps)
     else:
         _weight_grad_kernel[grid](
-            *args, C_IN=in_per_group, C_OUT=outs, BLOCK_H=block_h, BLOCK_W=block_w,
+            *tensors, k_w, *conv, C_IN=in_per_group, C_OUT=outs, BLOCK_H=block_h, BLOCK_W=block_w,
             BLOCK_G=block_g, BLOCK_R=block_r, BLOCK_O=block_o, num_warps=num_warps)
     grad_w = part.sum(0).permute(2, 4, 3, 0, 1).reshape(out_chs, in_per_group, k_h, k_w)
     return grad_w.to(weight.dtype).contiguous()
