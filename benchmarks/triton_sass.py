@@ -51,11 +51,11 @@ KERNELS = {  # name: (kernel, tensor cores, transposed: None for the weight grad
 
 
 def build_sm90(kernel, dtype: str, c_in: int, c_out: int, groups: int, transposed, width: int = 56,
-               kernel_width: int = 9, config=None):
+               kernel_width: int = 9, config=None, phased: bool = False):
     """Build `kernel` for sm_90a as a channels-last launch of EPSANet's shapes specializes it:
     channel strides of 1, the other strides and the pointers multiples of 16 (Triton specializes
-    on both), weight-gradient tiles for an output `width` wide and a kernel `kernel_width` wide;
-    returns (config, ptxas report, SASS)."""
+    on both), weight-gradient tiles for an output `width` wide and a kernel `kernel_width` wide,
+    the input gradient by phases where `phased` (a strided conv's); returns (config, ptxas report, SASS)."""
     names = list(inspect.signature(kernel.fn).parameters)
     mma = 'PRECISION' in names
     c_red, c_written = (c_out, c_in) if transposed else (c_in, c_out)
@@ -70,7 +70,7 @@ def build_sm90(kernel, dtype: str, c_in: int, c_out: int, groups: int, transpose
         consts.update(BLOCK_P=cfg.block_p)
     consts.update(dict(PRECISION='tf32') if mma else dict(BLOCK_G=cfg.block_g))
     consts.update(dict(C_IN=c_in, C_OUT=c_out) if transposed is None else
-                  dict(C_RED=c_red, C_OUT=c_written, TRANSPOSED=transposed))
+                  dict(C_RED=c_red, C_OUT=c_written, TRANSPOSED=transposed, PHASED=phased))
     consts.update({name: 1 for name in ('s_c', 'd_c', 'x_c', 'y_c') if name in names})
     signature = {name: 'constexpr' if name in consts else '*fp32' if name == 'part_ptr'
                  else f'*{dtype}' if name.endswith('_ptr') else 'i32' for name in names}

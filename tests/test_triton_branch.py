@@ -207,6 +207,16 @@ def test_kernels_compile_for_hopper_without_spills(tmp_path):
         tensor_cores = row['kernel'].startswith('mma')
         assert (row['mma_macs'] > 0) == tensor_cores and (row['ffma'] > 0) != tensor_cores, row
         assert 0 < row['issue_bound'] <= 1, row
+    sys.path.insert(0, str(ROOT / 'benchmarks'))
+    try:
+        from triton_sass import KERNELS, build_sm90
+    finally:
+        sys.path.remove(str(ROOT / 'benchmarks'))
+    for name in ('grad_input', 'mma grad_input'):  # a strided conv's input gradient, by phases
+        kernel, _, transposed = KERNELS[name]
+        shape = (64, 16, 1) if name.startswith('mma') else (16, 4, 4)
+        _, report, _ = build_sm90(kernel, 'fp16', *shape, transposed, phased=True)
+        assert ' 0 bytes spill stores' in report, (name, report)
 
 
 def test_cuda_rule_with_triton_runs_tensor_cores():

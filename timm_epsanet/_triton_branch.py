@@ -7,8 +7,9 @@ channels of a few groups, and accumulates in fp32 registers, tap by tap, with pl
 
   * forward and input gradient: one kernel (`_conv_kernel`). The input gradient is the same sum
     read the other way: each input pixel gathers the output gradients of the outputs whose
-    window covered it (stride > 1: only taps that land on an output pixel), with the weight
-    group-transposed (a group's outputs become its reduction channels).
+    window covered it, with the weight group-transposed (a group's outputs become its reduction
+    channels). At stride > 1 each program takes the pixels of one phase (row and column
+    remainders mod the stride), which only every stride-th tap reaches: it runs those taps alone.
   * weight gradient (`_weight_grad_kernel`): each program sums the products of one tap over a
     chunk of pixel tiles (rows of one image, so a pixel's coordinates are shifts, not divisions);
     the chunks' partial sums are added afterwards in fp32 (deterministic, no atomics).
@@ -69,6 +70,35 @@ def _tile_pixels(t, H_out, W_out, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
     return n.to(tl.int64), oh, ow, (oh < H_out) & (ow < W_out)
 
 
+@triton.jit
+def _dst_pixels(pid_p, N, H_dst, W_dst, stride_h, stride_w, pad_h, pad_w,
+                BLOCK_P: tl.constexpr, PHASED: tl.constexpr):
+    """The destination pixels of program `pid_p` (image, row, column, exists), and the first tap
+    and tap step of each axis. PHASED (a strided input gradient, no dilation): only the pixels of
+    phase `program_id(2)`, whose rows and columns leave the same remainders mod the stride, so
+    that exactly every stride-th tap lands on an output pixel for all of them; the others are
+    skipped instead of masked."""
+    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    if PHASED:
+        ph = tl.program_id(2) // stride_w
+        pw = tl.program_id(2) % stride_w
+        rows = tl.cdiv(H_dst - ph, stride_h)
+        cols = tl.cdiv(W_dst - pw, stride_w)
+        p_ok = p < N * rows * cols
+        rows = tl.maximum(rows, 1)
+        cols = tl.maximum(cols, 1)
+        ow = (p % cols) * stride_w + pw
+        oh = ((p // cols) % rows) * stride_h + ph
+        n = (p // (cols * rows)).to(tl.int64)
+        return n, oh, ow, p_ok, (ph + pad_h) % stride_h, (pw + pad_w) % stride_w, stride_h, stride_w
+    else:
+        p_ok = p < N * H_dst * W_dst
+        ow = p % W_dst
+        oh = (p // W_dst) % H_dst
+        n = (p // (W_dst * H_dst)).to(tl.int64)
+        return n, oh, ow, p_ok, 0, 0, 1, 1
+
+
 # sizes are not specialized on (a batch of 2 compiles what a batch of 128 runs); strides are
 @triton.jit(do_not_specialize=['N', 'H_src', 'W_src', 'H_dst', 'W_dst'])
 def _conv_kernel(
@@ -81,6 +111,7 @@ def _conv_kernel(
         C_RED: tl.constexpr,  # reduction channels per group (forward: inputs; input grad: outputs)
         C_OUT: tl.constexpr,  # channels per group written (forward: outputs; input grad: inputs)
         TRANSPOSED: tl.constexpr,  # False: forward; True: input gradient
+        PHASED: tl.constexpr,  # a strided input gradient by phases (`_dst_pixels`)
         BLOCK_P: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr,
 ):
     """dst[p, g*C_OUT + o] = sum over taps and r of src[q, g*C_RED + r] * w[tap, g, r, o], where the
@@ -92,11 +123,8 @@ def _conv_kernel(
     g0 = (pid_c // n_oblocks) * BLOCK_G
     o0 = (pid_c % n_oblocks) * BLOCK_O
 
-    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    p_ok = p < N * H_dst * W_dst
-    ow = p % W_dst
-    oh = (p // W_dst) % H_dst
-    n = (p // (W_dst * H_dst)).to(tl.int64)
+    n, oh, ow, p_ok, kh0, kw0, kh_step, kw_step = _dst_pixels(
+        pid_p, N, H_dst, W_dst, stride_h, stride_w, pad_h, pad_w, BLOCK_P, PHASED)
 
     c = tl.arange(0, BLOCK_G * BLOCK_R)  # (group in tile, reduction channel) flattened
     g = g0 + c // BLOCK_R
@@ -106,9 +134,9 @@ def _conv_kernel(
     o_ok = o < C_OUT
 
     acc = tl.zeros((BLOCK_P, BLOCK_G * BLOCK_R, BLOCK_O), dtype=tl.float32)
-    for kh in range(KH):
+    for kh in range(kh0, KH, kh_step):
         ih, h_ok = _source_index(oh, kh, stride_h, pad_h, dil_h, H_src, TRANSPOSED)
-        for kw in range(KW):
+        for kw in range(kw0, KW, kw_step):
             iw, w_ok = _source_index(ow, kw, stride_w, pad_w, dil_w, W_src, TRANSPOSED)
             pix_ok = p_ok & h_ok & w_ok
             pix = n * s_n + ih * s_h + iw * s_w
@@ -194,8 +222,8 @@ def _conv_mma_kernel(
         d_n, d_h, d_w, d_c,
         KH, KW, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
         G,
-        C_RED: tl.constexpr, C_OUT: tl.constexpr, TRANSPOSED: tl.constexpr, PRECISION: tl.constexpr,
-        BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr,
+        C_RED: tl.constexpr, C_OUT: tl.constexpr, TRANSPOSED: tl.constexpr, PHASED: tl.constexpr,
+        PRECISION: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr,
 ):
     """`_conv_kernel`'s sum for groups of 16 or more channels each way, on tensor cores: each program
     takes one group and, tap by tap, adds the product of a (pixels x reduction channels) tile of
@@ -207,17 +235,14 @@ def _conv_mma_kernel(
     o = (pid_c % n_oblocks) * BLOCK_O + tl.arange(0, BLOCK_O)
     o_ok = o < C_OUT
 
-    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    p_ok = p < N * H_dst * W_dst
-    ow = p % W_dst
-    oh = (p // W_dst) % H_dst
-    n = (p // (W_dst * H_dst)).to(tl.int64)
+    n, oh, ow, p_ok, kh0, kw0, kh_step, kw_step = _dst_pixels(
+        pid_p, N, H_dst, W_dst, stride_h, stride_w, pad_h, pad_w, BLOCK_P, PHASED)
     r_block = tl.arange(0, BLOCK_R)
 
     acc = tl.zeros((BLOCK_P, BLOCK_O), dtype=tl.float32)
-    for kh in range(KH):
+    for kh in range(kh0, KH, kh_step):
         ih, h_ok = _source_index(oh, kh, stride_h, pad_h, dil_h, H_src, TRANSPOSED)
-        for kw in range(KW):
+        for kw in range(kw0, KW, kw_step):
             iw, w_ok = _source_index(ow, kw, stride_w, pad_w, dil_w, W_src, TRANSPOSED)
             pix_ok = p_ok & h_ok & w_ok
             pix = n * s_n + ih * s_h + iw * s_w
@@ -359,18 +384,22 @@ def _launch_conv(src, weight, dst, groups, stride, padding, dilation, transposed
         config = mma_config_for(c_red, c_out) if tensor_cores else config_for(groups, c_red, c_out)
     block_p, block_g, block_r, block_o, num_warps = config[:5]
     n, _, h_dst, w_dst = dst.shape
-    grid = (triton.cdiv(n * h_dst * w_dst, block_p), triton.cdiv(groups, block_g) * triton.cdiv(c_out, block_o))
+    # a strided input gradient by phases of the stride: each program's pixels reached by the same taps
+    phased = transposed and max(stride) > 1 and tuple(dilation) == (1, 1)
+    phases = stride[0] * stride[1] if phased else 1
+    pixels = n * triton.cdiv(h_dst, stride[0]) * triton.cdiv(w_dst, stride[1]) if phased else n * h_dst * w_dst
+    grid = (triton.cdiv(pixels, block_p), triton.cdiv(groups, block_g) * triton.cdiv(c_out, block_o), phases)
     s, d = src.stride(), dst.stride()
     args = (src, w_t.contiguous(), dst, n, src.shape[2], src.shape[3], h_dst, w_dst,
             s[0], s[2], s[3], s[1], d[0], d[2], d[3], d[1],
             k_h, k_w, stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], groups)
     if tensor_cores:
         _conv_mma_kernel[grid](
-            *args, C_RED=c_red, C_OUT=c_out, TRANSPOSED=transposed, PRECISION=_precision(src),
+            *args, C_RED=c_red, C_OUT=c_out, TRANSPOSED=transposed, PHASED=phased, PRECISION=_precision(src),
             BLOCK_P=block_p, BLOCK_R=block_r, BLOCK_O=block_o, num_warps=num_warps)
     else:
         _conv_kernel[grid](
-            *args, C_RED=c_red, C_OUT=c_out, TRANSPOSED=transposed,
+            *args, C_RED=c_red, C_OUT=c_out, TRANSPOSED=transposed, PHASED=phased,
             BLOCK_P=block_p, BLOCK_G=block_g, BLOCK_R=block_r, BLOCK_O=block_o, num_warps=num_warps)
     return dst
 
