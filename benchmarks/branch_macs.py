@@ -29,6 +29,7 @@ import timm
 import timm_epsanet  # noqa: F401  registers the models
 from timm_epsanet._branch_conv import BranchConv2d, BranchConvs
 from timm_epsanet._branch_forms import block_diagonal_weight
+from timm_epsanet._branch_tuning import reformulable
 
 RESULTS = Path(__file__).resolve().parent / 'results'
 VARIANTS = ('epsanet50_small', 'epsanet50_large', 'epsanet101_small', 'epsanet101_large')
@@ -67,7 +68,7 @@ def branch_macs(variant: str, img_size: int = 224) -> dict:
     macs = dict.fromkeys(FORMS, 0)
     macs['other branches'] = 0
     for conv, x in inputs.items():
-        if conv.groups > 1 and conv.in_channels > conv.groups:
+        if reformulable(conv):
             for form in FORMS:
                 macs[form] += conv_macs(x, conv, merge_of(conv, form))
         else:

@@ -136,6 +136,7 @@ def test_triton_warmup_covers_every_grouped_branch_of_the_models():
     import timm
     import timm_epsanet  # noqa: F401
     from timm_epsanet._branch_conv import BranchConv2d
+    from timm_epsanet._branch_tuning import reformulable
     sys.path.insert(0, str(BENCHMARKS))
     try:
         import triton_warmup
@@ -146,7 +147,7 @@ def test_triton_warmup_covers_every_grouped_branch_of_the_models():
     for name in ('epsanet50_small', 'epsanet50_large', 'epsanet101_small', 'epsanet101_large'):
         model = timm.create_model(name, device='meta')
         for conv in model.modules():
-            if isinstance(conv, BranchConv2d) and conv.groups > 1 and conv.in_channels > conv.groups:
+            if isinstance(conv, BranchConv2d) and reformulable(conv):
                 key = (conv.in_channels, conv.out_channels, conv.kernel_size[0], conv.groups, conv.stride[0])
                 assert key in warmed, (name, key)
     env = dict(os.environ, OMP_NUM_THREADS='1', TRITON_INTERPRET='1')
