@@ -239,33 +239,40 @@ default_cfgs = generate_default_cfgs({
 })
 
 
-def _small_args(layers):
-    return dict(block=EPSABottleneck, layers=layers, block_args=dict(psa_groups=SMALL_GROUPS))
+def _variant_args(layers, groups, kwargs, **model_args) -> dict:
+    """The variant's arguments updated by the caller's; `block_args` merged, not replaced, so that
+    e.g. `block_args=dict(psa_branch_form=...)` keeps the variant's PSA groups."""
+    block_args = {'psa_groups': groups, **(kwargs.get('block_args') or {})}
+    return {'block': EPSABottleneck, 'layers': layers, **model_args, **kwargs, 'block_args': block_args}
 
 
-def _large_args(layers):
-    return dict(block=EPSABottleneck, layers=layers, base_width=128, block_args=dict(psa_groups=LARGE_GROUPS))
+def _small_args(layers, kwargs):
+    return _variant_args(layers, SMALL_GROUPS, kwargs)
+
+
+def _large_args(layers, kwargs):
+    return _variant_args(layers, LARGE_GROUPS, kwargs, base_width=128)
 
 
 @register_model
 def epsanet50_small(pretrained: bool = False, **kwargs) -> ResNet:
     """EPSANet(Small)-50, as in the official code."""
-    return _create_epsanet('epsanet50_small', pretrained, **dict(_small_args((3, 4, 6, 3)), **kwargs))
+    return _create_epsanet('epsanet50_small', pretrained, **_small_args((3, 4, 6, 3), kwargs))
 
 
 @register_model
 def epsanet101_small(pretrained: bool = False, **kwargs) -> ResNet:
     """EPSANet(Small)-101, as in the official code."""
-    return _create_epsanet('epsanet101_small', pretrained, **dict(_small_args((3, 4, 23, 3)), **kwargs))
+    return _create_epsanet('epsanet101_small', pretrained, **_small_args((3, 4, 23, 3), kwargs))
 
 
 @register_model
 def epsanet50_large(pretrained: bool = False, **kwargs) -> ResNet:
     """EPSANet(Large)-50: double-width bottleneck, PSA groups (32, 32, 32, 32)."""
-    return _create_epsanet('epsanet50_large', pretrained, **dict(_large_args((3, 4, 6, 3)), **kwargs))
+    return _create_epsanet('epsanet50_large', pretrained, **_large_args((3, 4, 6, 3), kwargs))
 
 
 @register_model
 def epsanet101_large(pretrained: bool = False, **kwargs) -> ResNet:
     """EPSANet(Large)-101: double-width bottleneck, PSA groups (32, 32, 32, 32)."""
-    return _create_epsanet('epsanet101_large', pretrained, **dict(_large_args((3, 4, 23, 3)), **kwargs))
+    return _create_epsanet('epsanet101_large', pretrained, **_large_args((3, 4, 23, 3), kwargs))
