@@ -1,6 +1,6 @@
 """Correctness checks that need a CUDA GPU (CI has none; the CPU test suite covers the rest).
 
-    python benchmarks/cuda_checks.py [forms] [cpu] [grads] [compile]     # default: all
+    python benchmarks/cuda_checks.py [forms] [fused] [cpu] [grads] [compile]     # default: all
     TRITON_INTERPRET=1 python benchmarks/cuda_checks.py --device cpu --tiny   # dry run of the code paths
 
 1. forms: every branch form (grouped, depthwise, volumetric, dense, regrouped, triton, triton_mma)
@@ -8,12 +8,15 @@
    gradient, for every EPSANet branch shape (Small and Large, stride 1 and 2, dilation 2) in fp16
    channels-last, and for a few shapes in fp32, fp16 and bf16, NCHW and channels-last. A form
    passes when its error is within its dtype's tolerance or within 3x the plain grouped conv's own
-   error.
-2. cpu: CUDA fp32 logits (the default forms, the Triton kernels where triton runs) equal the CPU's.
-3. grads: AMP (fp16) gradients of every PSA branch form equal fp32's within fp16 noise, and
+   error. ('triton_spc' alone is 'triton_mma': see fused.)
+2. fused: 'triton_spc', every EPSANet PSA's branches (Small and Large, every stage, stride 1 and 2,
+   dilation 2) with the fused kernels of `_triton_spc`, against the float64 grouped convs: the
+   concatenated output, the input gradient and every branch's weight gradient, fp16 channels-last.
+3. cpu: CUDA fp32 logits (the default forms, the Triton kernels where triton runs) equal the CPU's.
+4. grads: AMP (fp16) gradients of every PSA branch form equal fp32's within fp16 noise, and
    parameter gradients stay fp32.
-4. compile: torch.compile (inductor) of epsanet50_small, AMP fp16, channels-last: no graph break
-   (torch._dynamo.explain), the Triton op in the graph, logits equal to eager; compiled and eager
+5. compile: torch.compile (inductor) of epsanet50_small, AMP fp16, channels-last: no graph break
+   (torch._dynamo.explain), the Triton ops in the graph, logits equal to eager; compiled and eager
    inference timed side by side.
 Prints one line per check and exits non-zero if any fails. TF32 is off throughout.
 """
@@ -31,6 +34,7 @@ from timm_epsanet._branch_plans import in_layout
 from psa_branches import shapes as branch_shapes, time_ms
 
 FORMS = BRANCH_FORMS[1:]
+BRANCH_ALONE_FORMS = tuple(form for form in FORMS if form != 'triton_spc')  # 'triton_spc' alone is 'triton_mma'
 # float64-referenced relative error a correct form stays under, per dtype (fp32 accumulation)
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
@@ -89,7 +93,7 @@ def check_forms(device, tiny, check):
         grad = torch.randn_like(y64)
         y64.backward(grad)
         errors = {}
-        for form in FORMS:
+        for form in BRANCH_ALONE_FORMS:
             if form.startswith('triton') and device.type == 'cpu' and not tiny:
                 continue
             with torch.no_grad():
@@ -109,6 +113,52 @@ def check_forms(device, tiny, check):
             check(f'{form:<10} {name} {str(dtype)[6:]} {layout}: out {errs[0]:.1e} grad_x {errs[1]:.1e} '
                   f'grad_w {errs[2]:.1e} (grouped {plain[0]:.1e} {plain[1]:.1e} {plain[2]:.1e})'
                   + ('' if errs[3] else ' WRONG DTYPE/LAYOUT'), ok)
+
+
+def psa_cases(tiny):
+    """(description, PSA arguments, input size) of every EPSANet PSA: Small and Large, each stage
+    at stride 1, the strided first block of stages 2-4, dilation 2 on the last two stages."""
+    if tiny:
+        yield 'tiny small-like', dict(in_chs=64), 7
+        yield 'tiny large-like d2', dict(in_chs=32, groups=(8,) * 4, dilation=2), 7
+        yield 'tiny small-like s2', dict(in_chs=64, stride=2), 8
+        return
+    for variant, base, groups in (('small', 64, (1, 4, 8, 16)), ('large', 128, (32,) * 4)):
+        for stage in range(1, 5):
+            chs, size = base << (stage - 1), 56 >> (stage - 1)
+            yield f'{variant} stage {stage}', dict(in_chs=chs, groups=groups), size
+            if stage > 1:
+                yield f'{variant} stage {stage} s2', dict(in_chs=chs, groups=groups, stride=2), 2 * size
+            if stage > 2:
+                yield f'{variant} stage {stage} d2', dict(in_chs=chs, groups=groups, dilation=2), size
+
+
+def check_fused(device, tiny, check):
+    """'triton_spc' on every EPSANet PSA against the float64 grouped convs (fp16 channels-last;
+    the interpreter, fp32)."""
+    from timm_epsanet.psa import PyramidSqueezeAttention
+    dtype = torch.float16 if device.type == 'cuda' else torch.float32
+    for name, kwargs, size in psa_cases(tiny):
+        torch.manual_seed(0)
+        reference = PyramidSqueezeAttention(**kwargs, branch_form='grouped').convs.to(device, torch.float64)
+        convs = PyramidSqueezeAttention(**kwargs, branch_form='triton_spc').convs.to(device, dtype)
+        convs.load_state_dict(reference.state_dict())
+        x = torch.randn(2, kwargs['in_chs'], size, size, device=device).to(dtype)
+        x = x.contiguous(memory_format=torch.channels_last)
+        x64, xf = x.double().requires_grad_(), x.clone().requires_grad_()
+        y64 = reference(x64)
+        grad = torch.randn_like(y64)
+        y64.backward(grad)
+        plans = [conv.plan_for('cuda', True) for conv in convs]  # the fused kernels' plans, also on a dry run
+        runs = convs.spc_runs(plans, ['channels_last'] * len(plans))
+        y = convs.run_plans(xf, plans)
+        y.backward(grad.to(dtype))
+        errs = (rel_err(y, y64), rel_err(xf.grad, x64.grad),
+                max(rel_err(c.weight.grad, r.weight.grad) for c, r in zip(convs, reference)))
+        layout_ok = y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
+        check(f'triton_spc {name} {str(dtype)[6:]}: fused {runs}: out {errs[0]:.1e} grad_x {errs[1]:.1e} '
+              f'grad_w {errs[2]:.1e}' + ('' if layout_ok else ' WRONG DTYPE/LAYOUT'),
+              bool(runs) and layout_ok and all(e == e and e <= TOLERANCE[dtype] for e in errs))
 
 
 def check_cpu(device, tiny, check):
@@ -157,8 +207,8 @@ def check_compile(device, tiny, check):
     amp = dict(device_type=device.type, dtype=torch.float16 if cuda else torch.bfloat16)
     with torch.no_grad(), torch.autocast(**amp):
         explained = torch._dynamo.explain(m)(x)
-        ops = sum(g.code.count('torch.ops.timm_epsanet.branch_conv') for g in explained.graphs)
-        check(f'torch.compile: {explained.graph_break_count} graph breaks, {ops} Triton branch ops in the graph',
+        ops = sum(g.code.count('torch.ops.timm_epsanet.') for g in explained.graphs)
+        check(f'torch.compile: {explained.graph_break_count} graph breaks, {ops} Triton ops in the graph',
               explained.graph_break_count == 0 and (ops > 0 or not cuda))
         torch._dynamo.reset()
         compiled = torch.compile(m)
@@ -170,7 +220,7 @@ def check_compile(device, tiny, check):
             check(f'{name} inference, batch {batch}: {1e3 * batch / ms:.0f} img/s', True)
 
 
-CHECKS = {'forms': check_forms, 'cpu': check_cpu, 'grads': check_grads, 'compile': check_compile}
+CHECKS = {'forms': check_forms, 'fused': check_fused, 'cpu': check_cpu, 'grads': check_grads, 'compile': check_compile}
 
 
 def main(argv=None):

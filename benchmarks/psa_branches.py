@@ -9,8 +9,14 @@ The depthwise form is timed channels-last only (its NCHW depthwise convs were 3-
 CPU), the volumetric form NCHW only (it views NCHW memory as a volume); the regrouped form only
 where it is neither the grouped nor the dense conv (NaN elsewhere).
 
+With --whole-psa it times each PSA's branches together instead (`BranchConvs`, every branch in
+the form, as the model runs them): one row per PSA stage, for the forms that act on a whole PSA
+('triton_spc' computes the branches that share input slices in one kernel).
+
     python benchmarks/psa_branches.py --json benchmarks/results/psa_branches-cpu.json        # CPU, batch 8, fp32
     python benchmarks/psa_branches.py --device cuda --batch-size 128 --amp --layouts channels_last
+    python benchmarks/psa_branches.py --device cuda --batch-size 128 --amp --layouts channels_last --whole-psa \
+        --forms grouped dense triton_mma triton_spc
 """
 import argparse
 import datetime
@@ -23,6 +29,7 @@ import torch
 from benchmark import cpu_model, timed
 from timm_epsanet._branch_conv import BRANCH_FORMS, BranchConv2d
 from timm_epsanet.epsanet import LARGE_GROUPS, PSA_KERNELS, SMALL_GROUPS
+from timm_epsanet.psa import PyramidSqueezeAttention
 
 # (PSA width, output resolution of its stride-1 blocks) of the four stages of EPSANet Small;
 # Large is twice as wide
@@ -66,35 +73,46 @@ def candidates(args):
 
 
 def measure(shape, args, device):
+    """One branch shape (`shapes`), or with --whole-psa one PSA's branches (`psa_stages`), in each
+    candidate form and layout."""
     chs, out_chs = shape['chs'], shape['chs'] // 4
     x_any = torch.randn(args.batch_size, chs, shape['size'], shape['size'], device=device)
     amp_dtype = (torch.float16 if device.type == 'cuda' else torch.bfloat16) if args.amp else None
     row = dict(shape)
     for form, layout in candidates(args):
-        conv = BranchConv2d(chs, out_chs, shape['kernel'], padding=shape['kernel'] // 2, groups=shape['groups'],
-                            bias=False, form=form, device=device).to(memory_format=LAYOUTS[layout])
         key = f'{form}/{layout}'
-        # 1 input per group or 1 group: nothing to reformulate; regrouped merging none or all groups
-        if conv.form != form or (form == 'regrouped' and conv.regroup in (1, conv.groups)):
-            row[f'{key}_infer_ms'] = row[f'{key}_train_ms'] = float('nan')
-            continue
+        if args.whole_psa:
+            module = PyramidSqueezeAttention(chs, groups=shape['groups'], branch_form=form, device=device).convs
+        else:
+            module = BranchConv2d(chs, out_chs, shape['kernel'], padding=shape['kernel'] // 2, groups=shape['groups'],
+                                  bias=False, form=form, device=device)
+            # 1 input per group or 1 group: nothing to reformulate; regrouped merging none or all groups
+            if module.form != form or (form == 'regrouped' and module.regroup in (1, module.groups)):
+                row[f'{key}_infer_ms'] = row[f'{key}_train_ms'] = float('nan')
+                continue
+        module.to(memory_format=LAYOUTS[layout])
         x = x_any.contiguous(memory_format=LAYOUTS[layout])
         x_train = x.detach().requires_grad_()
 
         def infer():
             with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype, enabled=args.amp):
-                conv(x)
+                module(x)
 
         def train():
             with torch.autocast(device.type, dtype=amp_dtype, enabled=args.amp):
-                y = conv(x_train)
+                y = module(x_train)
             y.backward(torch.ones_like(y))
 
         row[f'{key}_infer_ms'] = time_ms(infer, device, args.iters)
         row[f'{key}_train_ms'] = time_ms(train, device, args.iters)
-    auto = BranchConv2d(chs, out_chs, shape['kernel'], groups=shape['groups'], bias=False)
-    row['auto'] = ' / '.join(
-        '{}/{}'.format(*auto.plan_for(device.type, grad, args.amp)) for grad in (False, True))
+    if args.whole_psa:
+        auto = PyramidSqueezeAttention(chs, groups=shape['groups']).convs
+        row['auto'] = ' / '.join(' '.join(conv.plan_for(device.type, grad, args.amp)[0] for conv in auto)
+                                 for grad in (False, True))
+    else:
+        auto = BranchConv2d(chs, out_chs, shape['kernel'], groups=shape['groups'], bias=False)
+        row['auto'] = ' / '.join(
+            '{}/{}'.format(*auto.plan_for(device.type, grad, args.amp)) for grad in (False, True))
     return row
 
 
@@ -108,6 +126,7 @@ def main(argv=None):
     parser.add_argument('--forms', nargs='+', default=['grouped', 'depthwise', 'volumetric', 'dense', 'regrouped'],
                         choices=BRANCH_FORMS[1:], help="'triton': CUDA only")
     parser.add_argument('--variants', nargs='+', default=['small', 'large'], choices=['small', 'large'])
+    parser.add_argument('--whole-psa', action='store_true', help="each PSA's branches together, one row per PSA")
     parser.add_argument('--json', type=Path, default=None, help='also write the rows here')
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -119,11 +138,12 @@ def main(argv=None):
     print('| variant | stage | chs | size | k | groups | ' + ' | '.join(cols) + ' | auto picks (infer/train) |')
     print('|' + '---|' * (7 + len(cols)))
     rows = []
-    for shape in shapes(args.variants):
+    for shape in psa_stages(args.variants) if args.whole_psa else shapes(args.variants):
         row = measure(shape, args, device)
         rows.append(row)
         times = [row[f'{key}_{mode}_ms'] for mode in ('infer', 'train') for key in keys]
-        print(f'| {row["variant"]} | {row["stage"]} | {row["chs"]} | {row["size"]} | {row["kernel"]} | {row["groups"]} | '
+        groups = ','.join(map(str, row['groups'])) if args.whole_psa else row['groups']
+        print(f'| {row["variant"]} | {row["stage"]} | {row["chs"]} | {row["size"]} | {row.get("kernel", "all")} | {groups} | '
               + ' | '.join(f'{t:.3f}' for t in times) + f' | {row["auto"]} |', flush=True)
         if args.json:  # after every row: a run cut short keeps what it measured
             write_json(args.json, device, args, rows)

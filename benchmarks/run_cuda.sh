@@ -3,7 +3,8 @@
 # compiled first (in parallel, into Triton's cache), then correctness of every
 # branch form (Triton kernels included), the model table beside the peers (AMP fp16 and bf16,
 # channels-last, eager; inference at batch 128 and 256, training at 128 with peak memory), per-branch
-# timings of every form and layout, branch tuning's first-use cost and tuned vs untuned throughput,
+# timings of every form and layout, whole-PSA timings (the fused kernels against the branches
+# alone), branch tuning's first-use cost and tuned vs untuned throughput,
 # torch.compile of epsanet50_small with the Triton kernels, and the Triton kernels' tiles.
 # Stages run in order of importance, each under its own time limit, each writing as it goes, so a
 # stage cut short still leaves what it measured.
@@ -13,8 +14,9 @@
 # One results file per device from the stages' CSVs, as the CPU's:
 #   python benchmarks/benchmark.py --merge DIR/amp_*.csv --name benchmark-cuda-<gpu> --out benchmarks/results
 # The EPSANet rows run 'auto' with the Triton kernels (TIMM_EPSANET_TRITON=1, opt-in until measured:
-# the tensor-core kernels, 'triton_mma'); @dense / @grouped are the cuDNN forms 'auto' uses without
-# them, @triton the CUDA-core kernels.
+# the tensor-core kernels, the branches that share input slices fused, 'triton_spc'); @dense /
+# @grouped are the cuDNN forms 'auto' uses without them, @triton_mma the tensor-core kernels one
+# branch at a time, @triton the CUDA-core kernels.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}  # the GPU image: python3 holds torch
@@ -22,9 +24,9 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TIMM_EPSA
 PEERS="resnet50 seresnet50 resnext50_32x4d res2net50_26w_4s skresnet50"
 EPSANETS="epsanet50_small epsanet50_large epsanet101_small"
 # the cuDNN forms of the CUDA default without triton (dense at inference, grouped in training), and
-# the CUDA-core kernels, last: the first row a stage cut short loses
+# the Triton kernels unfused, last: the first rows a stage cut short loses
 OTHER_FORMS="epsanet50_small@dense epsanet50_small@grouped"
-CUDA_CORE_FORM="epsanet50_small@triton"
+UNFUSED_FORMS="epsanet50_small@triton_mma epsanet50_small@triton"
 if [ "${1:-}" = --dry-run ]; then
     export TRITON_INTERPRET=1
     OUT_DIR=${OUT_DIR:-/tmp/run_cuda_dry_run}
@@ -33,8 +35,9 @@ if [ "${1:-}" = --dry-run ]; then
     B128=2 B256=4 BRANCH_ARGS="--batch-size 1 --iters 1 --variants small" AMP=  # CPU bf16 dense convs: minutes
     TUNE_ARGS="--batch-size 2 --img-size 32 --rounds 1 --threads 2"
     TILE_ARGS="--device cpu --dtype float32 --batch-size 1 --stages 1 --size 4 --max-shapes 1 --max-tiles 2 --iters 1 --warmup 0"
-    WARM_ARGS="--device cpu --processes 1 --max-launches 2 --size 4"
-    PEERS="resnet50" EPSANETS="epsanet50_small@triton_mma" OTHER_FORMS="epsanet50_small@dense"
+    WARM_ARGS="--device cpu --processes 1 --max-launches 1 --size 4"
+    PEERS="resnet50" EPSANETS="epsanet50_small@triton_spc" OTHER_FORMS="epsanet50_small@dense"
+    UNFUSED_FORMS="epsanet50_small@triton_mma"
 else
     OUT_DIR=${OUT_DIR:-/tmp/run_cuda}
     DEVICE=cuda TINY= SCALE=1
@@ -79,20 +82,23 @@ print(f'Machine: {gpu}, torch {torch.__version__}, cuDNN {torch.backends.cudnn.v
 EOF
 # every Triton kernel the stages below run, compiled first on 12 processes into Triton's cache
 stage warm 40 $PYTHON benchmarks/triton_warmup.py $WARM_ARGS
-stage checks 50 $PYTHON benchmarks/cuda_checks.py forms cpu grads --device $DEVICE $TINY
+stage checks 50 $PYTHON benchmarks/cuda_checks.py forms fused cpu grads --device $DEVICE $TINY
 # the targets: AMP fp16, channels-last, eager; peers first, every ratio needs resnet50
 stage amp_fp16_b128 130 $PYTHON benchmarks/benchmark.py $BENCH_ARGS --batch-size $B128 --precisions amp \
-    --layouts channels_last --models $PEERS $OTHER_FORMS $EPSANETS $CUDA_CORE_FORM --out "$OUT_DIR/amp_fp16_b128"
+    --layouts channels_last --models $PEERS $OTHER_FORMS $EPSANETS $UNFUSED_FORMS --out "$OUT_DIR/amp_fp16_b128"
 stage amp_fp16_b256 30 $PYTHON benchmarks/benchmark.py $BENCH_ARGS --batch-size $B256 --precisions amp \
     --layouts channels_last --modes infer --models $PEERS $EPSANETS --out "$OUT_DIR/amp_fp16_b256"
 # the cuDNN forms and the Triton kernels in both layouts; the depthwise and volumetric forms are CPU
 # forms, 3-7x slower than the grouped conv on CUDA (benchmarks/README.md): BRANCH_FORMS to add them
 stage branches 35 $PYTHON benchmarks/psa_branches.py --device $DEVICE $AMP $BRANCH_ARGS \
     --layouts channels_last nchw --forms ${BRANCH_FORMS:-grouped dense regrouped triton triton_mma} --json "$OUT_DIR/branches.json"
+# each PSA's branches together: the fused kernels against the same kernels one branch at a time, and cuDNN
+stage psa 20 $PYTHON benchmarks/psa_branches.py --whole-psa --device $DEVICE $AMP $BRANCH_ARGS \
+    --layouts channels_last --forms grouped dense triton_mma triton_spc --json "$OUT_DIR/psa.json"
 # branch tuning (training first): the untuned rules are today's default (TIMM_EPSANET_TRITON=0), the
 # tuner tries every form, the Triton kernels included, compiling them anew (an empty Triton cache)
 rm -rf "$OUT_DIR/triton_cache_tuning"
-stage tuning 50 env TIMM_EPSANET_TRITON=0 TRITON_CACHE_DIR="$OUT_DIR/triton_cache_tuning" \
+stage tuning 45 env TIMM_EPSANET_TRITON=0 TRITON_CACHE_DIR="$OUT_DIR/triton_cache_tuning" \
     $PYTHON benchmarks/branch_tuning.py --device $DEVICE $AMP $TUNE_ARGS --modes train infer \
     --layouts channels_last --json "$OUT_DIR/tuning.json"
 stage compile 50 $PYTHON benchmarks/cuda_checks.py compile --device $DEVICE $TINY
@@ -100,5 +106,5 @@ stage amp_bf16_b128 35 $PYTHON benchmarks/benchmark.py $BENCH_ARGS --batch-size 
     --layouts channels_last --models $PEERS $EPSANETS --out "$OUT_DIR/amp_bf16_b128"
 # the Triton kernels' tiles: the defaults against their neighbours, Small's branches largest first,
 # the tensor-core kernels before the CUDA-core ones
-stage tiles 30 $PYTHON benchmarks/triton_tiles.py $TILE_ARGS --json "$OUT_DIR/tiles.json"
+stage tiles 25 $PYTHON benchmarks/triton_tiles.py $TILE_ARGS --json "$OUT_DIR/tiles.json"
 echo "=== done $(date +%T)"

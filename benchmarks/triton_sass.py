@@ -31,6 +31,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from timm_epsanet import _triton_branch as tb
+from timm_epsanet import _triton_spc as tsp
 from timm_epsanet._branch_forms import regroup_factor
 
 BIN = Path(triton.__file__).parent / 'backends' / 'nvidia' / 'bin'
@@ -71,13 +72,31 @@ def build_sm90(kernel, dtype: str, c_in: int, c_out: int, groups: int, transpose
     consts.update(dict(PRECISION='tf32') if mma else dict(BLOCK_G=cfg.block_g))
     consts.update(dict(C_IN=c_in, C_OUT=c_out) if transposed is None else
                   dict(C_RED=c_red, C_OUT=c_written, TRANSPOSED=transposed, PHASED=phased))
-    consts.update({name: 1 for name in ('s_c', 'd_c', 'x_c', 'y_c') if name in names})
+    return (cfg, *_build(kernel, dtype, consts, cfg.num_warps))
+
+
+def build_spc_sm90(transposed: bool, dtype: str, kernel_sizes, c_in: int, c_out: int):
+    """Build the fused kernel of `_triton_spc` (`transposed`: its input gradient) for branches of
+    `kernel_sizes` over groups of `c_in` -> `c_out` channels, as `build_sm90` builds the others."""
+    kernel = tsp._spc_grad_input_mma_kernel if transposed else tsp._spc_mma_kernel
+    c_red, c_written = (c_out, c_in) if transposed else (c_in, c_out)
+    cfg = tb.mma_config_for(c_red, c_written)
+    radii = [k // 2 for k in kernel_sizes] + [-1] * (tsp.MAX_BRANCHES - len(kernel_sizes))
+    consts = dict(R0=radii[0], R1=radii[1], R2=radii[2], R3=radii[3], R_MAX=max(radii), C_RED=c_red,
+                  C_OUT=c_written, PRECISION='tf32', BLOCK_P=cfg.block_p, BLOCK_R=cfg.block_r, BLOCK_O=cfg.block_o)
+    return (cfg, *_build(kernel, dtype, consts, cfg.num_warps))
+
+
+def _build(kernel, dtype: str, consts: dict, num_warps: int):
+    """(ptxas report, SASS) of `kernel` built for sm_90a with `consts`, specialized as described in `build_sm90`."""
+    names = list(inspect.signature(kernel.fn).parameters)
+    consts = dict(consts, **{name: 1 for name in ('s_c', 'd_c', 'x_c', 'y_c') if name in names})
     signature = {name: 'constexpr' if name in consts else '*fp32' if name == 'part_ptr'
                  else f'*{dtype}' if name.endswith('_ptr') else 'i32' for name in names}
     aligned = {(names.index(name),): [['tt.divisibility', 16]] for name in names if name not in consts and (
         name.endswith('_ptr') or re.fullmatch(r'[sdxy]_[nhw]', name))}
     source = ASTSource(kernel, signature, {(names.index(k),): v for k, v in consts.items()}, aligned)
-    compiled = triton.compile(source, target=GPUTarget('cuda', 90, 32), options=dict(num_warps=cfg.num_warps))
+    compiled = triton.compile(source, target=GPUTarget('cuda', 90, 32), options=dict(num_warps=num_warps))
     with tempfile.TemporaryDirectory() as tmp:
         ptx, cubin = Path(tmp) / 'k.ptx', Path(tmp) / 'k.cubin'
         ptx.write_text(compiled.asm['ptx'])
@@ -85,7 +104,7 @@ def build_sm90(kernel, dtype: str, c_in: int, c_out: int, groups: int, transpose
                                 capture_output=True, text=True, check=True).stderr
         sass = subprocess.run([str(BIN / 'cuobjdump'), '--dump-sass', str(cubin)],
                               capture_output=True, text=True, check=True).stdout
-    return cfg, report, sass
+    return report, sass
 
 
 def instructions(sass: str):
@@ -99,34 +118,69 @@ def instructions(sass: str):
     return found
 
 
-def innermost_loop(sass: str, num_warps: int) -> dict:
-    """The shortest loop (a backward branch's span) that multiplies: its instructions, its
-    FFMAs and tensor-core products, and the issue bound on its unit's peak."""
+def multiplying_loops(sass: str):
+    """The bodies (opcodes) of the loops (a backward branch's span) that multiply, shortest first."""
     code = instructions(sass)
-    best = None
+    loops = []
     for address, opcode, target in code:
         if opcode == 'BRA' and target is not None and target < address:
             body = [op for a, op, _ in code if target <= a <= address]
-            if any(op.startswith(('FFMA', 'HGMMA', 'HMMA')) for op in body) and (best is None or len(body) < len(best)):
-                best = body
-    if best is None:
+            if any(op.startswith(('FFMA', 'HGMMA', 'HMMA')) for op in body):
+                loops.append(body)
+    if not loops:
         raise ValueError('no loop that multiplies')
-    ffma = sum(op.split('.')[0] == 'FFMA' for op in best)
+    return sorted(loops, key=len)
+
+
+def loop_stats(body, num_warps: int) -> dict:
+    """A loop's instructions, FFMAs and tensor-core products, and the issue bound on its unit's peak."""
+    ffma = sum(op.split('.')[0] == 'FFMA' for op in body)
     mma_macs = 0
-    for op in best:
+    for op in body:
         shape = re.match(r'H(G)?MMA\.(\d+)x(\d+)x(\d+)', op)
         if shape:  # HGMMA: one warpgroup's product (4 warps); HMMA: one warp's
             m, n, k = (int(v) for v in shape.groups()[1:])
             mma_macs += m * n * k * (num_warps // 4 if shape.group(1) else num_warps)
-    cycles = len(best) * num_warps / ISSUE_PER_CYCLE
-    bound = mma_macs / cycles / TENSOR_CORE_MACS_PER_CYCLE if mma_macs else ffma / len(best)
-    return dict(instructions=len(best), ffma=ffma, mma_macs=mma_macs, issue_bound=round(min(bound, 1.0), 3))
+    cycles = len(body) * num_warps / ISSUE_PER_CYCLE
+    bound = mma_macs / cycles / TENSOR_CORE_MACS_PER_CYCLE if mma_macs else ffma / len(body)
+    return dict(instructions=len(body), ffma=ffma, mma_macs=mma_macs, issue_bound=round(min(bound, 1.0), 3))
+
+
+def innermost_loop(sass: str, num_warps: int) -> dict:
+    """`loop_stats` of the shortest loop that multiplies (a branch kernel's: the loop over taps)."""
+    return loop_stats(multiplying_loops(sass)[0], num_warps)
+
+
+def fused_loop(sass: str, num_warps: int) -> dict:
+    """A fused kernel's ring loops: `loop_stats` of the one that multiplies most (the rings every
+    branch reaches), and each ring loop's as `loops`."""
+    loops = [loop_stats(body, num_warps) for body in multiplying_loops(sass)]
+    return dict(max(loops, key=lambda loop: loop['mma_macs']), loops=loops)
 
 
 def rows(dtype: str = 'fp16', stages=(1, 2, 3, 4)):
     for stage in stages:
         width, branches = SMALL_BRANCHES[stage]
         yield from stage_rows(dtype, stage, width, branches)
+        yield from fused_rows(dtype, stage, branches)
+
+
+def fused_rows(dtype, stage, branches):
+    """The fused kernels ('triton_spc') for the branches of a stage that share merged groups."""
+    merged = [(c_in * m, c_out * m, groups // m) for c_in, c_out, groups in branches
+              for m in [regroup_factor(groups, c_out, min_outs=16)]]
+    fused = [k for k, shape in zip((5, 7, 9), merged) if shape == merged[-1]]
+    c_in, c_out, groups = merged[-1]
+    for name, transposed in (('spc forward', False), ('spc grad_input', True)):
+        cfg, report, sass = build_spc_sm90(transposed, dtype, fused, c_in, c_out)
+        yield dict(stage=stage, branch=f"kernels {', '.join(map(str, fused))}", kernel=name,
+                   built=f'{c_in}->{c_out} x{groups}', tile=list(cfg), **_registers(report), **fused_loop(sass, cfg.num_warps))
+
+
+def _registers(report: str) -> dict:
+    registers = re.search(r'Used (\d+) registers', report)
+    spills = re.search(r'(\d+) bytes spill stores', report)
+    return dict(registers=int(registers.group(1)), spill_bytes=int(spills.group(1)))
 
 
 def stage_rows(dtype, stage, width, branches):
@@ -140,11 +194,8 @@ def stage_rows(dtype, stage, width, branches):
             else:
                 continue  # the CUDA-core kernels are written for up to 8 outputs per group
             cfg, report, sass = build_sm90(kernel, dtype, *shape, transposed, width, kernel_width)
-            registers = re.search(r'Used (\d+) registers', report)
-            spills = re.search(r'(\d+) bytes spill stores', report)
             yield dict(stage=stage, branch=f'{c_in}->{c_out} x{groups}', kernel=name, built=f'{shape[0]}->{shape[1]} x{shape[2]}',
-                       tile=list(cfg), registers=int(registers.group(1)), spill_bytes=int(spills.group(1)),
-                       **innermost_loop(sass, cfg.num_warps))
+                       tile=list(cfg), **_registers(report), **innermost_loop(sass, cfg.num_warps))
 
 
 def main(argv=None):

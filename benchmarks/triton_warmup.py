@@ -4,16 +4,18 @@ Triton compiles a kernel at its first launch, one specialization at a time, abou
 and keeps it in its on-disk cache (TRITON_CACHE_DIR, by default ~/.triton/cache) for every later
 process. A GPU run that times models and branches would otherwise pay those compiles inside its
 timed stages, one by one. This launches each Triton form's forward and both gradients on every
-grouped PSA branch of Small and Large (Large's shapes also cover the 101 variants'), at the real
-resolutions (strides are specialized on divisibility) and batch 2 (sizes are not), as
-`run_cuda.sh` runs them (`LAUNCHES`), spread over `--processes`.
+grouped PSA branch of Small and Large (Large's shapes also cover the 101 variants'), and the fused
+kernels ('triton_spc', 'auto' with the kernels) on every PSA, at the real resolutions (strides are
+specialized on divisibility) and batch 2 (sizes are not), as `run_cuda.sh` runs them (`LAUNCHES`,
+`FUSED_LAUNCHES`), spread over `--processes`.
 
     python benchmarks/triton_warmup.py --processes 12
-    TRITON_INTERPRET=1 python benchmarks/triton_warmup.py --device cpu --processes 1 --max-launches 2 --size 4   # the code path
+    TRITON_INTERPRET=1 python benchmarks/triton_warmup.py --device cpu --processes 1 --max-launches 1 --size 4   # the code path
 """
 import argparse
 import multiprocessing
 import time
+from functools import partial
 
 import torch
 
@@ -25,6 +27,8 @@ from timm_epsanet.epsanet import PSA_KERNELS
 LAUNCHES = [('triton_mma', 'float16', 'channels_last', (1, 2)), ('triton_mma', 'bfloat16', 'channels_last', (1, 2)),
             ('triton', 'float16', 'channels_last', (1, 2)), ('triton_mma', 'float16', 'nchw', (1,)),
             ('triton', 'float16', 'nchw', (1,))]
+# (dtype, layout, strides) of the PSAs with their branches fused ('triton_spc'): the models' 'auto' rows
+FUSED_LAUNCHES = [('float16', 'channels_last', (1, 2)), ('bfloat16', 'channels_last', (1, 2))]
 
 
 def launches(size=None):
@@ -40,16 +44,30 @@ def launches(size=None):
     return found
 
 
+def fused_launches(size=None):
+    """('psa', chs, groups, stride, output size, dtype, layout) of every PSA to run fused."""
+    return [('psa', psa['chs'], tuple(psa['groups']), stride, size or psa['size'], dtype, layout)
+            for dtype, layout, strides in FUSED_LAUNCHES for psa in psa_stages(['small', 'large'])
+            for stride in (strides if psa['stage'] > 1 else (1,))]
+
+
 def run(device, batch):
     from timm_epsanet._branch_conv import BranchConv2d
-    for chs, k, groups, stride, size, form, dtype, layout in batch:
+    from timm_epsanet.psa import PyramidSqueezeAttention
+    for launch in batch:
+        if launch[0] == 'psa':
+            _, chs, groups, stride, size, dtype, layout = launch
+            module = PyramidSqueezeAttention(chs, stride=stride, groups=groups, branch_form='triton_spc').convs
+            forward = partial(module.run_plans, plans=[conv.plan_for('cuda', True) for conv in module])
+        else:
+            chs, k, groups, stride, size, form, dtype, layout = launch
+            module = BranchConv2d(chs, chs // 4, k, stride=stride, padding=k // 2, groups=groups, bias=False, form=form)
+            forward = partial(module.forward_as, form=form)
         dtype = getattr(torch, dtype)
         fmt = torch.channels_last if layout == 'channels_last' else torch.contiguous_format
-        conv = BranchConv2d(chs, chs // 4, k, stride=stride, padding=k // 2, groups=groups, bias=False,
-                            form=form, device=device, dtype=dtype)
+        module.to(device, dtype)
         x = torch.randn(2, chs, size * stride, size * stride, device=device, dtype=dtype)
-        x = x.contiguous(memory_format=fmt).requires_grad_()
-        conv.forward_as(x, form).float().square().sum().backward()
+        forward(x.contiguous(memory_format=fmt).requires_grad_()).float().square().sum().backward()
     if device == 'cuda':
         torch.cuda.synchronize()
     return len(batch)
@@ -59,14 +77,14 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--device', default='cuda')
     parser.add_argument('--processes', type=int, default=12)
-    parser.add_argument('--max-launches', type=int, default=None)
+    parser.add_argument('--max-launches', type=int, default=None, help='of each kind: fused PSAs, branches')
     parser.add_argument('--size', type=int, default=None, help='every branch at this output resolution (CPU checks)')
     args = parser.parse_args(argv)
-    todo = launches(args.size)[:args.max_launches]
+    todo = fused_launches(args.size)[:args.max_launches] + launches(args.size)[:args.max_launches]
     start = time.perf_counter()
     with multiprocessing.get_context('spawn').Pool(args.processes) as pool:
         done = sum(pool.starmap(run, [(args.device, todo[i::args.processes]) for i in range(args.processes)]))
-    print(f'{done} branch convs (forward and both gradients) run in {time.perf_counter() - start:.0f} s '
+    print(f'{done} PSAs and branch convs (forward and both gradients) run in {time.perf_counter() - start:.0f} s '
           f'on {args.processes} processes')
 
 

@@ -131,12 +131,14 @@ def test_triton_tiles_times_each_kernel_on_neighbouring_tiles(tmp_path):
 
 def test_triton_warmup_covers_every_grouped_branch_of_the_models():
     """triton_warmup.py's launches cover every grouped PSA branch conv (in, out, kernel, groups,
-    stride) of all four variants, for the tensor-core form in AMP fp16 channels-last, the default
-    of run_cuda.sh's model rows; and the script runs (under the interpreter, two tiny launches)."""
+    stride) of all four variants, for the tensor-core form in AMP fp16 channels-last, and every PSA
+    with its branches fused, the default of run_cuda.sh's model rows; and the script runs (under
+    the interpreter, a tiny fused PSA and a branch)."""
     import timm
     import timm_epsanet  # noqa: F401
     from timm_epsanet._branch_conv import BranchConv2d
     from timm_epsanet._branch_tuning import reformulable
+    from timm_epsanet.psa import PyramidSqueezeAttention
     sys.path.insert(0, str(BENCHMARKS))
     try:
         import triton_warmup
@@ -150,10 +152,17 @@ def test_triton_warmup_covers_every_grouped_branch_of_the_models():
             if isinstance(conv, BranchConv2d) and reformulable(conv):
                 key = (conv.in_channels, conv.out_channels, conv.kernel_size[0], conv.groups, conv.stride[0])
                 assert key in warmed, (name, key)
+    # and every PSA fused ('triton_spc', the models' 'auto' with the kernels), AMP fp16 channels-last
+    fused = {(chs, groups, stride) for _, chs, groups, stride, _, dtype, layout in triton_warmup.fused_launches()
+             if (dtype, layout) == ('float16', 'channels_last')}
+    for name in ('epsanet50_small', 'epsanet50_large', 'epsanet101_small', 'epsanet101_large'):
+        for psa in timm.create_model(name, device='meta').modules():
+            if isinstance(psa, PyramidSqueezeAttention):
+                assert (psa.convs[0].in_channels, psa.groups, psa.convs[0].stride[0]) in fused, (name, psa)
     env = dict(os.environ, OMP_NUM_THREADS='1', TRITON_INTERPRET='1')
     out = subprocess.run([sys.executable, str(BENCHMARKS / 'triton_warmup.py'), '--device', 'cpu', '--processes', '1',
-                          '--max-launches', '2', '--size', '4'], check=True, capture_output=True, text=True, env=env)
-    assert out.stdout.startswith('2 branch convs'), out.stdout
+                          '--max-launches', '1', '--size', '4'], check=True, capture_output=True, text=True, env=env)
+    assert out.stdout.startswith('2 PSAs and branch convs'), out.stdout
 
 
 def test_branch_macs_orders_the_forms_by_their_merges():

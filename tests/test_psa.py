@@ -39,7 +39,7 @@ def test_paper_defaults_follow_eq3():
     (dict(in_chs=64, out_chs=0), 'out_chs must be a positive integer, got 0'),
     (dict(in_chs=64, stride=0), 'stride must be a positive integer, got 0'),
     (dict(in_chs=64, dilation=0), 'dilation must be a positive integer, got 0'),
-    (dict(in_chs=64, branch_form='fast'), "branch_form must be one of ('auto', 'grouped', 'depthwise', 'volumetric', 'dense', 'regrouped', 'triton', 'triton_mma'), got 'fast'"),
+    (dict(in_chs=64, branch_form='fast'), "branch_form must be one of ('auto', 'grouped', 'depthwise', 'volumetric', 'dense', 'regrouped', 'triton', 'triton_mma', 'triton_spc'), got 'fast'"),
 ])
 def test_invalid_config_names_the_numbers(kwargs, message):
     with pytest.raises(ValueError) as info:

@@ -1,5 +1,6 @@
-"""The Triton PSA branch kernels (`timm_epsanet._triton_branch`) and the 'triton' and 'triton_mma'
-branch forms (CUDA-core and tensor-core kernels).
+"""The Triton PSA branch kernels (`timm_epsanet._triton_branch`, `timm_epsanet._triton_spc`) and the
+'triton', 'triton_mma' and 'triton_spc' branch forms (CUDA-core kernels, tensor-core kernels, and
+tensor-core kernels that compute the branches sharing input slices together).
 
 The kernels run here on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1), in one
 subprocess for the whole file: the variable must be set before triton is imported, and must not
@@ -35,7 +36,25 @@ CASES = [
 ]
 
 
-FORMS = ('triton', 'triton_mma')
+FORMS = ('triton', 'triton_mma')  # one branch alone ('triton_spc' alone is 'triton_mma')
+ALL_FORMS = FORMS + ('triton_spc',)
+
+# PSAs whose 'triton_spc' branches are computed together: (PSA arguments, the runs of branches
+# fused, channels_last, dtype). Small's stage 1 in miniature (kernels 5-9 each merged into one
+# group of 64 -> 16), Large's (all four alike), one where only two fuse (kernel 5's merged groups
+# are wider, as in Small's stage 4), stride 2, dilation 2, NCHW, fp16
+SPC_CASES = [
+    (dict(in_chs=64), [[1, 2, 3]], True, 'float32'),
+    (dict(in_chs=32, groups=(8, 8, 8, 8)), [[0, 1, 2, 3]], True, 'float32'),
+    (dict(in_chs=32, out_chs=256, groups=(1, 2, 4, 4)), [[2, 3]], True, 'float32'),
+    (dict(in_chs=64, stride=2), [[1, 2, 3]], False, 'float32'),
+    (dict(in_chs=32, groups=(8, 8, 8, 8), dilation=2), [[0, 1, 2, 3]], True, 'float16'),
+]
+
+
+def spc_case_id(case) -> str:
+    kwargs, _, channels_last, dtype = case
+    return '-'.join([f'{k}{v}' for k, v in kwargs.items()] + ['cl' if channels_last else 'nchw', dtype])
 
 
 def case_id(case, form='triton') -> str:
@@ -76,6 +95,45 @@ def check_case(case, form) -> dict:
         out=rel_err(y, y_ref), grad_input=rel_err(x_t.grad, x_ref.grad), grad_weight=rel_err(w_grad, w_ref.grad))
 
 
+def check_spc_case(case) -> dict:
+    """A PSA's branches planned 'triton_spc' against the grouped convs and their autograd (float64):
+    which runs fused, how often the fused kernels ran, errors of the concatenated output and of
+    the input and weight gradients, and the output's layout."""
+    from timm_epsanet import _triton_spc
+    from timm_epsanet.psa import PyramidSqueezeAttention
+
+    kwargs, _, channels_last, dtype = case
+    dtype = getattr(torch, dtype)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    reference = PyramidSqueezeAttention(**kwargs, branch_form='grouped').convs.double()
+    convs = PyramidSqueezeAttention(**kwargs, branch_form='triton_spc').convs.to(dtype)
+    convs.load_state_dict(reference.state_dict())
+    x = torch.randn(2, kwargs['in_chs'], 7, 9).to(dtype).contiguous(memory_format=fmt)
+    x_ref, x_spc = x.double().requires_grad_(), x.clone().requires_grad_()
+    y_ref = reference(x_ref)
+    grad = torch.randn_like(y_ref).to(dtype)
+    y_ref.backward(grad.double())
+    plans = [conv.plan_for('cuda', True) for conv in convs]
+    launches = {'forward': 0, 'grad_input': 0}
+    launch = _triton_spc._launch
+
+    def counted(*args, transposed, **kw):
+        launches['grad_input' if transposed else 'forward'] += 1
+        return launch(*args, transposed=transposed, **kw)
+
+    _triton_spc._launch = counted
+    try:
+        y = convs.run_plans(x_spc, plans)
+        y.backward(grad)
+    finally:
+        _triton_spc._launch = launch
+    return dict(
+        runs=convs.spc_runs(plans, [('channels_last' if channels_last else 'nchw')] * len(plans)), launches=launches,
+        dtype_ok=y.dtype == x_spc.grad.dtype == dtype, layout_ok=y.is_contiguous(memory_format=fmt),
+        out=rel_err(y, y_ref), grad_input=rel_err(x_spc.grad, x_ref.grad),
+        grad_weight=max(rel_err(c.weight.grad, r.weight.grad) for c, r in zip(convs, reference)))
+
+
 def check_ops() -> dict:
     """torch.library.opcheck of the three ops: schema, fake tensors, autograd registration, AOT dispatch."""
     from timm_epsanet import _triton_branch  # noqa: F401  registers the ops
@@ -93,29 +151,54 @@ def check_ops() -> dict:
         for op, result in results.items():
             failed.setdefault(op, []).extend(f'{name} (tensor_cores={tensor_cores})'
                                              for name, status in sorted(result.items()) if status != 'SUCCESS')
+    from timm_epsanet import _triton_spc  # noqa: F401  registers the fused ops
+    weights = [torch.randn(8, 16, k, k).requires_grad_() for k in (3, 5)]
+    grad = torch.randn(2, 16, 7, 6)
+    results = {
+        'spc_conv': torch.library.opcheck(ops.spc_conv.default, (x.detach().requires_grad_(), weights, [1, 1], [1, 1], 1)),
+        'spc_grad_input': torch.library.opcheck(
+            ops.spc_conv_grad_input.default, (grad, [w.detach() for w in weights], x.detach(), [1, 1], 1)),
+    }
+    for op, result in results.items():
+        failed[op] = [name for name, status in sorted(result.items()) if status != 'SUCCESS']
     return failed
 
 
-def check_compile(form) -> dict:
-    """torch.compile of a branch in `form`: graph breaks, ops in the graph, equality."""
-    import torch.nn.functional as F
-    from timm_epsanet._branch_conv import BranchConv2d
-
-    conv = BranchConv2d(16, 8, 5, padding=2, groups=4, bias=False, form=form)
-    x = torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last).requires_grad_()
-
-    def loss(x):
-        return conv.forward_as(x, form).square().sum()
-
+def compiled_against(loss, reference_loss, x, op: str) -> dict:
+    """torch.compile of `loss` (aot_eager, full graph): graph breaks, calls of `op` in the graph,
+    loss and input gradient against `reference_loss`'s."""
     explained = torch._dynamo.explain(loss)(x)
     code = '\n'.join(graph.code for graph in explained.graphs)
     compiled = torch.compile(loss, backend='aot_eager', fullgraph=True)(x)
     compiled.backward()
     grad_compiled, x.grad = x.grad, None
-    reference = F.conv2d(x, conv.weight, None, 1, 2, 1, 4).square().sum()
+    reference = reference_loss(x)
     reference.backward()
-    return dict(graph_breaks=explained.graph_break_count, ops=code.count('torch.ops.timm_epsanet.branch_conv'),
+    return dict(graph_breaks=explained.graph_break_count, ops=code.count(f'torch.ops.timm_epsanet.{op}'),
                 loss=rel_err(compiled, reference), grad=rel_err(grad_compiled, x.grad))
+
+
+def check_compile(form) -> dict:
+    """torch.compile of a branch in `form`."""
+    import torch.nn.functional as F
+    from timm_epsanet._branch_conv import BranchConv2d
+
+    conv = BranchConv2d(16, 8, 5, padding=2, groups=4, bias=False, form=form)
+    x = torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last).requires_grad_()
+    return compiled_against(lambda x: conv.forward_as(x, form).square().sum(),
+                            lambda x: F.conv2d(x, conv.weight, None, 1, 2, 1, 4).square().sum(), x, 'branch_conv')
+
+
+def check_spc_compile() -> dict:
+    """torch.compile of a PSA's branches planned 'triton_spc' (Small's stage 1 in miniature)."""
+    from timm_epsanet.psa import PyramidSqueezeAttention
+
+    convs = PyramidSqueezeAttention(64, branch_form='triton_spc').convs
+    plans = [conv.plan_for('cuda', True) for conv in convs]
+    x = torch.randn(2, 64, 6, 6).contiguous(memory_format=torch.channels_last).requires_grad_()
+    return compiled_against(
+        lambda x: convs.run_plans(x, plans).square().sum(),
+        lambda x: torch.cat([conv.forward_as(x, 'grouped') for conv in convs], 1).square().sum(), x, 'spc_conv')
 
 
 def check_wide_weight_grad() -> dict:
@@ -142,7 +225,9 @@ def check_wide_weight_grad() -> dict:
 def interpreter_results() -> dict:
     torch.manual_seed(0)
     return dict(cases={case_id(case, form): check_case(case, form) for form in FORMS for case in CASES},
+                spc={spc_case_id(case): check_spc_case(case) for case in SPC_CASES},
                 ops=check_ops(), compile={form: check_compile(form) for form in FORMS},
+                spc_compile=check_spc_compile(),
                 wide_weight_grad=check_wide_weight_grad())
 
 
@@ -169,9 +254,26 @@ def test_kernels_equal_grouped_conv(interpreted, case, form):
         assert result[key] <= tol, (key, result)  # a NaN fails too
 
 
+@pytest.mark.parametrize('case', SPC_CASES, ids=spc_case_id)
+def test_fused_branches_equal_grouped_convs(interpreted, case):
+    """'triton_spc': the branches that read the same merged input slices run in one fused kernel
+    (and, at stride 1, one fused input-gradient kernel), the others alone; the concatenated output,
+    the input gradient and every branch's weight gradient equal the grouped convs'."""
+    result = interpreted['spc'][spc_case_id(case)]
+    runs = case[1]
+    assert result['runs'] == runs, result
+    stride = case[0].get('stride', 1)
+    assert result['launches'] == {'forward': len(runs), 'grad_input': len(runs) if stride == 1 else 0}, result
+    assert result['dtype_ok'] and result['layout_ok'], result
+    tol = 1e-5 if case[-1] == 'float32' else 2e-3
+    for key in ('out', 'grad_input', 'grad_weight'):
+        assert result[key] <= tol, (key, result)
+
+
 def test_custom_ops_pass_opcheck(interpreted):
     """Schema, fake tensor (shapes, dtypes, strides), autograd registration, AOT dispatch."""
-    assert interpreted['ops'] == {'branch_conv': [], 'grad_input': [], 'grad_weight': []}
+    assert interpreted['ops'] == {'branch_conv': [], 'grad_input': [], 'grad_weight': [], 'spc_conv': [],
+                                  'spc_grad_input': []}
 
 
 def test_weight_grad_tiles_of_part_of_a_row(interpreted):
@@ -179,9 +281,10 @@ def test_weight_grad_tiles_of_part_of_a_row(interpreted):
     assert set(errors) == {'cuda_cores', 'mma', 'mma, 4 taps'} and all(e <= 1e-5 for e in errors.values()), errors
 
 
-@pytest.mark.parametrize('form', FORMS)
+@pytest.mark.parametrize('form', ALL_FORMS)
 def test_compile_sees_one_op_without_graph_break(interpreted, form):
-    result = interpreted['compile'][form]
+    """A branch is one op in torch.compile's graph; so are a PSA's fused branches ('triton_spc')."""
+    result = interpreted['spc_compile'] if form == 'triton_spc' else interpreted['compile'][form]
     assert result['graph_breaks'] == 0 and result['ops'] == 1, result
     assert result['loss'] <= 1e-5 and result['grad'] <= 1e-5, result
 
@@ -190,7 +293,7 @@ def test_kernels_compile_for_hopper_without_spills(tmp_path):
     """benchmarks/triton_sass.py as a user runs it: every kernel of Small's stage-1 branches builds
     for sm_90 (no GPU needed: triton's own ptxas and cuobjdump) without spilling registers, and
     its innermost loop multiplies on the unit it is written for: tensor cores (Hopper's
-    warpgroup MMA) for the tensor-core kernels, FFMA on CUDA cores for the others."""
+    warpgroup MMA) for the tensor-core kernels, fused ones included, FFMA on CUDA cores for the others."""
     pytest.importorskip('triton')
     import triton
     if not (Path(triton.__file__).parent / 'backends' / 'nvidia' / 'bin' / 'cuobjdump').exists():
@@ -201,10 +304,11 @@ def test_kernels_compile_for_hopper_without_spills(tmp_path):
                          env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-4000:]
     rows = json.loads(out.read_text())['rows']
-    assert len(rows) == 3 * 6  # three branches, three kernels on each unit
+    assert len(rows) == 3 * 6 + 2  # three branches, three kernels on each unit; the fused kernels
+    assert [row['kernel'] for row in rows[-2:]] == ['spc forward', 'spc grad_input']
     for row in rows:
         assert row['spill_bytes'] == 0, row
-        tensor_cores = row['kernel'].startswith('mma')
+        tensor_cores = row['kernel'].startswith(('mma', 'spc'))
         assert (row['mma_macs'] > 0) == tensor_cores and (row['ffma'] > 0) != tensor_cores, row
         assert 0 < row['issue_bound'] <= 1, row
     sys.path.insert(0, str(ROOT / 'benchmarks'))
@@ -221,19 +325,20 @@ def test_kernels_compile_for_hopper_without_spills(tmp_path):
 
 def test_cuda_rule_with_triton_runs_tensor_cores():
     """'auto' on CUDA with the Triton kernels asked for: every grouped branch on the tensor-core
-    kernels; a depthwise branch on cuDNN; without them exactly the cuDNN rule."""
+    kernels, fused where branches share input slices; a depthwise branch on cuDNN; without them
+    exactly the cuDNN rule."""
     from timm_epsanet._branch_plans import cuda_branch_form
     for training in (False, True):
         for groups, in_per_group in ((16, 4), (4, 16), (4, 32), (32, 4)):
-            assert cuda_branch_form(groups, training, in_per_group=in_per_group, triton=True) == 'triton_mma'
-        assert cuda_branch_form(64, training, in_per_group=1, triton=True) not in ('triton', 'triton_mma')
+            assert cuda_branch_form(groups, training, in_per_group=in_per_group, triton=True) == 'triton_spc'
+        assert not cuda_branch_form(64, training, in_per_group=1, triton=True).startswith('triton')
         for groups in (4, 16):
             previous = 'grouped' if training else 'dense'
             assert cuda_branch_form(groups, training, in_per_group=4, triton=False) == previous
     assert cuda_branch_form(32, False, in_per_group=4, triton=False) == 'grouped'
 
 
-@pytest.mark.parametrize('form', FORMS)
+@pytest.mark.parametrize('form', ALL_FORMS)
 def test_triton_form_plans(monkeypatch, form):
     """The Triton forms: CPU plans identical to 'auto' (the kernels need CUDA), the grouped conv on
     other devices; 'auto' on CUDA takes the tensor-core kernels only where triton runs on CUDA."""
@@ -251,7 +356,7 @@ def test_triton_form_plans(monkeypatch, form):
     assert [c.plan_for('mps', False)[0] for c in small] == ['grouped'] * 4
     auto = PyramidSqueezeAttention(512).convs  # 32, 16, 8 outputs per group for groups 4, 8, 16
     monkeypatch.setattr(_branch_conv, 'triton_in_auto', lambda: True)
-    assert [c.plan_for('cuda', False)[0] for c in auto] == ['grouped'] + ['triton_mma'] * 3
+    assert [c.plan_for('cuda', False)[0] for c in auto] == ['grouped'] + ['triton_spc'] * 3
     monkeypatch.setattr(_branch_conv, 'triton_in_auto', lambda: False)
     assert [c.plan_for('cuda', False)[0] for c in auto] == ['grouped', 'dense', 'dense', 'dense']
 
@@ -263,6 +368,28 @@ def test_tensor_core_form_merges_groups_to_sixteen_outputs():
     from timm_epsanet.psa import PyramidSqueezeAttention
     assert [c.mma_regroup for c in PyramidSqueezeAttention(64).convs] == [1, 4, 8, 16]
     assert [c.mma_regroup for c in PyramidSqueezeAttention(512).convs] == [1, 1, 1, 2]
+
+
+@pytest.mark.parametrize('variant', ['epsanet50_small', 'epsanet50_large'])
+def test_fused_runs_of_the_variants(variant):
+    """Which of EPSANet's branches 'triton_spc' computes together, per PSA: in Large all four
+    (every branch merges into the same 64-channel input slices); in Small those of kernels 5-9,
+    except at the last stage, where kernel 5's groups (32 outputs) need no merge and read wider
+    slices, so kernels 7 and 9 fuse and 5 runs alone. Small's kernel-3 branch is a dense conv (cuDNN)."""
+    pytest.importorskip('triton')
+    import timm
+    from timm_epsanet.psa import PyramidSqueezeAttention
+
+    model = timm.create_model(variant, device='meta', block_args=dict(psa_branch_form='triton_spc'))
+    runs = []
+    for psa in (m for m in model.modules() if isinstance(m, PyramidSqueezeAttention)):
+        plans = [conv.plan_for('cuda', True) for conv in psa.convs]
+        runs.append(psa.convs.spc_runs(plans, ['channels_last'] * len(plans)))
+    blocks = (3, 4, 6, 3)
+    if variant.endswith('large'):
+        assert runs == [[[0, 1, 2, 3]]] * sum(blocks)
+    else:
+        assert runs == [[[1, 2, 3]]] * sum(blocks[:3]) + [[[2, 3]]] * blocks[3]
 
 
 def test_auto_takes_triton_only_when_asked(monkeypatch):
@@ -283,7 +410,7 @@ def test_auto_takes_triton_only_when_asked(monkeypatch):
         assert out.stdout.strip() == expected
 
 
-@pytest.mark.parametrize('form', FORMS)
+@pytest.mark.parametrize('form', ALL_FORMS)
 def test_cpu_use_never_imports_the_kernels(form):
     """On CPU the Triton forms compute as 'auto' (a model, also scripted, or a branch on its own):
     they neither import the kernel module nor need triton."""
@@ -297,7 +424,8 @@ def test_cpu_use_never_imports_the_kernels(form):
             f"conv = BranchConv2d(16, 8, 5, padding=2, groups=4, bias=False, form='{form}')\n"
             "x = torch.randn(2, 16, 9, 9)\n"
             "torch.testing.assert_close(conv(x), conv.forward_as(x, 'grouped'))\n"
-            "assert 'timm_epsanet._triton_branch' not in sys.modules\n")
+            "assert 'timm_epsanet._triton_branch' not in sys.modules\n"
+            "assert 'timm_epsanet._triton_spc' not in sys.modules\n")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')]))
     run = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-4000:]

@@ -6,7 +6,7 @@ and calls it; nothing else about the layer depends on how the branches are compu
 has the grouped conv's weights and state dict, and computes its function up to float
 summation order.
 """
-from typing import List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,8 @@ from ._branch_plans import (
 from ._branch_tuning import tuned_plans
 
 # How a PSA branch's grouped conv is computed (`BranchConv2d`).
-BRANCH_FORMS = ('auto', 'grouped', 'depthwise', 'volumetric', 'dense', 'regrouped', 'triton', 'triton_mma')
+BRANCH_FORMS = (
+    'auto', 'grouped', 'depthwise', 'volumetric', 'dense', 'regrouped', 'triton', 'triton_mma', 'triton_spc')
 
 
 class BranchConv2d(nn.Conv2d):
@@ -44,6 +45,9 @@ class BranchConv2d(nn.Conv2d):
       * triton_mma: the regrouped conv by `_triton_branch`'s tensor-core kernels: adjacent groups
         merged into groups of 16 or more outputs (`tl.dot`'s smallest tile), block-diagonal
         weights; CUDA only, elsewhere as triton.
+      * triton_spc: triton_mma, and the PSA's branches in this form that read the same merged
+        input slices computed together by `_triton_spc`'s kernels (`BranchConvs`): one read of
+        each input tile for all of them. A branch alone is triton_mma.
       * auto: on CPU `cpu_branch_plan` (form and memory layout), on CUDA `cuda_branch_form`,
         elsewhere the grouped conv.
     The module computes in its input's layout; `BranchConvs` hands each branch the layout of its
@@ -140,8 +144,8 @@ class BranchConv2d(nn.Conv2d):
             return F.conv2d(x, weight, None, self.stride, self.padding, self.dilation, self.groups // merge)
         if form == 'grouped':  # NCHW inputs stay NCHW on CPU: the weight is kept NCHW (`_apply`)
             return self._conv_forward(x, self.weight, self.bias)
-        if form == 'triton' or form == 'triton_mma':
-            return self._triton_forward(x, form == 'triton_mma')
+        if form == 'triton' or form == 'triton_mma' or form == 'triton_spc':
+            return self._triton_forward(x, form != 'triton')
         if not _autograd_plan():
             y = fast_form_conv(
                 x, self.weight, form, self.stride, self.padding, self.dilation, self.groups, self.group_sum_weight)
@@ -154,12 +158,27 @@ class BranchConv2d(nn.Conv2d):
     @torch.jit.unused
     def _triton_forward(self, x: torch.Tensor, tensor_cores: bool) -> torch.Tensor:
         from . import _triton_branch  # imported only where it runs: it needs triton
-        x, weight = autocast_conv_inputs(x, self.weight)
-        groups = self.groups
-        if tensor_cores and self.mma_regroup > 1:
-            weight = block_diagonal_weight(weight, groups, self.mma_regroup)
-            groups //= self.mma_regroup
+        if tensor_cores:
+            x, weight, groups = self.mma_inputs(x)
+        else:
+            (x, weight), groups = autocast_conv_inputs(x, self.weight), self.groups
         return _triton_branch.branch_conv(x, weight, self.stride, self.padding, self.dilation, groups, tensor_cores)
+
+    @torch.jit.unused
+    def mma_inputs(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, int]:
+        """x and the weight as the tensor-core kernels take them: cast as autocast casts a conv's,
+        adjacent groups merged into groups of 16 or more outputs (`mma_regroup`); and the merged
+        group count."""
+        x, weight = autocast_conv_inputs(x, self.weight)
+        if self.mma_regroup == 1:
+            return x, weight, self.groups
+        return x, block_diagonal_weight(weight, self.groups, self.mma_regroup), self.groups // self.mma_regroup
+
+    def spc_key(self) -> Tuple[int, int, int, List[int], List[int]]:
+        """What branches computed together by `_triton_spc` share, besides their input: merged groups,
+        input and output channels per merged group, stride and dilation."""
+        groups = self.groups // self.mma_regroup
+        return (groups, self.in_channels // groups, self.out_channels // groups, list(self.stride), list(self.dilation))
 
     @torch.jit.unused
     def _train_forward(self, x: torch.Tensor, form: str) -> torch.Tensor:
@@ -203,18 +222,61 @@ class BranchConvs(nn.ModuleList):
         return self.run_plans(x, plans)
 
     @torch.jit.unused
+    def spc_runs(self, plans: List[Plan], layouts: List[str]) -> List[List[int]]:
+        """The branches planned 'triton_spc' that `_triton_spc` computes together, as lists of
+        branch indices in ascending kernel size: those that read the same input (layout) with the
+        same `spc_key`, 2 to 4 per run."""
+        by_key: Dict[str, List[int]] = {}
+        for i, (conv, (form, _), layout) in enumerate(zip(self, plans, layouts)):
+            if form == 'triton_spc':
+                by_key.setdefault(repr((layout, conv.spc_key())), []).append(i)
+        if not any(len(members) > 1 for members in by_key.values()):
+            return []
+        from ._triton_spc import MAX_BRANCHES, fusable  # triton_spc runs the kernels: triton is there
+        runs = []
+        for members in by_key.values():
+            members = sorted(members, key=lambda i: self[i].kernel_size[0])
+            for run in (members[j:j + MAX_BRANCHES] for j in range(0, len(members), MAX_BRANCHES)):
+                convs = [self[i] for i in run]
+                if len(run) > 1 and fusable(
+                        convs[0].in_channels, [c.out_channels for c in convs], [c.kernel_size[0] for c in convs],
+                        [c.spc_key()[0] for c in convs], [c.stride for c in convs], [c.padding for c in convs],
+                        [c.dilation for c in convs]) and all(c.kernel_size[0] == c.kernel_size[1] for c in convs):
+                    runs.append(run)
+        return runs
+
+    @torch.jit.unused
+    def _spc_forward(self, x: torch.Tensor, members: List[int]) -> torch.Tensor:
+        """The branches `members` (a run of `spc_runs`) of x by `_triton_spc`, concatenated."""
+        from . import _triton_spc
+        weights = []
+        for i in members:
+            x_i, weight, groups = self[i].mma_inputs(x)
+            weights.append(weight)
+        first = self[members[0]]
+        return _triton_spc.spc_conv(x_i, weights, first.stride, first.dilation, groups)
+
+    @torch.jit.unused
     def run_plans(self, x: torch.Tensor, plans: List[Plan]) -> torch.Tensor:
         """The branches of `x`, branch i in form and layout `plans[i]`."""
         grad_enabled = _autograd_plan()
         caller = layout_of(x)
         flexible = 'channels_last' if any(layout == 'channels_last' for _, layout in plans) else caller
+        layouts = [flexible if layout == 'any' else layout for _, layout in plans]
         inputs = {caller: x}
-        feats = []
-        for conv, (form, layout) in zip(self, plans):
-            layout = flexible if layout == 'any' else layout
+        for layout in layouts:
             if layout not in inputs:
                 inputs[layout] = in_layout(x, layout)
-            feats.append(conv.forward_as(inputs[layout], form))
+        feats: List[Optional[torch.Tensor]] = [None] * len(plans)
+        for members in self.spc_runs(plans, layouts):
+            y = self._spc_forward(inputs[layouts[members[0]]], members)
+            if members == list(range(len(self))):  # every branch, in order: y is the concat
+                return in_layout(y, caller)
+            for i, y_i in zip(members, y.split([self[i].out_channels for i in members], dim=1)):
+                feats[i] = y_i
+        for i, (conv, (form, _), layout) in enumerate(zip(self, plans, layouts)):
+            if feats[i] is None:
+                feats[i] = conv.forward_as(inputs[layout], form)
         if grad_enabled or torch.jit.is_tracing() or torch.compiler.is_compiling():
             return in_layout(torch.cat(feats, dim=1), caller)
         # write the concat straight into the caller's layout (a mixed-layout cat returns NCHW)

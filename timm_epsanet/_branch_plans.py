@@ -1,7 +1,7 @@
 """ Which form and memory layout a PSA branch runs in, per device.
 
 A plan is (form, layout): a form of `_branch_forms` ('grouped', 'depthwise', 'volumetric',
-'dense', 'regrouped') or one of `TRITON_FORMS` (`_triton_branch`, CUDA only) and 'nchw',
+'dense', 'regrouped') or one of `TRITON_FORMS` (`_triton_branch`, `_triton_spc`; CUDA only) and 'nchw',
 'channels_last', or 'any' (channels-last when the PSA has a channels-last copy of its input
 anyway, else NCHW). The rules come from per-branch and per-PSA timings (benchmarks/psa_branches.py,
 benchmarks/psa_plans.py; their results and the numbers behind each rule are in
@@ -15,13 +15,14 @@ import torch
 
 Plan = Tuple[str, str]
 
-# the forms run by the Triton kernels (`_triton_branch`): CUDA cores, tensor cores; CUDA only
-TRITON_FORMS = ('triton', 'triton_mma')
+# the forms run by the Triton kernels (`_triton_branch`, `_triton_spc`): CUDA cores, tensor cores, tensor
+# cores with the branches that share input slices fused; CUDA only
+TRITON_FORMS = ('triton', 'triton_mma', 'triton_spc')
 
 # found without importing it: importing this package must not need (or load) triton
 TRITON_INSTALLED = importlib.util.find_spec('triton') is not None
 # 'auto' takes the Triton kernels on CUDA only when asked to, until they are measured on a GPU
-# against cuDNN (benchmarks/run_cuda.sh); branch_form='triton' / 'triton_mma' use them regardless
+# against cuDNN (benchmarks/run_cuda.sh); branch_form='triton', 'triton_mma' or 'triton_spc' use them regardless
 TRITON_IN_AUTO = os.environ.get('TIMM_EPSANET_TRITON', '0').lower() in ('1', 'true', 'yes', 'on')
 
 
@@ -73,16 +74,17 @@ def cuda_branch_form(
 ) -> str:
     """The form of a PSA branch on CUDA, in the caller's layout.
 
-    With `triton` (`triton_in_auto`): every grouped branch on the Triton tensor-core kernels
-    ('triton_mma'). Not the CUDA-core kernels ('triton'): EPSANet's grouped branches hold more
-    multiply-adds than CUDA cores can run, even at their peak, in the time a ResNet-50-class
-    budget leaves them, while merged groups on tensor cores cost a few times the MACs at many
-    times the rate (benchmarks/branch_macs.py). Otherwise cuDNN: at inference the dense form for
+    With `triton` (`triton_in_auto`): every grouped branch on the Triton tensor-core kernels,
+    those that read the same merged input slices fused ('triton_spc': the same products from
+    fewer reads of the input). Not the CUDA-core kernels ('triton'): EPSANet's grouped branches
+    hold more multiply-adds than CUDA cores can run, even at their peak, in the time a
+    ResNet-50-class budget leaves them, while merged groups on tensor cores cost a few times the
+    MACs at many times the rate (benchmarks/branch_macs.py). Otherwise cuDNN: at inference the dense form for
     up to 16 groups, whose extra MACs cost less than cuDNN's slow grouped kernels; the grouped
     conv in training, where the dense form's backward costs more than it saves.
     """
     if triton and in_per_group > 1:
-        return 'triton_mma'
+        return 'triton_spc'
     return 'dense' if not training and groups <= 16 else 'grouped'
 
 

@@ -167,8 +167,8 @@ def candidates(conv: torch.nn.Conv2d, device_type: str) -> List[Plan]:
         forms = ['dense']
         if 1 < conv.regroup < conv.groups:
             forms.append('regrouped')
-        if triton_runs_on_cuda():
-            forms += TRITON_FORMS
+        if triton_runs_on_cuda():  # a branch alone: 'triton_spc' fuses branches, and alone is 'triton_mma'
+            forms += ['triton', 'triton_mma']
         plans += [(form, layout) for form in forms for layout in LAYOUTS]
     return plans
 

@@ -1,0 +1,351 @@
+""" Tensor-core Triton kernels for several PSA branches at once: SPC in one pass over the input.
+
+In the 'triton_mma' form each branch is its own conv, and each reads the whole input once per tap.
+Once their groups are merged into groups of 16 or more outputs, EPSANet's grouped branches mostly
+read the same input slices: in Large all four do, and in Small those of kernels 5, 7 and 9 (all
+but the last stage). Every tap offset of a smaller centred kernel is also a tap offset of a
+larger one. So here one program per (pixel tile, input slice) walks the taps of the largest
+kernel ring by ring: the centre, then squares of growing radius. It loads each shifted input tile
+once and multiplies it into the accumulator of every branch whose kernel reaches that ring. The
+products are the same; the tile reads are fewer (one per tap of the largest kernel instead of one
+per tap of every kernel); the outputs go straight into their concatenation.
+
+The input gradient is the same walk read the other way. Each input pixel sums the shares of
+every branch in one accumulator, instead of autograd adding the branches' full-size input
+gradients. At stride > 1 that walk would mask most taps, so each branch runs `_triton_branch`'s
+phased kernel and the shares are added. Weight gradients: per branch, by `_triton_branch`'s
+kernels.
+
+Branches fuse when they are grouped convs of the same input with the same merged groups (input
+and output channels per group), stride and dilation, odd kernels in ascending order, and padding
+that centres them ("same" convs, as PSA's are): `fusable`. Private to the package, like
+`_triton_branch`, and registered as custom ops (`timm_epsanet::spc_conv*`).
+"""
+from typing import List, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from ._triton_branch import (
+    _check_device, _dst_pixels, _empty_like_layout, _grad_input_op, _grad_weight_op, _out_size, _precision,
+    mma_config_for,
+)
+
+__all__ = ['fusable', 'spc_conv']
+
+MAX_BRANCHES = 4  # the kernels' weight arguments; PSA's default S
+
+
+@triton.jit
+def _ring_tap(i, RING: tl.constexpr):
+    """Tap offset (rows, columns) from the centre of tap i of the square ring of radius RING: the
+    8 * RING taps whose larger offset is RING, clockwise from the top-left corner (RING 0: the centre)."""
+    if RING == 0:
+        return i * 0, i * 0
+    side = i // (2 * RING)
+    pos = i % (2 * RING) - RING  # -RING .. RING - 1 along the side
+    dh = tl.where(side == 0, -RING, tl.where(side == 1, pos, tl.where(side == 2, RING, -pos)))
+    dw = tl.where(side == 0, pos, tl.where(side == 1, RING, tl.where(side == 2, -pos, -RING)))
+    return dh, dw
+
+
+@triton.jit
+def _inside(i, size):
+    """0 <= i < size, as one unsigned comparison."""
+    return i.to(tl.uint32, bitcast=True) < size
+
+
+@triton.jit
+def _tap_weight(w_ptr, RADIUS: tl.constexpr, dh, dw, g, red, red_ok, out, out_ok, G, C_RED: tl.constexpr,
+                C_OUT: tl.constexpr):
+    """The (reduced x written) weight tile of tap offset (dh, dw) of a kernel of RADIUS, from its
+    (KH, KW, G, C_RED, C_OUT) contiguous weight."""
+    tap = (dh + RADIUS) * (2 * RADIUS + 1) + dw + RADIUS
+    return tl.load(w_ptr + ((tap * G + g) * C_RED + red)[:, None] * C_OUT + out[None, :],
+                   mask=red_ok[:, None] & out_ok[None, :], other=0.0)
+
+
+# sizes are not specialized on (a batch of 2 compiles what a batch of 128 runs); strides are
+@triton.jit(do_not_specialize=['N', 'H', 'W', 'H_out', 'W_out'])
+def _spc_mma_kernel(
+        x_ptr, w0_ptr, w1_ptr, w2_ptr, w3_ptr, y_ptr,
+        N, H, W, H_out, W_out,
+        x_n, x_h, x_w, x_c,
+        y_n, y_h, y_w, y_c,
+        stride_h, stride_w, dil_h, dil_w,
+        G,
+        R0: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr,  # radii; -1: no branch
+        R_MAX: tl.constexpr,
+        C_RED: tl.constexpr, C_OUT: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr,
+):
+    """y[p, b*G*C_OUT + g*C_OUT + o] = sum over the taps (dh, dw) of branch b's kernel and r of
+    x[p*stride + (dh, dw)*dil, g*C_RED + r] * w_b[tap, g, r, o], for up to 4 branches b of radii
+    R0 <= R1 <= R2 <= R3. Each program: one tile of pixels, one group (input slice), BLOCK_O of its
+    written channels, all branches."""
+    pid_p = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    n_oblocks = tl.cdiv(C_OUT, BLOCK_O)
+    g = pid_c // n_oblocks
+    o = (pid_c % n_oblocks) * BLOCK_O + tl.arange(0, BLOCK_O)
+    o_ok = o < C_OUT
+    n, oh, ow, p_ok, _, _, _, _ = _dst_pixels(pid_p, N, H_out, W_out, 1, 1, 0, 0, BLOCK_P, False)
+    r_block = tl.arange(0, BLOCK_R)
+    # each tap reads the centre's pixel shifted by a scalar: its address and bounds are one add each
+    oh = oh * stride_h
+    ow = ow * stride_w
+    centre = n * x_n + oh * x_h + ow * x_w
+
+    acc0 = tl.zeros((BLOCK_P, BLOCK_O), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_P, BLOCK_O), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_P, BLOCK_O), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_P, BLOCK_O), dtype=tl.float32)
+    for ring in tl.static_range(R_MAX + 1):  # which branches a ring feeds is known at compile time
+        for i in range(8 * ring + (ring == 0)):
+            dh, dw = _ring_tap(i, ring)
+            pix_ok = p_ok & _inside(oh + dh * dil_h, H) & _inside(ow + dw * dil_w, W)
+            pix = centre + dh * dil_h * x_h + dw * dil_w * x_w
+            for r0 in range(0, C_RED, BLOCK_R):
+                r = r0 + r_block
+                r_ok = r < C_RED
+                xv = tl.load(x_ptr + pix[:, None] + ((g * C_RED + r) * x_c)[None, :],
+                             mask=pix_ok[:, None] & r_ok[None, :], other=0.0)
+                if R0 >= ring:
+                    acc0 = tl.dot(xv, _tap_weight(w0_ptr, R0, dh, dw, g, r, r_ok, o, o_ok, G, C_RED, C_OUT),
+                                  acc0, input_precision=PRECISION)
+                if R1 >= ring:
+                    acc1 = tl.dot(xv, _tap_weight(w1_ptr, R1, dh, dw, g, r, r_ok, o, o_ok, G, C_RED, C_OUT),
+                                  acc1, input_precision=PRECISION)
+                if R2 >= ring:
+                    acc2 = tl.dot(xv, _tap_weight(w2_ptr, R2, dh, dw, g, r, r_ok, o, o_ok, G, C_RED, C_OUT),
+                                  acc2, input_precision=PRECISION)
+                if R3 >= ring:
+                    acc3 = tl.dot(xv, _tap_weight(w3_ptr, R3, dh, dw, g, r, r_ok, o, o_ok, G, C_RED, C_OUT),
+                                  acc3, input_precision=PRECISION)
+
+    y = y_ptr + (n * y_n + oh // stride_h * y_h + ow // stride_w * y_w)[:, None] + ((g * C_OUT + o) * y_c)[None, :]
+    mask = p_ok[:, None] & o_ok[None, :]
+    branch = G * C_OUT * y_c  # channel offset from one branch's outputs to the next's
+    tl.store(y, acc0.to(y_ptr.dtype.element_ty), mask=mask)
+    if R1 >= 0:
+        tl.store(y + branch, acc1.to(y_ptr.dtype.element_ty), mask=mask)
+    if R2 >= 0:
+        tl.store(y + 2 * branch, acc2.to(y_ptr.dtype.element_ty), mask=mask)
+    if R3 >= 0:
+        tl.store(y + 3 * branch, acc3.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _grad_share(acc, gy_ptr, w_ptr, RADIUS: tl.constexpr, dh, dw, pix, pix_ok, g, red, red_ok, i, i_ok, G,
+                y_c, C_RED: tl.constexpr, C_IN: tl.constexpr, PRECISION: tl.constexpr):
+    """acc plus one branch's share of the input gradient at tap offset (dh, dw): its output gradient's
+    (pixels x reduced) tile times the tap's transposed (reduced x written) weight tile."""
+    gv = tl.load(gy_ptr + pix[:, None] + ((g * C_RED + red) * y_c)[None, :],
+                 mask=pix_ok[:, None] & red_ok[None, :], other=0.0)
+    return tl.dot(gv, _tap_weight(w_ptr, RADIUS, dh, dw, g, red, red_ok, i, i_ok, G, C_RED, C_IN),
+                  acc, input_precision=PRECISION)
+
+
+@triton.jit(do_not_specialize=['N', 'H', 'W', 'H_out', 'W_out'])
+def _spc_grad_input_mma_kernel(
+        gy_ptr, w0_ptr, w1_ptr, w2_ptr, w3_ptr, gx_ptr,
+        N, H, W, H_out, W_out,
+        y_n, y_h, y_w, y_c,
+        x_n, x_h, x_w, x_c,
+        stride_h, stride_w, dil_h, dil_w,  # stride 1 (`_spc_mma_kernel`'s arguments)
+        G,
+        R0: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr, R_MAX: tl.constexpr,
+        C_RED: tl.constexpr, C_OUT: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr,
+):
+    """The input gradient of `_spc_mma_kernel` at stride 1: gx[p, g*C_OUT + i] = sum over branches b,
+    their taps (dh, dw) and r of gy[p - (dh, dw)*dil, b*G*C_RED + g*C_RED + r] * w_b[tap, g, i, r]
+    (reduced: a branch's outputs per group, C_RED; written: the group's inputs, C_OUT; the weights
+    group-transposed: (KH, KW, G, C_RED, C_OUT)). One accumulator per program for all branches."""
+    pid_p = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    n_iblocks = tl.cdiv(C_OUT, BLOCK_O)
+    g = pid_c // n_iblocks
+    i = (pid_c % n_iblocks) * BLOCK_O + tl.arange(0, BLOCK_O)
+    i_ok = i < C_OUT
+    n, ih, iw, p_ok, _, _, _, _ = _dst_pixels(pid_p, N, H, W, 1, 1, 0, 0, BLOCK_P, False)
+    r_block = tl.arange(0, BLOCK_R)
+    branch = G * C_RED * y_c  # channel offset from one branch's output gradients to the next's
+    centre = n * y_n + ih * y_h + iw * y_w
+
+    acc = tl.zeros((BLOCK_P, BLOCK_O), dtype=tl.float32)
+    for ring in tl.static_range(R_MAX + 1):
+        for t in range(8 * ring + (ring == 0)):
+            dh, dw = _ring_tap(t, ring)
+            pix_ok = p_ok & _inside(ih - dh * dil_h, H_out) & _inside(iw - dw * dil_w, W_out)
+            pix = centre - dh * dil_h * y_h - dw * dil_w * y_w
+            for r0 in range(0, C_RED, BLOCK_R):
+                r = r0 + r_block
+                r_ok = r < C_RED
+                if R0 >= ring:
+                    acc = _grad_share(acc, gy_ptr, w0_ptr, R0, dh, dw, pix, pix_ok, g, r, r_ok, i, i_ok, G,
+                                      y_c, C_RED, C_OUT, PRECISION)
+                if R1 >= ring:
+                    acc = _grad_share(acc, gy_ptr + branch, w1_ptr, R1, dh, dw, pix, pix_ok, g, r, r_ok, i, i_ok,
+                                      G, y_c, C_RED, C_OUT, PRECISION)
+                if R2 >= ring:
+                    acc = _grad_share(acc, gy_ptr + 2 * branch, w2_ptr, R2, dh, dw, pix, pix_ok, g, r, r_ok, i,
+                                      i_ok, G, y_c, C_RED, C_OUT, PRECISION)
+                if R3 >= ring:
+                    acc = _grad_share(acc, gy_ptr + 3 * branch, w3_ptr, R3, dh, dw, pix, pix_ok, g, r, r_ok, i,
+                                      i_ok, G, y_c, C_RED, C_OUT, PRECISION)
+
+    gx = gx_ptr + (n * x_n + ih * x_h + iw * x_w)[:, None] + ((g * C_OUT + i) * x_c)[None, :]
+    tl.store(gx, acc.to(gx_ptr.dtype.element_ty), mask=p_ok[:, None] & i_ok[None, :])
+
+
+def fusable(
+        in_chs: int,
+        out_chs: Sequence[int],
+        kernel_sizes: Sequence[int],
+        groups: Sequence[int],
+        strides: Sequence[Sequence[int]],
+        paddings: Sequence[Sequence[int]],
+        dilations: Sequence[Sequence[int]],
+) -> bool:
+    """Whether convs of the same `in_chs`-channel input, with these (merged) groups, run together in
+    `spc_conv`: 2 to MAX_BRANCHES of them, the same input and output channels per group, stride and
+    dilation, square odd kernels in ascending order, each padded to keep its centre."""
+    n = len(kernel_sizes)
+    if not 2 <= n <= MAX_BRANCHES or len({*groups}) != 1 or len({*out_chs}) != 1:
+        return False
+    if len({tuple(s) for s in strides}) != 1 or len({tuple(d) for d in dilations}) != 1:
+        return False
+    dil = tuple(dilations[0])
+    centred = all(k % 2 == 1 and tuple(p) == tuple(d * (k - 1) // 2 for d in dil)
+                  for k, p in zip(kernel_sizes, paddings))
+    return centred and in_chs % groups[0] == 0 and list(kernel_sizes) == sorted(kernel_sizes)
+
+
+def _radii(weights: Sequence[torch.Tensor]) -> List[int]:
+    return [w.shape[-1] // 2 for w in weights] + [-1] * (MAX_BRANCHES - len(weights))
+
+
+def _weight_pointers(weights: Sequence[torch.Tensor], groups: int, transposed: bool) -> List[torch.Tensor]:
+    """Each branch's weight as (KH, KW, G, reduced, written) contiguous (transposed: a group's outputs
+    are reduced, its inputs written), padded to MAX_BRANCHES with the first (never read)."""
+    tiles = []
+    for w in weights:
+        out_chs, in_per_group, k_h, k_w = w.shape
+        w = w.reshape(groups, out_chs // groups, in_per_group, k_h, k_w)
+        tiles.append((w.permute(3, 4, 0, 1, 2) if transposed else w.permute(3, 4, 0, 2, 1)).contiguous())
+    return tiles + tiles[:1] * (MAX_BRANCHES - len(tiles))
+
+
+def _launch(src, weights, dst, stride, dilation, groups, transposed, config=None):
+    """dst = the branches of src, concatenated (forward), or their input gradient from their
+    concatenated output gradient src (transposed; stride 1), on `config`'s tile (default
+    `mma_config_for`'s)."""
+    outs, ins = weights[0].shape[0] // groups, weights[0].shape[1]
+    c_red, c_out = (outs, ins) if transposed else (ins, outs)
+    config = config or mma_config_for(c_red, c_out)
+    radii = _radii(weights)
+    n, _, h_dst, w_dst = dst.shape
+    x = dst if transposed else src  # the conv's input and output sizes
+    y = src if transposed else dst
+    grid = (triton.cdiv(n * h_dst * w_dst, config.block_p), groups * triton.cdiv(c_out, config.block_o))
+    s, d = src.stride(), dst.stride()
+    kernel = _spc_grad_input_mma_kernel if transposed else _spc_mma_kernel
+    kernel[grid](
+        src, *_weight_pointers(weights, groups, transposed), dst, n, x.shape[2], x.shape[3], y.shape[2], y.shape[3],
+        s[0], s[2], s[3], s[1], d[0], d[2], d[3], d[1], stride[0], stride[1], dilation[0], dilation[1], groups,
+        R0=radii[0], R1=radii[1], R2=radii[2], R3=radii[3], R_MAX=max(radii), C_RED=c_red, C_OUT=c_out,
+        PRECISION=_precision(src), BLOCK_P=config.block_p, BLOCK_R=config.block_r, BLOCK_O=config.block_o,
+        num_warps=config.num_warps)
+    return dst
+
+
+def _paddings(weights: Sequence[torch.Tensor], dilation: Sequence[int]) -> List[List[int]]:
+    return [[d * (w.shape[-1] // 2) for d in dilation] for w in weights]
+
+
+def _out_shape(x, weights, stride, dilation):
+    k = weights[0].shape[-1]
+    pad = _paddings(weights[:1], dilation)[0]
+    return (x.shape[0], sum(w.shape[0] for w in weights), _out_size(x.shape[2], k, stride[0], pad[0], dilation[0]),
+            _out_size(x.shape[3], k, stride[1], pad[1], dilation[1]))
+
+
+@torch.library.custom_op('timm_epsanet::spc_conv', mutates_args=())
+def _spc_op(x: torch.Tensor, weights: List[torch.Tensor], stride: List[int], dilation: List[int],
+            groups: int) -> torch.Tensor:
+    _check_device(x)
+    y = _empty_like_layout(x, _out_shape(x, weights, stride, dilation), x.dtype)
+    return _launch(x, weights, y, stride, dilation, groups, transposed=False)
+
+
+@_spc_op.register_fake
+def _(x, weights, stride, dilation, groups):
+    return _empty_like_layout(x, _out_shape(x, weights, stride, dilation), x.dtype)
+
+
+@torch.library.custom_op('timm_epsanet::spc_conv_grad_input', mutates_args=())
+def _spc_grad_input_op(grad: torch.Tensor, weights: List[torch.Tensor], x: torch.Tensor, dilation: List[int],
+                       groups: int) -> torch.Tensor:
+    _check_device(grad)
+    return _launch(grad, weights, _empty_like_layout(x, x.shape, grad.dtype), [1, 1], dilation, groups, transposed=True)
+
+
+@_spc_grad_input_op.register_fake
+def _(grad, weights, x, dilation, groups):
+    return _empty_like_layout(x, x.shape, grad.dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weights, stride, dilation, groups = inputs
+    ctx.save_for_backward(x, *weights)
+    ctx.conv_args = (stride, dilation, groups)
+
+
+def _backward(ctx, grad):
+    x, *weights = ctx.saved_tensors
+    stride, dilation, groups = ctx.conv_args
+    paddings = _paddings(weights, dilation)
+    grads = grad.split([w.shape[0] for w in weights], dim=1)  # each branch's output gradient
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        if max(stride) == 1:
+            grad_x = _spc_grad_input_op(grad, weights, x, dilation, groups)
+        else:  # each branch by phases of the stride, which the fused walk cannot skip to
+            grad_x = _grad_input_op(grads[0], weights[0], x, stride, paddings[0], dilation, groups, True)
+            for g, w, p in zip(grads[1:], weights[1:], paddings[1:]):
+                grad_x = grad_x + _grad_input_op(g, w, x, stride, p, dilation, groups, True)
+    grad_ws = None
+    if ctx.needs_input_grad[1]:
+        grad_ws = [_grad_weight_op(x, g, w, stride, p, dilation, groups, True)
+                   for g, w, p in zip(grads, weights, paddings)]
+    return grad_x, grad_ws, None, None, None
+
+
+_spc_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def spc_conv(
+        x: torch.Tensor,
+        weights: Sequence[torch.Tensor],
+        stride: Sequence[int],
+        dilation: Sequence[int],
+        groups: int,
+) -> torch.Tensor:
+    """`torch.cat([F.conv2d(x, w, None, stride, dilation * (k // 2), dilation, groups) for w in weights], 1)`
+    (k: w's kernel size) by the fused tensor-core kernels, differentiable in x and the weights; the output
+    in x's dtype and memory layout. The convs must be `fusable`; each group's channels are padded to
+    `tl.dot`'s 16, so merge narrower groups first (`_branch_forms.block_diagonal_weight`)."""
+    weights = list(weights)
+    if x.dim() != 4 or any(w.dim() != 4 for w in weights):
+        raise ValueError(f'spc_conv takes 4D x and weights, got shapes {tuple(x.shape)} and '
+                         f'{[tuple(w.shape) for w in weights]}')
+    ok = fusable(x.shape[1], [w.shape[0] for w in weights], [w.shape[-1] for w in weights], [groups] * len(weights),
+                 [stride] * len(weights), _paddings(weights, dilation), [dilation] * len(weights))
+    if not ok or any(w.shape[-2] != w.shape[-1] or x.shape[1] != w.shape[1] * groups for w in weights):
+        raise ValueError(f'spc_conv: x {tuple(x.shape)} and weights {[tuple(w.shape) for w in weights]} are not '
+                         f'2-{MAX_BRANCHES} "same" convs of {groups} groups with ascending odd kernels')
+    if any(w.dtype != x.dtype for w in weights):
+        raise ValueError(f'spc_conv: x is {x.dtype} but the weights are {[w.dtype for w in weights]}; cast them alike')
+    return _spc_op(x, weights, list(stride), list(dilation), groups)
