@@ -488,6 +488,91 @@ def test_a_fastest_regrouped_plan_runs_and_computes_the_grouped_convs(tuning, mo
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+def fused_kernels_on_cpu(monkeypatch, right=True):
+    """Where the tensor-core kernels run, simulated on CPU: every reformulable branch verified on
+    them ('triton_mma', channels-last), which compute the grouped conv, and the fused kernels of
+    'triton_spc' computing the grouped convs (`right`) or twice them."""
+    pytest.importorskip('triton')  # which branches fuse is decided by `_triton_spc.fusable`
+    verified = _branch_tuning.verified_candidates
+
+    def with_mma(conv, inputs, training):
+        found = verified(conv, inputs, training)
+        return found + [('triton_mma', 'channels_last')] if _branch_tuning.reformulable(conv) else found
+
+    def spc_forward(self, x, members):
+        y = torch.cat([self[i].forward_as(x, 'grouped') for i in members], dim=1)
+        return y if right else 2 * y
+    monkeypatch.setattr(_branch_tuning, 'verified_candidates', with_mma)
+    monkeypatch.setattr(BranchConvs, '_spc_forward', spc_forward)
+    monkeypatch.setattr(BranchConv2d, '_triton_forward', lambda self, x, tensor_cores: self.forward_as(x, 'grouped'))
+
+
+def whole_fused_fastest(monkeypatch):
+    """A timer under which every part costs the same and a whole plan with fused branches is the
+    fastest; returns the whole plans timed."""
+    timed = []
+
+    def measure(calls, device, warmup=False, repeats=2):
+        timed.extend(key[1] for key in calls if key[0] == 'plan')
+        return {key: [0.1 if key[0] == 'plan' and any(f == 'triton_spc' for f, _ in key[1]) else 1.0] for key in calls}
+    monkeypatch.setattr(_branch_tuning, 'measure', measure)
+    return timed
+
+
+def test_fused_plans_fuse_the_branches_verified_on_the_tensor_core_kernels():
+    """The plans tried whole for 'triton_spc': per layout, every branch verified on the tensor-core
+    kernels in it fused, the others as in the parts' best; none where fewer than two would fuse."""
+    pytest.importorskip('triton')
+    convs = PyramidSqueezeAttention(CHS).convs  # kernels 5, 7 and 9 merge into the same input slice
+    best = [('grouped', 'nchw')] * 4
+    mma = [('grouped', 'nchw'), ('triton_mma', 'channels_last')]
+    assert _branch_tuning.fused_plans(convs, [best[:1]] + [mma] * 3, best) == [
+        [('grouped', 'nchw')] + [('triton_spc', 'channels_last')] * 3]
+    assert _branch_tuning.fused_plans(convs, [best[:1]] * 3 + [mma], best) == []  # one branch: nothing to fuse
+    assert _branch_tuning.fused_plans(convs, [best[:1]] * 4, best) == []
+
+
+@pytest.mark.parametrize('training', [False, True])
+def test_a_fused_plan_fastest_whole_is_the_plan(tuning, monkeypatch, training):
+    """Where the tensor-core kernels run, the plan fusing the branches that share input slices
+    ('triton_spc'), which parts timed alone cannot price, is timed whole beside the rules' plan and
+    taken when faster; the PSA then computes the grouped convs, gradients included."""
+    fused_kernels_on_cpu(monkeypatch)
+    timed = whole_fused_fastest(monkeypatch)
+    psa, plain = psa_pair()
+    psa.train(training), plain.train(training)
+    x = torch.randn(2, CHS, 8, 8, requires_grad=training)
+    with torch.set_grad_enabled(training):
+        y, expected = psa(x), plain(x)
+    assert tuning[0][1:] == [('triton_spc', 'channels_last')] * 3 and tuple(tuning[0]) in timed
+    assert tuple(rules(psa, training)) in timed
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    if training:
+        for a, b in zip(torch.autograd.grad(y.sum(), [x, *psa.parameters()]),
+                        torch.autograd.grad(expected.sum(), [x, *plain.parameters()])):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('training', [False, True])
+def test_a_wrong_fused_plan_is_never_timed(tuning, monkeypatch, training):
+    """Fused kernels that do not compute the grouped convs on the real input are not a candidate,
+    and a rules' plan that fuses branches (CUDA with TIMM_EPSANET_TRITON=1) runs them alone there."""
+    fused_kernels_on_cpu(monkeypatch, right=False)
+    timed = whole_fused_fastest(monkeypatch)
+    psa, plain = psa_pair()
+    plan_for = BranchConv2d.plan_for
+    monkeypatch.setattr(BranchConv2d, 'plan_for', lambda self, *args: (
+        ('triton_spc', 'channels_last') if self.form == 'auto' and _branch_tuning.reformulable(self)
+        else plan_for(self, *args)))
+    psa.train(training), plain.train(training)
+    x = torch.randn(2, CHS, 8, 8, requires_grad=training)
+    with torch.set_grad_enabled(training):
+        y, expected = psa(x), plain(x)
+    assert not any(form == 'triton_spc' for plan in timed for form, _ in plan)
+    assert tuning[0][1:] == [('triton_mma', 'channels_last')] * 3
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_a_cached_triton_plan_is_measured_anew_where_triton_cannot_run(tuning, monkeypatch):
     """A plan file written where the Triton kernels ran, read by a process where they cannot
     (triton removed): that entry is measured again rather than failing the forward."""

@@ -13,6 +13,8 @@ one converted copy of the input, so a branch's best layout depends on the others
 (form, layout) of each branch, and the convert, is timed alone (far cheaper than timing every
 plan of the whole PSA); the plan of least total cost replaces the rules' plan only when the whole
 PSA, timed under both, confirms it clearly, so that noise on a busy machine keeps the rules.
+Where the tensor-core kernels run, plans that fuse the branches sharing merged input slices
+('triton_spc') cannot be timed branch by branch: they are timed whole beside the other two.
 Every candidate is first checked against the plain grouped conv on the real input; one that
 raises, or gives a non-finite or different output, is never used.
 
@@ -349,26 +351,65 @@ def tune(convs, x: torch.Tensor, training: bool) -> Optional[List[Plan]]:
 
     def cost(plan):
         converts = times[('convert', other)] if any(layout == other for _, layout in plan) else 0.0
-        return converts + sum(times[(i, choice)] for i, choice in enumerate(plan))
+        return converts + sum(times[(i, alone(choice))] for i, choice in enumerate(plan))
 
     # the rules' plan, with 'any' resolved as `BranchConvs.run_plans` resolves it
     low_precision = x.device.type == 'cpu' and compute_dtype(x) != torch.float32
     rules = [conv.plan_for(x.device.type, training, low_precision) for conv in convs]
     flexible = 'channels_last' if any(layout == 'channels_last' for _, layout in rules) else caller
     rules = [(form, flexible if layout == 'any' else layout) for form, layout in rules]
-    rules = [choice if choice in verified else ('grouped', caller) for choice, verified in zip(rules, options)]
+    rules = [choice if alone(choice) in verified else ('grouped', caller) for choice, verified in zip(rules, options)]
+    if not plan_verified(convs, x, rules, training):  # its fused branches wrong here: each alone
+        rules = [alone(choice) for choice in rules]
     best = min((list(plan) for plan in itertools.product(*options)), key=cost)
-    if best == rules or cost(best) >= cost(rules):
+    contenders = [best] if best != rules and cost(best) < cost(rules) else []
+    contenders += [plan for plan in fused_plans(convs, options, best)
+                   if plan != rules and plan_verified(convs, x, plan, training)]
+    if not contenders:
         return rules
-    # the sum of the parts misses what branches share or add (memory traffic, the concat): a plan
-    # replaces the rules' only when the whole PSA confirms it, every call of it faster than every
-    # call of the rules' plan (on a busy machine the rules stay)
+    # the sum of the parts misses what branches share or add (memory traffic, the concat, fused
+    # kernels): a plan replaces the rules' only when the whole PSA confirms it, every call of it
+    # faster than every call of the rules' plan (on a busy machine the rules stay)
     params = [p for p in convs.parameters() if p.requires_grad]
     whole = {('plan', tuple(plan)): _call(partial(convs.run_plans, plans=plan), x, params, training, input_grad)
-             for plan in (rules, best)}
+             for plan in [rules] + contenders}
     seconds = measure(whole, x.device, warmup=True, repeats=CONFIRM_REPEATS)
-    new, old = seconds[('plan', tuple(best))], seconds[('plan', tuple(rules))]
-    return best if max(new) < min(old) and min(new) < MARGIN * min(old) else rules
+    winner = min(contenders, key=lambda plan: min(seconds[('plan', tuple(plan))]))
+    new, old = seconds[('plan', tuple(winner))], seconds[('plan', tuple(rules))]
+    return winner if max(new) < min(old) and min(new) < MARGIN * min(old) else rules
+
+
+def alone(choice: Plan) -> Plan:
+    """The (form, layout) a branch of `choice` is when it runs alone: 'triton_spc' is 'triton_mma'."""
+    return ('triton_mma', choice[1]) if choice[0] == 'triton_spc' else choice
+
+
+def fused_plans(convs, options: Sequence[List[Plan]], best: List[Plan]) -> List[List[Plan]]:
+    """Plans that fuse the branches sharing merged input slices ('triton_spc'): in each layout,
+    every branch verified on the tensor-core kernels ('triton_mma') in it fused, the others as in
+    `best`; those where at least two branches fuse."""
+    plans = []
+    for layout in LAYOUTS:
+        plan = [('triton_spc', layout) if ('triton_mma', layout) in verified else choice
+                for verified, choice in zip(options, best)]
+        if any(form == 'triton_spc' for form, _ in plan) and convs.spc_runs(plan, [lo for _, lo in plan]):
+            plans.append(plan)
+    return plans
+
+
+def plan_verified(convs, x: torch.Tensor, plan: List[Plan], training: bool) -> bool:
+    """Whether a plan that fuses branches ('triton_spc') computes the grouped convs on `x` (output,
+    and in training the input and weight gradients); plans without fused branches are made of
+    verified candidates already."""
+    if not any(form == 'triton_spc' for form, _ in plan):
+        return True
+    caller = layout_of(x)
+    expected = _outputs_and_grads(partial(convs.run_plans, plans=[('grouped', caller)] * len(convs)), convs, x, training)
+    try:
+        got = _outputs_and_grads(partial(convs.run_plans, plans=plan), convs, x, training, grad_out=expected[0])
+    except Exception:  # the fused kernels cannot run this: not a candidate
+        return False
+    return _matches(got, expected)
 
 
 def verified_candidates(conv, inputs: Dict[str, torch.Tensor], training: bool) -> Optional[List[Plan]]:
@@ -376,18 +417,15 @@ def verified_candidates(conv, inputs: Dict[str, torch.Tensor], training: bool) -
     match the grouped conv's on `inputs` (the input in each layout); None when the grouped conv's
     own output is not finite (nothing to check against). This is also each candidate's warm-up
     before `measure`, backward included."""
-    expected = _output_and_grads(conv, inputs['nchw'], 'grouped', training)
+    expected = _outputs_and_grads(partial(conv.forward_as, form='grouped'), [conv], inputs['nchw'], training)
     if not all(bool(torch.isfinite(t).all()) for t in expected):
         return None
-    # the output's dtype is the compute dtype (autocast: an fp32 weight's gradient is computed in it too)
-    tol = TOLERANCE.get(expected[0].dtype, LOW_PRECISION_TOLERANCE)
-    tols = [tol * (float(t.abs().max()) + 1e-6) for t in expected]
     verified = []
     for form, layout in candidates(conv, inputs['nchw'].device.type):
         try:
-            got = _output_and_grads(conv, inputs[layout], form, training, grad_out=expected[0])
-            ok = all(a.shape == b.shape and bool(torch.isfinite(a).all())
-                     and float((a.float() - b.float()).abs().max()) <= tol for a, b, tol in zip(got, expected, tols))
+            got = _outputs_and_grads(partial(conv.forward_as, form=form), [conv], inputs[layout], training,
+                                     grad_out=expected[0])
+            ok = _matches(got, expected)
         except Exception:  # a form this device or dtype cannot run is simply not a candidate
             ok = False
         if ok:
@@ -395,17 +433,27 @@ def verified_candidates(conv, inputs: Dict[str, torch.Tensor], training: bool) -
     return verified
 
 
-def _output_and_grads(conv, x: torch.Tensor, form: str, training: bool,
-                      grad_out: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
-    """[output] of `conv` in `form`; in training also its gradients in x and in the weight (where
-    it trains) for `grad_out` (default: the output itself), returned, not accumulated."""
+def _matches(got: Sequence[torch.Tensor], expected: Sequence[torch.Tensor]) -> bool:
+    """Whether outputs and gradients equal the grouped conv's, finite, within the compute dtype's
+    tolerance of each one's largest value (the output's dtype is the compute dtype: under
+    autocast an fp32 weight's gradient is computed in it too)."""
+    tol = TOLERANCE.get(expected[0].dtype, LOW_PRECISION_TOLERANCE)
+    return all(a.shape == b.shape and bool(torch.isfinite(a).all())
+               and float((a.float() - b.float()).abs().max()) <= tol * (float(b.abs().max()) + 1e-6)
+               for a, b in zip(got, expected))
+
+
+def _outputs_and_grads(fn: Callable[[torch.Tensor], torch.Tensor], convs, x: torch.Tensor, training: bool,
+                       grad_out: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
+    """[fn(x)]; in training also its gradients in x and in the weights of `convs` (those that
+    train) for `grad_out` (default: the output itself), returned, not accumulated."""
     if not training:
         with torch.no_grad():
-            return [conv.forward_as(x, form)]
+            return [fn(x)]
     x_in = x.detach().requires_grad_()
-    wrt = [x_in] + ([conv.weight] if conv.weight.requires_grad else [])
+    wrt = [x_in] + [conv.weight for conv in convs if conv.weight.requires_grad]
     with torch.enable_grad():
-        y = conv.forward_as(x_in, form)
+        y = fn(x_in)
         grads = torch.autograd.grad(y, wrt, y.detach() if grad_out is None else grad_out)
     return [y.detach(), *grads]
 
