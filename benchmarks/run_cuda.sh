@@ -98,11 +98,11 @@ stage psa 20 $PYTHON benchmarks/psa_branches.py --whole-psa --device $DEVICE $AM
 # branch tuning (training first): the untuned rules are today's default (TIMM_EPSANET_TRITON=0), the
 # tuner tries every form, the Triton kernels included, compiling them anew (an empty Triton cache)
 rm -rf "$OUT_DIR/triton_cache_tuning"
-stage tuning 45 env TIMM_EPSANET_TRITON=0 TRITON_CACHE_DIR="$OUT_DIR/triton_cache_tuning" \
+stage tuning 40 env TIMM_EPSANET_TRITON=0 TRITON_CACHE_DIR="$OUT_DIR/triton_cache_tuning" \
     $PYTHON benchmarks/branch_tuning.py --device $DEVICE $AMP $TUNE_ARGS --modes train infer \
     --layouts channels_last --json "$OUT_DIR/tuning.json"
 stage compile 50 $PYTHON benchmarks/cuda_checks.py compile --device $DEVICE $TINY
-stage amp_bf16_b128 35 $PYTHON benchmarks/benchmark.py $BENCH_ARGS --batch-size $B128 --precisions amp_bf16 \
+stage amp_bf16_b128 30 $PYTHON benchmarks/benchmark.py $BENCH_ARGS --batch-size $B128 --precisions amp_bf16 \
     --layouts channels_last --models $PEERS $EPSANETS --out "$OUT_DIR/amp_bf16_b128"
 # the Triton kernels' tiles: the defaults against their neighbours, Small's branches largest first,
 # the tensor-core kernels before the CUDA-core ones
