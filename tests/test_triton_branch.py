@@ -41,13 +41,14 @@ ALL_FORMS = FORMS + ('triton_spc',)
 
 # PSAs whose 'triton_spc' branches are computed together: (PSA arguments, the runs of branches
 # fused, channels_last, dtype). Small's stage 1 in miniature (kernels 5-9 each merged into one
-# group of 64 -> 16), Large's (all four alike), one where only two fuse (kernel 5's merged groups
-# are wider, as in Small's stage 4), stride 2, dilation 2, NCHW, fp16
+# group of 64 -> 16, which the dense kernel-3 branch joins), Large's (all four alike), one where
+# only two fuse (kernel 5's merged groups are wider, as in Small's stage 4, and the dense branch
+# reads all 32 channels), stride 2, dilation 2, NCHW, fp16
 SPC_CASES = [
-    (dict(in_chs=64), [[1, 2, 3]], True, 'float32'),
+    (dict(in_chs=64), [[0, 1, 2, 3]], True, 'float32'),
     (dict(in_chs=32, groups=(8, 8, 8, 8)), [[0, 1, 2, 3]], True, 'float32'),
     (dict(in_chs=32, out_chs=256, groups=(1, 2, 4, 4)), [[2, 3]], True, 'float32'),
-    (dict(in_chs=64, stride=2), [[1, 2, 3]], False, 'float32'),
+    (dict(in_chs=64, stride=2), [[0, 1, 2, 3]], False, 'float32'),
     (dict(in_chs=32, groups=(8, 8, 8, 8), dilation=2), [[0, 1, 2, 3]], True, 'float16'),
 ]
 
@@ -375,7 +376,8 @@ def test_fused_runs_of_the_variants(variant):
     """Which of EPSANet's branches 'triton_spc' computes together, per PSA: in Large all four
     (every branch merges into the same 64-channel input slices); in Small those of kernels 5-9,
     except at the last stage, where kernel 5's groups (32 outputs) need no merge and read wider
-    slices, so kernels 7 and 9 fuse and 5 runs alone. Small's kernel-3 branch is a dense conv (cuDNN)."""
+    slices, so kernels 7 and 9 fuse and 5 runs alone. Small's kernel-3 branch, a dense conv, joins
+    them at stage 1, where it reads the same 64 channels; elsewhere it is cuDNN's."""
     pytest.importorskip('triton')
     import timm
     from timm_epsanet.psa import PyramidSqueezeAttention
@@ -389,7 +391,7 @@ def test_fused_runs_of_the_variants(variant):
     if variant.endswith('large'):
         assert runs == [[[0, 1, 2, 3]]] * sum(blocks)
     else:
-        assert runs == [[[1, 2, 3]]] * sum(blocks[:3]) + [[[2, 3]]] * blocks[3]
+        assert runs == [[[0, 1, 2, 3]]] * blocks[0] + [[[1, 2, 3]]] * sum(blocks[1:3]) + [[[2, 3]]] * blocks[3]
 
 
 def test_auto_takes_triton_only_when_asked(monkeypatch):

@@ -225,16 +225,25 @@ class BranchConvs(nn.ModuleList):
     def spc_runs(self, plans: List[Plan], layouts: List[str]) -> List[List[int]]:
         """The branches planned 'triton_spc' that `_triton_spc` computes together, as lists of
         branch indices in ascending kernel size: those that read the same input (layout) with the
-        same `spc_key`, 2 to 4 per run."""
+        same `spc_key`, 2 to 4 per run. A dense branch (one group, planned 'grouped') that reads
+        the same slices joins them (Small's kernel-3 branch at stage 1): its taps are the centre's,
+        whose input tiles the others read anyway."""
         by_key: Dict[str, List[int]] = {}
+        fused_keys = set()
         for i, (conv, (form, _), layout) in enumerate(zip(self, plans, layouts)):
-            if form == 'triton_spc':
-                by_key.setdefault(repr((layout, conv.spc_key())), []).append(i)
-        if not any(len(members) > 1 for members in by_key.values()):
+            dense = form == 'grouped' and conv.groups == 1 and conv.bias is None
+            if form == 'triton_spc' or dense:
+                key = repr((layout, conv.spc_key()))
+                by_key.setdefault(key, []).append(i)
+                if form == 'triton_spc':
+                    fused_keys.add(key)
+        if not any(len(members) > 1 for key, members in by_key.items() if key in fused_keys):
             return []
         from ._triton_spc import MAX_BRANCHES, fusable  # triton_spc runs the kernels: triton is there
         runs = []
-        for members in by_key.values():
+        for key, members in by_key.items():
+            if key not in fused_keys:
+                continue  # dense branches alone: the backend's dense conv
             members = sorted(members, key=lambda i: self[i].kernel_size[0])
             for run in (members[j:j + MAX_BRANCHES] for j in range(0, len(members), MAX_BRANCHES)):
                 convs = [self[i] for i in run]

@@ -3,7 +3,7 @@
 In the 'triton_mma' form each branch is its own conv, and each reads the whole input once per tap.
 Once their groups are merged into groups of 16 or more outputs, EPSANet's grouped branches mostly
 read the same input slices: in Large all four do, and in Small those of kernels 5, 7 and 9 (all
-but the last stage). Every tap offset of a smaller centred kernel is also a tap offset of a
+but the last stage; at stage 1 the dense kernel-3 branch too). Every tap offset of a smaller centred kernel is also a tap offset of a
 larger one. So here one program per (pixel tile, input slice) walks the taps of the largest
 kernel ring by ring: the centre, then squares of growing radius. It loads each shifted input tile
 once and multiplies it into the accumulator of every branch whose kernel reaches that ring. The
