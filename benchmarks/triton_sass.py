@@ -75,23 +75,32 @@ def build_sm90(kernel, dtype: str, c_in: int, c_out: int, groups: int, transpose
     return (cfg, *_build(kernel, dtype, consts, cfg.num_warps))
 
 
-def build_spc_sm90(transposed: bool, dtype: str, kernel_sizes, c_in: int, c_out: int):
-    """Build the fused kernel of `_triton_spc` (`transposed`: its input gradient) for branches of
-    `kernel_sizes` over groups of `c_in` -> `c_out` channels, as `build_sm90` builds the others."""
-    kernel = tsp._spc_grad_input_mma_kernel if transposed else tsp._spc_mma_kernel
-    c_red, c_written = (c_out, c_in) if transposed else (c_in, c_out)
+SPC_KERNELS = {'forward': tsp._spc_mma_kernel, 'grad_input': tsp._spc_grad_input_mma_kernel,
+               'grad_weight': tsp._spc_weight_grad_mma_kernel}
+
+
+def build_spc_sm90(kind: str, dtype: str, kernel_sizes, c_in: int, c_out: int, width: int = 56):
+    """Build the fused kernel of `_triton_spc` of `kind` ('forward', 'grad_input', 'grad_weight')
+    for branches of `kernel_sizes` over groups of `c_in` -> `c_out` channels, as `build_sm90`
+    builds the others."""
+    c_red, c_written = (c_out, c_in) if kind == 'grad_input' else (c_in, c_out)
     cfg = tb.mma_config_for(c_red, c_written)
     radii = [k // 2 for k in kernel_sizes] + [-1] * (tsp.MAX_BRANCHES - len(kernel_sizes))
-    consts = dict(R0=radii[0], R1=radii[1], R2=radii[2], R3=radii[3], R_MAX=max(radii), C_RED=c_red,
-                  C_OUT=c_written, PRECISION='tf32', BLOCK_P=cfg.block_p, BLOCK_R=cfg.block_r, BLOCK_O=cfg.block_o)
-    return (cfg, *_build(kernel, dtype, consts, cfg.num_warps))
+    consts = dict(R0=radii[0], R1=radii[1], R2=radii[2], R3=radii[3], R_MAX=max(radii), PRECISION='tf32',
+                  BLOCK_R=cfg.block_r, BLOCK_O=cfg.block_o)
+    if kind == 'grad_weight':  # as `weight_grad_chunks` tiles the pixels
+        block_w = min(triton.next_power_of_2(width), cfg.block_p)
+        consts.update(C_IN=c_in, C_OUT=c_out, BLOCK_H=cfg.block_p // block_w, BLOCK_W=block_w)
+    else:
+        consts.update(C_RED=c_red, C_OUT=c_written, BLOCK_P=cfg.block_p)
+    return (cfg, *_build(SPC_KERNELS[kind], dtype, consts, cfg.num_warps))
 
 
 def _build(kernel, dtype: str, consts: dict, num_warps: int):
     """(ptxas report, SASS) of `kernel` built for sm_90a with `consts`, specialized as described in `build_sm90`."""
     names = list(inspect.signature(kernel.fn).parameters)
     consts = dict(consts, **{name: 1 for name in ('s_c', 'd_c', 'x_c', 'y_c') if name in names})
-    signature = {name: 'constexpr' if name in consts else '*fp32' if name == 'part_ptr'
+    signature = {name: 'constexpr' if name in consts else '*fp32' if re.fullmatch(r'part_ptr|p\d_ptr', name)
                  else f'*{dtype}' if name.endswith('_ptr') else 'i32' for name in names}
     aligned = {(names.index(name),): [['tt.divisibility', 16]] for name in names if name not in consts and (
         name.endswith('_ptr') or re.fullmatch(r'[sdxy]_[nhw]', name))}
@@ -162,18 +171,18 @@ def rows(dtype: str = 'fp16', stages=(1, 2, 3, 4)):
     for stage in stages:
         width, branches = SMALL_BRANCHES[stage]
         yield from stage_rows(dtype, stage, width, branches)
-        yield from fused_rows(dtype, stage, branches)
+        yield from fused_rows(dtype, stage, width, branches)
 
 
-def fused_rows(dtype, stage, branches):
+def fused_rows(dtype, stage, width, branches):
     """The fused kernels ('triton_spc') for the branches of a stage that share merged groups."""
     merged = [(c_in * m, c_out * m, groups // m) for c_in, c_out, groups in branches
               for m in [regroup_factor(groups, c_out, min_outs=16)]]
     fused = [k for k, shape in zip((5, 7, 9), merged) if shape == merged[-1]]
     c_in, c_out, groups = merged[-1]
-    for name, transposed in (('spc forward', False), ('spc grad_input', True)):
-        cfg, report, sass = build_spc_sm90(transposed, dtype, fused, c_in, c_out)
-        yield dict(stage=stage, branch=f"kernels {', '.join(map(str, fused))}", kernel=name,
+    for kind in SPC_KERNELS:
+        cfg, report, sass = build_spc_sm90(kind, dtype, fused, c_in, c_out, width)
+        yield dict(stage=stage, branch=f"kernels {', '.join(map(str, fused))}", kernel=f'spc {kind}',
                    built=f'{c_in}->{c_out} x{groups}', tile=list(cfg), **_registers(report), **fused_loop(sass, cfg.num_warps))
 
 

@@ -115,19 +115,23 @@ def check_spc_case(case) -> dict:
     grad = torch.randn_like(y_ref).to(dtype)
     y_ref.backward(grad.double())
     plans = [conv.plan_for('cuda', True) for conv in convs]
-    launches = {'forward': 0, 'grad_input': 0}
-    launch = _triton_spc._launch
+    launches = {'forward': 0, 'grad_input': 0, 'grad_weight': 0}
+    launch, launch_weight_grad = _triton_spc._launch, _triton_spc._launch_weight_grad
 
     def counted(*args, transposed, **kw):
         launches['grad_input' if transposed else 'forward'] += 1
         return launch(*args, transposed=transposed, **kw)
 
-    _triton_spc._launch = counted
+    def counted_weight_grad(*args, **kw):
+        launches['grad_weight'] += 1
+        return launch_weight_grad(*args, **kw)
+
+    _triton_spc._launch, _triton_spc._launch_weight_grad = counted, counted_weight_grad
     try:
         y = convs.run_plans(x_spc, plans)
         y.backward(grad)
     finally:
-        _triton_spc._launch = launch
+        _triton_spc._launch, _triton_spc._launch_weight_grad = launch, launch_weight_grad
     return dict(
         runs=convs.spc_runs(plans, [('channels_last' if channels_last else 'nchw')] * len(plans)), launches=launches,
         dtype_ok=y.dtype == x_spc.grad.dtype == dtype, layout_ok=y.is_contiguous(memory_format=fmt),
@@ -159,6 +163,8 @@ def check_ops() -> dict:
         'spc_conv': torch.library.opcheck(ops.spc_conv.default, (x.detach().requires_grad_(), weights, [1, 1], [1, 1], 1)),
         'spc_grad_input': torch.library.opcheck(
             ops.spc_conv_grad_input.default, (grad, [w.detach() for w in weights], x.detach(), [1, 1], 1)),
+        'spc_grad_weight': torch.library.opcheck(
+            ops.spc_conv_grad_weight.default, (x.detach(), grad, [w.detach() for w in weights], [1, 1], [1, 1], 1)),
     }
     for op, result in results.items():
         failed[op] = [name for name, status in sorted(result.items()) if status != 'SUCCESS']
@@ -257,14 +263,16 @@ def test_kernels_equal_grouped_conv(interpreted, case, form):
 
 @pytest.mark.parametrize('case', SPC_CASES, ids=spc_case_id)
 def test_fused_branches_equal_grouped_convs(interpreted, case):
-    """'triton_spc': the branches that read the same merged input slices run in one fused kernel
-    (and, at stride 1, one fused input-gradient kernel), the others alone; the concatenated output,
-    the input gradient and every branch's weight gradient equal the grouped convs'."""
+    """'triton_spc': the branches that read the same merged input slices run in one fused kernel,
+    their weight gradients in one and, at stride 1, their input gradient in one; the others alone.
+    The concatenated output, the input gradient and every branch's weight gradient equal the
+    grouped convs'."""
     result = interpreted['spc'][spc_case_id(case)]
     runs = case[1]
     assert result['runs'] == runs, result
     stride = case[0].get('stride', 1)
-    assert result['launches'] == {'forward': len(runs), 'grad_input': len(runs) if stride == 1 else 0}, result
+    assert result['launches'] == {'forward': len(runs), 'grad_input': len(runs) if stride == 1 else 0,
+                                  'grad_weight': len(runs)}, result
     assert result['dtype_ok'] and result['layout_ok'], result
     tol = 1e-5 if case[-1] == 'float32' else 2e-3
     for key in ('out', 'grad_input', 'grad_weight'):
@@ -274,7 +282,7 @@ def test_fused_branches_equal_grouped_convs(interpreted, case):
 def test_custom_ops_pass_opcheck(interpreted):
     """Schema, fake tensor (shapes, dtypes, strides), autograd registration, AOT dispatch."""
     assert interpreted['ops'] == {'branch_conv': [], 'grad_input': [], 'grad_weight': [], 'spc_conv': [],
-                                  'spc_grad_input': []}
+                                  'spc_grad_input': [], 'spc_grad_weight': []}
 
 
 def test_weight_grad_tiles_of_part_of_a_row(interpreted):
@@ -305,8 +313,8 @@ def test_kernels_compile_for_hopper_without_spills(tmp_path):
                          env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-4000:]
     rows = json.loads(out.read_text())['rows']
-    assert len(rows) == 3 * 6 + 2  # three branches, three kernels on each unit; the fused kernels
-    assert [row['kernel'] for row in rows[-2:]] == ['spc forward', 'spc grad_input']
+    assert len(rows) == 3 * 6 + 3  # three branches, three kernels on each unit; the fused kernels
+    assert [row['kernel'] for row in rows[-3:]] == ['spc forward', 'spc grad_input', 'spc grad_weight']
     for row in rows:
         assert row['spill_bytes'] == 0, row
         tensor_cores = row['kernel'].startswith(('mma', 'spc'))

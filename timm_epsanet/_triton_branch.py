@@ -444,6 +444,21 @@ def _grad_weight_op(x: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor, s
     return _launch_weight_grad(x, grad, weight, stride, padding, dilation, groups, tensor_cores=tensor_cores)
 
 
+def weight_grad_chunks(device: torch.device, grad_shape, block_p: int, programs: int) -> Tuple[int, int, int, int]:
+    """How a weight-gradient kernel splits the output pixels: tiles of `block_p` pixels (whole rows
+    where they fit, else the fewest columns that hold a row: BLOCK_H x BLOCK_W), and chunks of
+    tiles, enough for about 4 programs per multiprocessor (`programs` per chunk), each of 4 tiles
+    or more. Returns (BLOCK_H, BLOCK_W, tiles per chunk, chunks)."""
+    n, _, h_out, w_out = grad_shape
+    block_w = min(triton.next_power_of_2(w_out), block_p)
+    block_h = block_p // block_w
+    tiles = n * triton.cdiv(h_out, block_h) * triton.cdiv(w_out, block_w)
+    sms = 4 if device.type != 'cuda' else torch.cuda.get_device_properties(device).multi_processor_count
+    chunks = max(1, min(triton.cdiv(tiles, 4), triton.cdiv(4 * sms, programs)))
+    tiles_per_chunk = triton.cdiv(tiles, chunks)
+    return block_h, block_w, tiles_per_chunk, triton.cdiv(tiles, tiles_per_chunk)
+
+
 def _launch_weight_grad(x, grad, weight, stride, padding, dilation, groups, config=None, tensor_cores=False):
     """The weight gradient of the conv of x, given its output gradient, on `config`'s tile."""
     out_chs, in_per_group, k_h, k_w = weight.shape
@@ -454,16 +469,8 @@ def _launch_weight_grad(x, grad, weight, stride, padding, dilation, groups, conf
     block_p, block_g, block_r, block_o, num_warps, block_t = config
     block_t = block_t if tensor_cores else 1
     blocks = triton.cdiv(groups, block_g) * triton.cdiv(in_per_group, block_r) * triton.cdiv(outs, block_o)
-    # tiles of block_p pixels: whole rows where they fit, and the fewest columns that hold a row
-    block_w = min(triton.next_power_of_2(w_out), block_p)
-    block_h = block_p // block_w
-    tiles = n * triton.cdiv(h_out, block_h) * triton.cdiv(w_out, block_w)
     taps = k_h * triton.cdiv(k_w, block_t)  # programs per chunk and block: one per block_t taps of a row
-    # enough chunks of tiles for ~4 programs per multiprocessor, each of 4 tiles or more
-    sms = 4 if x.device.type != 'cuda' else torch.cuda.get_device_properties(x.device).multi_processor_count
-    chunks = max(1, min(triton.cdiv(tiles, 4), triton.cdiv(4 * sms, blocks * taps)))
-    tiles_per_chunk = triton.cdiv(tiles, chunks)
-    chunks = triton.cdiv(tiles, tiles_per_chunk)
+    block_h, block_w, tiles_per_chunk, chunks = weight_grad_chunks(x.device, grad.shape, block_p, blocks * taps)
     part = torch.empty((chunks, k_h, k_w, groups, in_per_group, outs), dtype=torch.float32, device=x.device)
     s, d = x.stride(), grad.stride()
     # taps vary fastest, so that the programs in flight share a chunk of x and of the output

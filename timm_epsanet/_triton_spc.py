@@ -3,8 +3,8 @@
 In the 'triton_mma' form each branch is its own conv, and each reads the whole input once per tap.
 Once their groups are merged into groups of 16 or more outputs, EPSANet's grouped branches mostly
 read the same input slices: in Large all four do, and in Small those of kernels 5, 7 and 9 (all
-but the last stage; at stage 1 the dense kernel-3 branch too). Every tap offset of a smaller centred kernel is also a tap offset of a
-larger one. So here one program per (pixel tile, input slice) walks the taps of the largest
+but the last stage; at stage 1 the dense kernel-3 branch too). Every tap offset of a smaller
+centred kernel is also a tap offset of a larger one. So here one program per (pixel tile, input slice) walks the taps of the largest
 kernel ring by ring: the centre, then squares of growing radius. It loads each shifted input tile
 once and multiplies it into the accumulator of every branch whose kernel reaches that ring. The
 products are the same; the tile reads are fewer (one per tap of the largest kernel instead of one
@@ -13,8 +13,9 @@ per tap of every kernel); the outputs go straight into their concatenation.
 The input gradient is the same walk read the other way. Each input pixel sums the shares of
 every branch in one accumulator, instead of autograd adding the branches' full-size input
 gradients. At stride > 1 that walk would mask most taps, so each branch runs `_triton_branch`'s
-phased kernel and the shares are added. Weight gradients: per branch, by `_triton_branch`'s
-kernels.
+phased kernel and the shares are added. The weight gradients: one program per tap of the largest
+kernel reads each shifted input tile once for every branch that reaches the tap, and sums its
+products with each branch's output gradient, per chunk of pixels (added afterwards in fp32).
 
 Branches fuse when they are grouped convs of the same input with the same merged groups (input
 and output channels per group), stride and dilation, odd kernels in ascending order, and padding
@@ -28,8 +29,8 @@ import triton
 import triton.language as tl
 
 from ._triton_branch import (
-    _check_device, _dst_pixels, _empty_like_layout, _grad_input_op, _grad_weight_op, _out_size, _precision,
-    mma_config_for,
+    _check_device, _dst_pixels, _empty_like_layout, _grad_input_op, _out_size, _precision, _tile_pixels,
+    mma_config_for, weight_grad_chunks,
 )
 
 __all__ = ['fusable', 'spc_conv']
@@ -200,6 +201,124 @@ def _spc_grad_input_mma_kernel(
     tl.store(gx, acc.to(gx_ptr.dtype.element_ty), mask=p_ok[:, None] & i_ok[None, :])
 
 
+@triton.jit
+def _weight_grad_share(acc, xt, gy_ptr, pix, p_ok, g, o, o_ok, y_c, C_OUT: tl.constexpr, PRECISION: tl.constexpr):
+    """acc plus one branch's products at one tap over a pixel tile: the shifted input tile
+    (transposed: channels x pixels) times the branch's output-gradient tile (pixels x outputs)."""
+    gv = tl.load(gy_ptr + pix[:, None] + ((g * C_OUT + o) * y_c)[None, :], mask=p_ok[:, None] & o_ok[None, :],
+                 other=0.0)
+    return tl.dot(xt, gv, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _store_tap_part(part_ptr, acc, RADIUS: tl.constexpr, dh, dw, chunk, g, r, r_ok, o, o_ok, G,
+                    C_IN: tl.constexpr, C_OUT: tl.constexpr):
+    """Store a branch's partial weight gradient of tap offset (dh, dw) into its
+    (chunks, KH, KW, G, C_IN, C_OUT) partial sums."""
+    k = 2 * RADIUS + 1
+    tap = (dh + RADIUS) * k + dw + RADIUS
+    dst = part_ptr + ((chunk * k * k + tap) * G + g) * (C_IN * C_OUT) + (r * C_OUT)[:, None] + o[None, :]
+    tl.store(dst, acc, mask=r_ok[:, None] & o_ok[None, :])
+
+
+@triton.jit
+def _spc_weight_grad_tap(
+        x_ptr, gy_ptr, p0_ptr, p1_ptr, p2_ptr, p3_ptr, dh, dw, chunk, g, r, r_ok, o, o_ok,
+        N, H, W, H_out, W_out, x_n, x_h, x_w, x_c, y_n, y_h, y_w, y_c, stride_h, stride_w, dil_h, dil_w,
+        G, TILES_PER_CHUNK,
+        FIRST: tl.constexpr, R0: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr,
+        C_IN: tl.constexpr, C_OUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_H: tl.constexpr,
+        BLOCK_W: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr,
+):
+    """The partial weight gradients of one tap offset for the branches from FIRST on (those whose
+    kernels reach it: radii ascend), over one chunk of pixel tiles: each shifted input tile read
+    once for all of them."""
+    acc0 = tl.zeros((BLOCK_R, BLOCK_O), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_R, BLOCK_O), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_R, BLOCK_O), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_R, BLOCK_O), dtype=tl.float32)
+    branch = G * C_OUT * y_c  # channel offset from one branch's output gradients to the next's
+    n_tiles = N * tl.cdiv(H_out, BLOCK_H) * tl.cdiv(W_out, BLOCK_W)
+    for t in range(chunk * TILES_PER_CHUNK, tl.minimum((chunk + 1) * TILES_PER_CHUNK, n_tiles)):
+        n, oh, ow, p_ok = _tile_pixels(t, H_out, W_out, BLOCK_H, BLOCK_W)
+        ih = oh * stride_h + dh * dil_h
+        iw = ow * stride_w + dw * dil_w
+        x_ok = p_ok & _inside(ih, H) & _inside(iw, W)
+        xv = tl.load(x_ptr + (n * x_n + ih * x_h + iw * x_w)[:, None] + ((g * C_IN + r) * x_c)[None, :],
+                     mask=x_ok[:, None] & r_ok[None, :], other=0.0)
+        xt = tl.trans(xv)
+        pix = n * y_n + oh * y_h + ow * y_w
+        if FIRST <= 0 and R0 >= 0:
+            acc0 = _weight_grad_share(acc0, xt, gy_ptr, pix, p_ok, g, o, o_ok, y_c, C_OUT, PRECISION)
+        if FIRST <= 1 and R1 >= 0:
+            acc1 = _weight_grad_share(acc1, xt, gy_ptr + branch, pix, p_ok, g, o, o_ok, y_c, C_OUT, PRECISION)
+        if FIRST <= 2 and R2 >= 0:
+            acc2 = _weight_grad_share(acc2, xt, gy_ptr + 2 * branch, pix, p_ok, g, o, o_ok, y_c, C_OUT, PRECISION)
+        if FIRST <= 3 and R3 >= 0:
+            acc3 = _weight_grad_share(acc3, xt, gy_ptr + 3 * branch, pix, p_ok, g, o, o_ok, y_c, C_OUT, PRECISION)
+    if FIRST <= 0 and R0 >= 0:
+        _store_tap_part(p0_ptr, acc0, R0, dh, dw, chunk, g, r, r_ok, o, o_ok, G, C_IN, C_OUT)
+    if FIRST <= 1 and R1 >= 0:
+        _store_tap_part(p1_ptr, acc1, R1, dh, dw, chunk, g, r, r_ok, o, o_ok, G, C_IN, C_OUT)
+    if FIRST <= 2 and R2 >= 0:
+        _store_tap_part(p2_ptr, acc2, R2, dh, dw, chunk, g, r, r_ok, o, o_ok, G, C_IN, C_OUT)
+    if FIRST <= 3 and R3 >= 0:
+        _store_tap_part(p3_ptr, acc3, R3, dh, dw, chunk, g, r, r_ok, o, o_ok, G, C_IN, C_OUT)
+
+
+@triton.jit(do_not_specialize=['N', 'H', 'W', 'H_out', 'W_out', 'TILES_PER_CHUNK'])
+def _spc_weight_grad_mma_kernel(
+        x_ptr, gy_ptr, p0_ptr, p1_ptr, p2_ptr, p3_ptr,
+        N, H, W, H_out, W_out,
+        x_n, x_h, x_w, x_c,
+        y_n, y_h, y_w, y_c,
+        stride_h, stride_w, dil_h, dil_w,
+        G, TILES_PER_CHUNK,
+        R0: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr, R_MAX: tl.constexpr,
+        C_IN: tl.constexpr, C_OUT: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr,
+):
+    """The weight gradients of `_spc_mma_kernel`, as partial sums per chunk of pixel tiles (added
+    afterwards in fp32): part_b[chunk, tap, g, i, o] = sum over the chunk's output pixels p of
+    x[p*stride + (dh, dw)*dil, g*C_IN + i] * gy[p, b*G*C_OUT + g*C_OUT + o]. Each program: one
+    tap offset of the largest kernel, one group (and block of its channels), one chunk; the
+    branches whose kernels reach the tap share its input tiles."""
+    tap = tl.program_id(0)  # fastest: the programs running together read the same chunk, once from memory
+    pid_c = tl.program_id(1)
+    chunk = tl.program_id(2)
+    dh = tap // (2 * R_MAX + 1) - R_MAX
+    dw = tap % (2 * R_MAX + 1) - R_MAX
+    ring = tl.maximum(tl.abs(dh), tl.abs(dw))
+    n_rblocks = tl.cdiv(C_IN, BLOCK_R)
+    n_oblocks = tl.cdiv(C_OUT, BLOCK_O)
+    g = pid_c // (n_rblocks * n_oblocks)
+    r = ((pid_c // n_oblocks) % n_rblocks) * BLOCK_R + tl.arange(0, BLOCK_R)
+    o = (pid_c % n_oblocks) * BLOCK_O + tl.arange(0, BLOCK_O)
+    r_ok = r < C_IN
+    o_ok = o < C_OUT
+    # which branches reach the tap is one scalar test per program; each case is a loop of its own
+    if ring <= R0:
+        _spc_weight_grad_tap(
+            x_ptr, gy_ptr, p0_ptr, p1_ptr, p2_ptr, p3_ptr, dh, dw, chunk, g, r, r_ok, o, o_ok, N, H, W, H_out, W_out,
+            x_n, x_h, x_w, x_c, y_n, y_h, y_w, y_c, stride_h, stride_w, dil_h, dil_w, G, TILES_PER_CHUNK,
+            0, R0, R1, R2, R3, C_IN, C_OUT, PRECISION, BLOCK_H, BLOCK_W, BLOCK_R, BLOCK_O)
+    elif ring <= R1:
+        _spc_weight_grad_tap(
+            x_ptr, gy_ptr, p0_ptr, p1_ptr, p2_ptr, p3_ptr, dh, dw, chunk, g, r, r_ok, o, o_ok, N, H, W, H_out, W_out,
+            x_n, x_h, x_w, x_c, y_n, y_h, y_w, y_c, stride_h, stride_w, dil_h, dil_w, G, TILES_PER_CHUNK,
+            1, R0, R1, R2, R3, C_IN, C_OUT, PRECISION, BLOCK_H, BLOCK_W, BLOCK_R, BLOCK_O)
+    elif ring <= R2:
+        _spc_weight_grad_tap(
+            x_ptr, gy_ptr, p0_ptr, p1_ptr, p2_ptr, p3_ptr, dh, dw, chunk, g, r, r_ok, o, o_ok, N, H, W, H_out, W_out,
+            x_n, x_h, x_w, x_c, y_n, y_h, y_w, y_c, stride_h, stride_w, dil_h, dil_w, G, TILES_PER_CHUNK,
+            2, R0, R1, R2, R3, C_IN, C_OUT, PRECISION, BLOCK_H, BLOCK_W, BLOCK_R, BLOCK_O)
+    else:
+        _spc_weight_grad_tap(
+            x_ptr, gy_ptr, p0_ptr, p1_ptr, p2_ptr, p3_ptr, dh, dw, chunk, g, r, r_ok, o, o_ok, N, H, W, H_out, W_out,
+            x_n, x_h, x_w, x_c, y_n, y_h, y_w, y_c, stride_h, stride_w, dil_h, dil_w, G, TILES_PER_CHUNK,
+            3, R0, R1, R2, R3, C_IN, C_OUT, PRECISION, BLOCK_H, BLOCK_W, BLOCK_R, BLOCK_O)
+
+
 def fusable(
         in_chs: int,
         out_chs: Sequence[int],
@@ -261,6 +380,30 @@ def _launch(src, weights, dst, stride, dilation, groups, transposed, config=None
     return dst
 
 
+def _launch_weight_grad(x, grad, weights, stride, dilation, groups, config=None) -> List[torch.Tensor]:
+    """Each branch's weight gradient, from the branches' concatenated output gradient, by
+    `_spc_weight_grad_mma_kernel` on `config`'s tile (default `mma_config_for`'s)."""
+    outs, ins = weights[0].shape[0] // groups, weights[0].shape[1]
+    config = config or mma_config_for(ins, outs)
+    radii = _radii(weights)
+    taps = (2 * max(radii) + 1) ** 2
+    blocks = groups * triton.cdiv(ins, config.block_r) * triton.cdiv(outs, config.block_o)
+    block_h, block_w, tiles_per_chunk, chunks = weight_grad_chunks(x.device, grad.shape, config.block_p, blocks * taps)
+    parts = [torch.empty((chunks, w.shape[-2], w.shape[-1], groups, ins, outs), dtype=torch.float32, device=x.device)
+             for w in weights]
+    s, d = x.stride(), grad.stride()
+    # taps vary fastest: the programs in flight share a chunk of x and of the output gradients
+    _spc_weight_grad_mma_kernel[(taps, blocks, chunks)](
+        x, grad, *(parts + parts[:1] * (MAX_BRANCHES - len(parts))), grad.shape[0], x.shape[2], x.shape[3],
+        grad.shape[2], grad.shape[3], s[0], s[2], s[3], s[1], d[0], d[2], d[3], d[1],
+        stride[0], stride[1], dilation[0], dilation[1], groups, tiles_per_chunk,
+        R0=radii[0], R1=radii[1], R2=radii[2], R3=radii[3], R_MAX=max(radii), C_IN=ins, C_OUT=outs,
+        PRECISION=_precision(x), BLOCK_H=block_h, BLOCK_W=block_w, BLOCK_R=config.block_r, BLOCK_O=config.block_o,
+        num_warps=config.num_warps)
+    return [part.sum(0).permute(2, 4, 3, 0, 1).reshape(w.shape).to(w.dtype).contiguous()
+            for part, w in zip(parts, weights)]
+
+
 def _paddings(weights: Sequence[torch.Tensor], dilation: Sequence[int]) -> List[List[int]]:
     return [[d * (w.shape[-1] // 2) for d in dilation] for w in weights]
 
@@ -297,6 +440,18 @@ def _(grad, weights, x, dilation, groups):
     return _empty_like_layout(x, x.shape, grad.dtype)
 
 
+@torch.library.custom_op('timm_epsanet::spc_conv_grad_weight', mutates_args=())
+def _spc_grad_weight_op(x: torch.Tensor, grad: torch.Tensor, weights: List[torch.Tensor], stride: List[int],
+                        dilation: List[int], groups: int) -> List[torch.Tensor]:
+    _check_device(x)
+    return _launch_weight_grad(x, grad, weights, stride, dilation, groups)
+
+
+@_spc_grad_weight_op.register_fake
+def _(x, grad, weights, stride, dilation, groups):
+    return [torch.empty_like(w, memory_format=torch.contiguous_format) for w in weights]
+
+
 def _setup_context(ctx, inputs, output):
     x, weights, stride, dilation, groups = inputs
     ctx.save_for_backward(x, *weights)
@@ -316,10 +471,7 @@ def _backward(ctx, grad):
             grad_x = _grad_input_op(grads[0], weights[0], x, stride, paddings[0], dilation, groups, True)
             for g, w, p in zip(grads[1:], weights[1:], paddings[1:]):
                 grad_x = grad_x + _grad_input_op(g, w, x, stride, p, dilation, groups, True)
-    grad_ws = None
-    if ctx.needs_input_grad[1]:
-        grad_ws = [_grad_weight_op(x, g, w, stride, p, dilation, groups, True)
-                   for g, w, p in zip(grads, weights, paddings)]
+    grad_ws = _spc_grad_weight_op(x, grad, weights, stride, dilation, groups) if ctx.needs_input_grad[1] else None
     return grad_x, grad_ws, None, None, None
 
 
