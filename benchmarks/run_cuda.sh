@@ -104,7 +104,7 @@ stage tuning 40 env TIMM_EPSANET_TRITON=0 TRITON_CACHE_DIR="$OUT_DIR/triton_cach
 stage compile 50 $PYTHON benchmarks/cuda_checks.py compile --device $DEVICE $TINY
 stage amp_bf16_b128 30 $PYTHON benchmarks/benchmark.py $BENCH_ARGS --batch-size $B128 --precisions amp_bf16 \
     --layouts channels_last --models $PEERS $EPSANETS --out "$OUT_DIR/amp_bf16_b128"
-# the Triton kernels' tiles: the defaults against their neighbours, Small's branches largest first,
-# the tensor-core kernels before the CUDA-core ones
+# the Triton kernels' tiles: the defaults against their neighbours, the fused kernels per PSA stage
+# first, then Small's branches largest first, the tensor-core kernels before the CUDA-core ones
 stage tiles 25 $PYTHON benchmarks/triton_tiles.py $TILE_ARGS --json "$OUT_DIR/tiles.json"
 echo "=== done $(date +%T)"

@@ -9,7 +9,8 @@ where a group has at most 8 outputs) on the default tile and on its neighbours (
 the pixels, half the groups, other warp counts, half and twice the taps per program of the
 tensor-core weight gradient), checks that each tile computes what the default does, and writes
 one JSON row per (branch, kernel, tile) as it goes. Largest branches first, so a run cut short by
-a time limit keeps the ones that matter most.
+a time limit keeps the ones that matter most. The fused kernels of 'triton_spc' (`--kernels
+spc`, first by default) are timed the same way per PSA stage, on the branches that fuse there.
 
     python benchmarks/triton_tiles.py --device cuda --batch-size 128 --json /tmp/tiles.json
     TRITON_INTERPRET=1 python benchmarks/triton_tiles.py --device cpu --batch-size 1 --stages 1 --size 4 --max-shapes 1 --iters 1 --warmup 0
@@ -20,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-from psa_branches import shapes, time_ms, write_json
+from psa_branches import psa_stages, shapes, time_ms, write_json
 from timm_epsanet._branch_forms import block_diagonal_weight, regroup_factor
 
 KINDS = ('forward', 'grad_input', 'grad_weight')
-KERNELS = ('mma', 'cuda_cores')  # tensor-core and CUDA-core kernels
+KERNELS = ('spc', 'mma', 'cuda_cores')  # fused tensor-core ('triton_spc'), tensor-core and CUDA-core kernels
 # the outputs per group the CUDA-core kernels are written for
 MAX_OUTS_PER_GROUP = 8
 
@@ -45,7 +46,7 @@ def neighbour_tiles(default, kind='forward', tensor_cores=False):
     """`default` first, then the tiles one step away from it (the tensor-core weight gradient's
     taps per program first: the step most likely to matter there)."""
     tiles = [default]
-    if kind == 'grad_weight' and tensor_cores:  # taps per program: half, and twice within 256 rows
+    if kind == 'grad_weight' and tensor_cores and default.block_t > 1:  # taps per program: half, twice within 256 rows
         tiles += [default._replace(block_t=t) for t in (default.block_t // 2, default.block_t * 2)
                   if 1 <= t and t * default.block_r <= 256]
     for block_p in (default.block_p // 2, default.block_p * 2):
@@ -74,6 +75,61 @@ def default_tile(kind, groups, in_per_group, outs, kernel, tensor_cores):
     return mma_config_for(c_red, c_out, kernel) if tensor_cores else config_for(groups, c_red, c_out)
 
 
+def fused_runner(kind, x, weights, grad, groups):
+    """A function of a tile that runs one fused kernel of `_triton_spc` and returns its output."""
+    from timm_epsanet import _triton_spc as tsp
+    if kind == 'grad_weight':
+        return lambda tile: torch.cat([w.flatten() for w in tsp._launch_weight_grad(
+            x, grad, weights, (1, 1), (1, 1), groups, config=tile)])
+    if kind == 'grad_input':
+        return lambda tile: tsp._launch(grad, weights, torch.empty_like(x), (1, 1), (1, 1), groups, True, config=tile)
+    return lambda tile: tsp._launch(x, weights, torch.empty_like(grad), (1, 1), (1, 1), groups, False, config=tile)
+
+
+def measure_fused(psa, args, device):
+    """The fused kernels on one PSA stage's branches that fuse (stride 1), each kernel on its
+    default tile and the neighbours."""
+    from timm_epsanet._triton_branch import mma_config_for
+    from timm_epsanet.psa import PyramidSqueezeAttention
+    dtype = getattr(torch, args.dtype)
+    convs = PyramidSqueezeAttention(psa['chs'], groups=psa['groups'], branch_form='triton_spc').convs
+    convs.to(device, dtype)
+    plans = [conv.plan_for('cuda', True) for conv in convs]
+    (run,) = convs.spc_runs(plans, ['channels_last'] * len(plans))
+    size, layout = psa['size'], torch.channels_last
+    x = torch.randn(args.batch_size, psa['chs'], size, size, device=device, dtype=dtype).contiguous(memory_format=layout)
+    weights, groups = [], 1
+    for i in run:
+        _, weight, groups = convs[i].mma_inputs(x)  # merged as the form merges them
+        weights.append(weight.detach())
+    grad = torch.randn(args.batch_size, sum(w.shape[0] for w in weights), size, size, device=device, dtype=dtype)
+    grad = grad.contiguous(memory_format=layout)
+    ins, outs = weights[0].shape[1], weights[0].shape[0] // groups
+    kernels = [convs[i].kernel_size[0] for i in run]
+    rows = []
+    for kind in KINDS:
+        run_tile = fused_runner(kind, x, weights, grad / grad.numel() ** 0.5, groups)
+        default = mma_config_for(outs, ins) if kind == 'grad_input' else mma_config_for(ins, outs)
+        default = default._replace(block_t=1)  # the fused weight gradient takes one tap per program
+        rows += timed_tiles(run_tile, default, kind, True, args, device, dict(
+            psa, kernel='+'.join(map(str, kernels)), groups=groups, kernels='spc', merge=None))
+    return rows
+
+
+def timed_tiles(run, default, kind, tensor_cores, args, device, row):
+    """One row per tile (the default first): milliseconds, against the default, equal to it."""
+    reference = run(default).float()
+    default_ms, rows = None, []
+    for tile in neighbour_tiles(default, kind, tensor_cores)[:args.max_tiles]:
+        out = run(tile).float()
+        equal = bool(torch.allclose(out, reference, rtol=1e-2, atol=1e-2 * reference.abs().max().item()))
+        ms = time_ms(lambda: run(tile), device, args.iters, args.warmup)
+        default_ms = default_ms or ms
+        rows.append(dict(row, batch_size=args.batch_size, dtype=args.dtype, kernel_kind=kind, tile=list(tile),
+                         default=tile == default, ms=ms, x_default=default_ms / ms, equal=equal))
+    return rows
+
+
 def measure(shape, args, device):
     chs, size, k = shape['chs'], shape['size'], shape['kernel']
     dtype = getattr(torch, args.dtype)
@@ -86,23 +142,14 @@ def measure(shape, args, device):
     for kernels in args.kernels:
         tensor_cores = kernels == 'mma'
         merge = regroup_factor(groups, outs, min_outs=16) if tensor_cores else 1
-        if not tensor_cores and outs > MAX_OUTS_PER_GROUP:
-            continue
+        if kernels == 'spc' or (not tensor_cores and outs > MAX_OUTS_PER_GROUP):
+            continue  # the fused kernels: `measure_fused`, per PSA
         merged = block_diagonal_weight(weight, groups, merge) if merge > 1 else weight
         in_per_group = chs // groups * merge
         for kind in KINDS:
             run = kernel_runner(kind, groups // merge, k, x, merged, grad, tensor_cores)
             default = default_tile(kind, groups // merge, in_per_group, outs * merge, k, tensor_cores)
-            reference = run(default).float()
-            default_ms = None
-            for tile in neighbour_tiles(default, kind, tensor_cores)[:args.max_tiles]:
-                out = run(tile).float()
-                equal = bool(torch.allclose(out, reference, rtol=1e-2, atol=1e-2 * reference.abs().max().item()))
-                ms = time_ms(lambda: run(tile), device, args.iters, args.warmup)
-                default_ms = default_ms or ms
-                rows.append(dict(shape, batch_size=args.batch_size, dtype=args.dtype, kernels=kernels, merge=merge,
-                                 kernel_kind=kind, tile=list(tile), default=tile == default, ms=ms,
-                                 x_default=default_ms / ms, equal=equal))
+            rows += timed_tiles(run, default, kind, tensor_cores, args, device, dict(shape, kernels=kernels, merge=merge))
     return rows
 
 
@@ -127,8 +174,11 @@ def main(argv=None):
     print('| variant | stage | chs | size | k | groups | kernels | kernel | tile (P, G, R, O, warps, T) | ms | x default | equal |')
     print('|---|---|---|---|---|---|---|---|---|---|---|---|')
     rows = []
-    for shape in triton_shapes(args.variants, args.stages, args.size)[:args.max_shapes]:
-        for row in measure(shape, args, device):
+    psas = [dict(psa, size=args.size or psa['size']) for psa in psa_stages(args.variants) if psa['stage'] in args.stages]
+    fused = [(measure_fused, psa) for psa in psas[:args.max_shapes]] if 'spc' in args.kernels else []
+    for measure_one, shape in fused + [(measure, shape) for shape in
+                                       triton_shapes(args.variants, args.stages, args.size)[:args.max_shapes]]:
+        for row in measure_one(shape, args, device):
             rows.append(row)
             print(f'| {row["variant"]} | {row["stage"]} | {row["chs"]} | {row["size"]} | {row["kernel"]} | '
                   f'{row["groups"]} | {row["kernels"]} | {row["kernel_kind"]} | {tuple(row["tile"])}{" (default)" if row["default"] else ""} '

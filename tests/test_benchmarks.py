@@ -110,9 +110,10 @@ def test_psa_branches_times_every_form_in_every_layout(tmp_path):
 
 
 def test_triton_tiles_times_each_kernel_on_neighbouring_tiles(tmp_path):
-    """The tile sweep run_cuda.sh runs on a GPU, here under the Triton interpreter on one tiny branch:
-    each kernel of both families (tensor cores on the merged groups first) on its default tile
-    first, then its neighbours, each checked against the default."""
+    """The tile sweep run_cuda.sh runs on a GPU, here under the Triton interpreter on one tiny PSA
+    and branch: each fused kernel of the PSA's fused branches first, then each kernel of both
+    branch families (tensor cores on the merged groups first), each on its default tile first,
+    then its neighbours, each checked against the default."""
     out = tmp_path / 'tiles.json'
     env = dict(os.environ, OMP_NUM_THREADS='1', TRITON_INTERPRET='1')
     subprocess.run([sys.executable, str(BENCHMARKS / 'triton_tiles.py'), '--device', 'cpu', '--dtype', 'float32',
@@ -121,9 +122,11 @@ def test_triton_tiles_times_each_kernel_on_neighbouring_tiles(tmp_path):
                    env=env)
     rows = json.loads(out.read_text())['rows']
     assert [(r['kernels'], r['kernel_kind'], r['default']) for r in rows] == [
-        (kernels, kind, default) for kernels in ('mma', 'cuda_cores')
+        (kernels, kind, default) for kernels in ('spc', 'mma', 'cuda_cores')
         for kind in ('forward', 'grad_input', 'grad_weight') for default in (True, False)]
-    assert {(r['stage'], r['kernel'], r['groups']) for r in rows} == {(1, 5, 4)}  # Small's largest grouped branch
+    # Small's stage-1 PSA, its four branches fused into one group; then its largest grouped branch
+    assert {(r['stage'], r['kernel'], r['groups']) for r in rows if r['kernels'] == 'spc'} == {(1, '3+5+7+9', 1)}
+    assert {(r['stage'], r['kernel'], r['groups']) for r in rows if r['kernels'] != 'spc'} == {(1, 5, 4)}
     assert {r['merge'] for r in rows if r['kernels'] == 'mma'} == {4}  # 4 outputs per group, merged to 16
     assert all(r['equal'] and r['ms'] > 0 for r in rows), rows
     assert rows[1]['tile'] != rows[0]['tile']

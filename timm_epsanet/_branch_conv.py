@@ -228,6 +228,8 @@ class BranchConvs(nn.ModuleList):
         same `spc_key`, 2 to 4 per run. A dense branch (one group, planned 'grouped') that reads
         the same slices joins them (Small's kernel-3 branch at stage 1): its taps are the centre's,
         whose input tiles the others read anyway."""
+        if all(form != 'triton_spc' for form, _ in plans):
+            return []
         by_key: Dict[str, List[int]] = {}
         fused_keys = set()
         for i, (conv, (form, _), layout) in enumerate(zip(self, plans, layouts)):
