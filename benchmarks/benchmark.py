@@ -244,22 +244,9 @@ def key(cfg):
     return (cfg['mode'], cfg['layout'], cfg['precision'], cfg['compile'])
 
 
-def cpu_model() -> str:
-    """The CPU's model name as the OS reports it (Linux: /proc/cpuinfo), with family and model
-    numbers where the name is generic (virtual machines often report 'Intel(R) Xeon(R) Processor')."""
-    try:
-        info = dict(line.split(':', 1) for line in Path('/proc/cpuinfo').read_text().splitlines() if ':' in line)
-        info = {k.strip(): v.strip() for k, v in info.items()}
-    except OSError:
-        info = {}
-    name = info.get('model name') or platform.processor() or platform.machine()
-    if 'cpu family' in info and 'model' in info:
-        name += f' (family {info["cpu family"]}, model {info["model"]})'
-    return name
-
-
 def machine_description(device, malloc_keep=False):
     import torch
+    from timm_epsanet._branch_tuning import cpu_model  # the name branch tuning keys its plans by
     if device == 'cuda':
         desc = f'{torch.cuda.get_device_name()}, torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}'
     else:

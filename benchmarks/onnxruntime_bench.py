@@ -23,7 +23,8 @@ import timm
 import torch
 
 import timm_epsanet  # noqa: F401
-from benchmarks.benchmark import cpu_model, create
+from benchmarks.benchmark import create
+from timm_epsanet._branch_tuning import cpu_model
 
 EXPORTERS = ('torchscript', 'dynamo')
 REFERENCE = 'resnet50'

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from benchmark import cpu_model, timed
+from benchmark import timed
+from timm_epsanet._branch_tuning import cpu_model
 from timm_epsanet._branch_conv import BRANCH_FORMS, BranchConv2d
 from timm_epsanet.epsanet import LARGE_GROUPS, PSA_KERNELS, SMALL_GROUPS
 from timm_epsanet.psa import PyramidSqueezeAttention

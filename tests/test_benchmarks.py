@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from benchmarks import benchmark
+from timm_epsanet._branch_tuning import cpu_model
 from timm_epsanet import PyramidSqueezeAttention
 from timm_epsanet._branch_tuning import device_name
 from timm_epsanet._official import OfficialPSA
@@ -75,12 +76,19 @@ def test_merge_keeps_the_fastest_and_refuses_other_machines(tmp_path):
 
 
 def test_machine_line_names_the_cpu_model():
+    """The CPU model in benchmark machine lines is the one branch tuning keys its plan cache by,
+    with its family and model numbers (VMs report generic names for different generations)."""
+    from timm_epsanet._branch_tuning import device_name
     machine = benchmark.machine_description('cpu')
-    assert machine.startswith(benchmark.cpu_model())
-    model_names = [line.split(':', 1)[1].strip() for line in Path('/proc/cpuinfo').read_text().splitlines()
-                   if line.startswith('model name')] if Path('/proc/cpuinfo').exists() else []
-    if model_names:
-        assert model_names[0] in machine
+    assert machine.startswith(cpu_model())
+    assert device_name(torch.device('cpu')).startswith(cpu_model())
+    cpuinfo = Path('/proc/cpuinfo').read_text().splitlines() if Path('/proc/cpuinfo').exists() else []
+    fields = dict((key.strip(), value.strip()) for key, value in
+                  reversed([line.split(':', 1) for line in cpuinfo if ':' in line]))  # the first processor's
+    if 'model name' in fields:
+        assert machine.startswith(fields['model name'])
+    if 'cpu family' in fields and 'model' in fields:
+        assert f"(family {fields['cpu family']}, model {fields['model']})" in machine
 
 
 @pytest.mark.slow
@@ -92,7 +100,7 @@ def test_psa_branches_times_every_form_in_every_layout(tmp_path):
     run_script('psa_branches.py', '--batch-size', '1', '--iters', '1', '--variants', 'small',
                '--forms', 'grouped', 'depthwise', 'volumetric', 'regrouped', '--json', str(out))
     result = json.loads(out.read_text())
-    assert result['machine'].startswith(benchmark.cpu_model())
+    assert result['machine'].startswith(cpu_model())
     rows = result['rows']
     assert [(r['stage'], r['kernel']) for r in rows] == [(s, k) for s in (1, 2, 3, 4) for k in (3, 5, 7, 9)]
     forms = ('grouped/nchw', 'grouped/channels_last', 'depthwise/channels_last', 'volumetric/nchw',

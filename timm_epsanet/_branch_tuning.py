@@ -208,20 +208,27 @@ def device_name(device: torch.device) -> str:
         if device.type == 'cuda':
             _DEVICE_NAMES[key] = torch.cuda.get_device_name(device)
         else:
-            _DEVICE_NAMES[key] = f'{_cpu_model()} ({torch.backends.cpu.get_cpu_capability()})'
+            _DEVICE_NAMES[key] = f'{cpu_model()} ({torch.backends.cpu.get_cpu_capability()})'
     return _DEVICE_NAMES[key]
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name as the OS reports it (Linux: /proc/cpuinfo), with family and model
+    numbers where known: virtual machines often report a generic name ('Intel(R) Xeon(R)
+    Processor') for CPUs of different generations, which time branch forms differently."""
+    import platform
     try:
         with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.lower().startswith('model name'):
-                    return line.split(':', 1)[1].strip()
+            lines = [line.split(':', 1) for line in f.read().splitlines() if ':' in line]
+        info = {}
+        for key, value in lines:
+            info.setdefault(key.strip(), value.strip())  # the first processor's
     except OSError:
-        pass
-    import platform
-    return platform.processor() or platform.machine() or 'cpu'
+        info = {}
+    name = info.get('model name') or platform.processor() or platform.machine() or 'cpu'
+    if 'cpu family' in info and 'model' in info:
+        name += f' (family {info["cpu family"]}, model {info["model"]})'
+    return name
 
 
 def _header(device: torch.device) -> Tuple[str, ...]:
