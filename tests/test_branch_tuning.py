@@ -257,9 +257,10 @@ def test_plans_differ_by_mode_layout_dtype_and_size(tuning, monkeypatch):
             psa(x)
     psa.train()
     psa(x.requires_grad_()).sum().backward()
+    psa(x.detach()).sum().backward()  # behind a frozen layer: no input gradient to time
     keys = list(_branch_tuning._state.tables.values())[0]
-    assert len(timed) == 5 == len(keys)
-    assert sorted(key.split('|')[0] for key in keys) == ['infer'] * 4 + ['train']
+    assert len(timed) == 6 == len(keys)
+    assert sorted(key.split('|')[0] for key in keys) == ['infer'] * 4 + ['train', 'train_frozen_input']
     assert any('|bfloat16|' in key for key in keys) and any('|channels_last|' in key for key in keys)
 
 

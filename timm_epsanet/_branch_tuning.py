@@ -182,15 +182,18 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def entry_key(convs: Sequence[torch.nn.Conv2d], x: torch.Tensor, training: bool) -> str:
-    """What a plan depends on, besides the device: mode, compute dtype, caller layout, CPU threads,
-    input size (batch and each side rounded up to a power of two), and every branch's conv."""
+    """What a plan depends on, besides the device: mode (training with or without the input's
+    gradient: a frozen layer before the PSA skips it, and `tune` times what runs), compute dtype,
+    caller layout, CPU threads, input size (batch and each side rounded up to a power of two), and
+    every branch's conv."""
     B, C, H, W = x.shape
+    mode = ('train' if x.requires_grad else 'train_frozen_input') if training else 'infer'
     threads = f'threads={torch.get_num_threads()}|' if x.device.type == 'cpu' else ''
     branches = ';'.join(
         f'k{c.kernel_size[0]}x{c.kernel_size[1]},g{c.groups},{c.in_channels}->{c.out_channels},'
         f's{c.stride[0]}x{c.stride[1]},p{c.padding[0]}x{c.padding[1]},d{c.dilation[0]}x{c.dilation[1]}'
         for c in convs)
-    return (f'{"train" if training else "infer"}|{str(compute_dtype(x)).replace("torch.", "")}|{layout_of(x)}|'
+    return (f'{mode}|{str(compute_dtype(x)).replace("torch.", "")}|{layout_of(x)}|'
             f'{threads}n{_bucket(B)}|{_bucket(H)}x{_bucket(W)}|{branches}')
 
 
