@@ -171,12 +171,12 @@ def check_ops() -> dict:
     return failed
 
 
-def compiled_against(loss, reference_loss, x, op: str) -> dict:
-    """torch.compile of `loss` (aot_eager, full graph): graph breaks, calls of `op` in the graph,
-    loss and input gradient against `reference_loss`'s."""
+def compiled_against(loss, reference_loss, x, op: str, backend: str = 'aot_eager') -> dict:
+    """torch.compile of `loss` (full graph): graph breaks, calls of `op` in the graph, loss and
+    input gradient against `reference_loss`'s."""
     explained = torch._dynamo.explain(loss)(x)
     code = '\n'.join(graph.code for graph in explained.graphs)
-    compiled = torch.compile(loss, backend='aot_eager', fullgraph=True)(x)
+    compiled = torch.compile(loss, backend=backend, fullgraph=True)(x)
     compiled.backward()
     grad_compiled, x.grad = x.grad, None
     reference = reference_loss(x)
@@ -197,7 +197,8 @@ def check_compile(form) -> dict:
 
 
 def check_spc_compile() -> dict:
-    """torch.compile of a PSA's branches planned 'triton_spc' (Small's stage 1 in miniature)."""
+    """torch.compile of a PSA's branches planned 'triton_spc' (Small's stage 1 in miniature), by
+    inductor, which lowers the fused ops and their gradients (lists of weights in, and out)."""
     from timm_epsanet.psa import PyramidSqueezeAttention
 
     convs = PyramidSqueezeAttention(64, branch_form='triton_spc').convs
@@ -205,7 +206,8 @@ def check_spc_compile() -> dict:
     x = torch.randn(2, 64, 6, 6).contiguous(memory_format=torch.channels_last).requires_grad_()
     return compiled_against(
         lambda x: convs.run_plans(x, plans).square().sum(),
-        lambda x: torch.cat([conv.forward_as(x, 'grouped') for conv in convs], 1).square().sum(), x, 'spc_conv')
+        lambda x: torch.cat([conv.forward_as(x, 'grouped') for conv in convs], 1).square().sum(), x, 'spc_conv',
+        backend='inductor')
 
 
 def check_wide_weight_grad() -> dict:
