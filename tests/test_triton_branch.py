@@ -43,13 +43,15 @@ ALL_FORMS = FORMS + ('triton_spc',)
 # fused, channels_last, dtype). Small's stage 1 in miniature (kernels 5-9 each merged into one
 # group of 64 -> 16, which the dense kernel-3 branch joins), Large's (all four alike), one where
 # only two fuse (kernel 5's merged groups are wider, as in Small's stage 4, and the dense branch
-# reads all 32 channels), stride 2, dilation 2, NCHW, fp16
+# reads all 32 channels), stride 2, dilation 2, NCHW, fp16, kernels in no order
 SPC_CASES = [
     (dict(in_chs=64), [[0, 1, 2, 3]], True, 'float32'),
     (dict(in_chs=32, groups=(8, 8, 8, 8)), [[0, 1, 2, 3]], True, 'float32'),
     (dict(in_chs=32, out_chs=256, groups=(1, 2, 4, 4)), [[2, 3]], True, 'float32'),
     (dict(in_chs=64, stride=2), [[0, 1, 2, 3]], False, 'float32'),
     (dict(in_chs=32, groups=(8, 8, 8, 8), dilation=2), [[0, 1, 2, 3]], True, 'float16'),
+    # kernels out of order: fused in ascending order, each output back in its branch's place
+    (dict(in_chs=32, groups=(8, 8, 8, 8), kernel_sizes=(9, 5, 7, 3)), [[3, 1, 2, 0]], True, 'float32'),
 ]
 
 
