@@ -144,8 +144,8 @@ def main(argv=None):
         rows.append(row)
         times = [row[f'{key}_{mode}_ms'] for mode in ('infer', 'train') for key in keys]
         groups = ','.join(map(str, row['groups'])) if args.whole_psa else row['groups']
-        print(f'| {row["variant"]} | {row["stage"]} | {row["chs"]} | {row["size"]} | {row.get("kernel", "all")} | {groups} | '
-              + ' | '.join(f'{t:.3f}' for t in times) + f' | {row["auto"]} |', flush=True)
+        print(f'| {row["variant"]} | {row["stage"]} | {row["chs"]} | {row["size"]} | {row.get("kernel", "all")} | '
+              f'{groups} | ' + ' | '.join(f'{t:.3f}' for t in times) + f' | {row["auto"]} |', flush=True)
         if args.json:  # after every row: a run cut short keeps what it measured
             write_json(args.json, device, args, rows)
 

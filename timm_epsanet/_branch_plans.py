@@ -1,8 +1,8 @@
 """ Which form and memory layout a PSA branch runs in, per device.
 
 A plan is (form, layout): a form of `_branch_forms` ('grouped', 'depthwise', 'volumetric',
-'dense', 'regrouped') or one of `TRITON_FORMS` (`_triton_branch`, `_triton_spc`; CUDA only) and 'nchw',
-'channels_last', or 'any' (channels-last when the PSA has a channels-last copy of its input
+'dense', 'regrouped') or one of `TRITON_FORMS` (`_triton_branch`, `_triton_spc`; CUDA only) and
+'nchw', 'channels_last', or 'any' (channels-last when the PSA has a channels-last copy of its input
 anyway, else NCHW). The rules come from per-branch and per-PSA timings (benchmarks/psa_branches.py,
 benchmarks/psa_plans.py; their results and the numbers behind each rule are in
 benchmarks/README.md), and on CUDA from arithmetic until a GPU times them (`cuda_branch_form`).
@@ -79,9 +79,9 @@ def cuda_branch_form(
     fewer reads of the input). Not the CUDA-core kernels ('triton'): EPSANet's grouped branches
     hold more multiply-adds than CUDA cores can run, even at their peak, in the time a
     ResNet-50-class budget leaves them, while merged groups on tensor cores cost a few times the
-    MACs at many times the rate (benchmarks/branch_macs.py). Otherwise cuDNN: at inference the dense form for
-    up to 16 groups, whose extra MACs cost less than cuDNN's slow grouped kernels; the grouped
-    conv in training, where the dense form's backward costs more than it saves.
+    MACs at many times the rate (benchmarks/branch_macs.py). Otherwise cuDNN: at inference the
+    dense form for up to 16 groups, whose extra MACs cost less than cuDNN's slow grouped kernels;
+    the grouped conv in training, where the dense form's backward costs more than it saves.
     """
     if triton and in_per_group > 1:
         return 'triton_spc'

@@ -414,7 +414,8 @@ def plan_verified(convs, x: torch.Tensor, plan: List[Plan], training: bool) -> b
     if not any(form == 'triton_spc' for form, _ in plan):
         return True
     caller = layout_of(x)
-    expected = _outputs_and_grads(partial(convs.run_plans, plans=[('grouped', caller)] * len(convs)), convs, x, training)
+    grouped = [('grouped', caller)] * len(convs)
+    expected = _outputs_and_grads(partial(convs.run_plans, plans=grouped), convs, x, training)
     try:
         got = _outputs_and_grads(partial(convs.run_plans, plans=plan), convs, x, training, grad_out=expected[0])
     except Exception:  # the fused kernels cannot run this: not a candidate

@@ -99,6 +99,15 @@ def _dst_pixels(pid_p, N, H_dst, W_dst, stride_h, stride_w, pad_h, pad_w,
         return n, oh, ow, p_ok, 0, 0, 1, 1
 
 
+@triton.jit
+def _group_block(C_OUT: tl.constexpr, BLOCK_O: tl.constexpr):
+    """The group and block of written channels of a tensor-core program (`program_id(1)`): the
+    group, the channels, and which of them exist."""
+    n_oblocks = tl.cdiv(C_OUT, BLOCK_O)
+    o = (tl.program_id(1) % n_oblocks) * BLOCK_O + tl.arange(0, BLOCK_O)
+    return tl.program_id(1) // n_oblocks, o, o < C_OUT
+
+
 # sizes are not specialized on (a batch of 2 compiles what a batch of 128 runs); strides are
 @triton.jit(do_not_specialize=['N', 'H_src', 'W_src', 'H_dst', 'W_dst'])
 def _conv_kernel(
@@ -228,15 +237,9 @@ def _conv_mma_kernel(
     """`_conv_kernel`'s sum for groups of 16 or more channels each way, on tensor cores: each program
     takes one group and, tap by tap, adds the product of a (pixels x reduction channels) tile of
     src and the tap's (reduction x written channels) weight tile (`tl.dot`, fp32 accumulation)."""
-    pid_p = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    n_oblocks = tl.cdiv(C_OUT, BLOCK_O)
-    g = pid_c // n_oblocks
-    o = (pid_c % n_oblocks) * BLOCK_O + tl.arange(0, BLOCK_O)
-    o_ok = o < C_OUT
-
+    g, o, o_ok = _group_block(C_OUT, BLOCK_O)
     n, oh, ow, p_ok, kh0, kw0, kh_step, kw_step = _dst_pixels(
-        pid_p, N, H_dst, W_dst, stride_h, stride_w, pad_h, pad_w, BLOCK_P, PHASED)
+        tl.program_id(0), N, H_dst, W_dst, stride_h, stride_w, pad_h, pad_w, BLOCK_P, PHASED)
     r_block = tl.arange(0, BLOCK_R)
 
     acc = tl.zeros((BLOCK_P, BLOCK_O), dtype=tl.float32)

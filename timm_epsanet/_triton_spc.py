@@ -4,9 +4,10 @@ In the 'triton_mma' form each branch is its own conv, and each reads the whole i
 Once their groups are merged into groups of 16 or more outputs, EPSANet's grouped branches mostly
 read the same input slices: in Large all four do, and in Small those of kernels 5, 7 and 9 (all
 but the last stage; at stage 1 the dense kernel-3 branch too). Every tap offset of a smaller
-centred kernel is also a tap offset of a larger one. So here one program per (pixel tile, input slice) walks the taps of the largest
-kernel ring by ring: the centre, then squares of growing radius. It loads each shifted input tile
-once and multiplies it into the accumulator of every branch whose kernel reaches that ring. The
+centred kernel is also a tap offset of a larger one. So here one program per (pixel tile, input
+slice) walks the taps of the largest kernel ring by ring: the centre, then squares of growing
+radius. It loads each shifted input tile once and multiplies it into the accumulator of every
+branch whose kernel reaches that ring. The
 products are the same; the tile reads are fewer (one per tap of the largest kernel instead of one
 per tap of every kernel); the outputs go straight into their concatenation.
 
@@ -29,7 +30,7 @@ import triton
 import triton.language as tl
 
 from ._triton_branch import (
-    _check_device, _dst_pixels, _empty_like_layout, _grad_input_op, _out_size, _precision, _tile_pixels,
+    _check_device, _dst_pixels, _empty_like_layout, _group_block, _grad_input_op, _out_size, _precision, _tile_pixels,
     mma_config_for, weight_grad_chunks,
 )
 
@@ -85,13 +86,8 @@ def _spc_mma_kernel(
     x[p*stride + (dh, dw)*dil, g*C_RED + r] * w_b[tap, g, r, o], for up to 4 branches b of radii
     R0 <= R1 <= R2 <= R3. Each program: one tile of pixels, one group (input slice), BLOCK_O of its
     written channels, all branches."""
-    pid_p = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    n_oblocks = tl.cdiv(C_OUT, BLOCK_O)
-    g = pid_c // n_oblocks
-    o = (pid_c % n_oblocks) * BLOCK_O + tl.arange(0, BLOCK_O)
-    o_ok = o < C_OUT
-    n, oh, ow, p_ok, _, _, _, _ = _dst_pixels(pid_p, N, H_out, W_out, 1, 1, 0, 0, BLOCK_P, False)
+    g, o, o_ok = _group_block(C_OUT, BLOCK_O)
+    n, oh, ow, p_ok, _, _, _, _ = _dst_pixels(tl.program_id(0), N, H_out, W_out, 1, 1, 0, 0, BLOCK_P, False)
     r_block = tl.arange(0, BLOCK_R)
     # each tap reads the centre's pixel shifted by a scalar: its address and bounds are one add each
     oh = oh * stride_h
@@ -164,13 +160,8 @@ def _spc_grad_input_mma_kernel(
     their taps (dh, dw) and r of gy[p - (dh, dw)*dil, b*G*C_RED + g*C_RED + r] * w_b[tap, g, i, r]
     (reduced: a branch's outputs per group, C_RED; written: the group's inputs, C_OUT; the weights
     group-transposed: (KH, KW, G, C_RED, C_OUT)). One accumulator per program for all branches."""
-    pid_p = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    n_iblocks = tl.cdiv(C_OUT, BLOCK_O)
-    g = pid_c // n_iblocks
-    i = (pid_c % n_iblocks) * BLOCK_O + tl.arange(0, BLOCK_O)
-    i_ok = i < C_OUT
-    n, ih, iw, p_ok, _, _, _, _ = _dst_pixels(pid_p, N, H, W, 1, 1, 0, 0, BLOCK_P, False)
+    g, i, i_ok = _group_block(C_OUT, BLOCK_O)
+    n, ih, iw, p_ok, _, _, _, _ = _dst_pixels(tl.program_id(0), N, H, W, 1, 1, 0, 0, BLOCK_P, False)
     r_block = tl.arange(0, BLOCK_R)
     branch = G * C_RED * y_c  # channel offset from one branch's output gradients to the next's
     centre = n * y_n + ih * y_h + iw * y_w

@@ -246,24 +246,20 @@ def _variant_args(layers, groups, kwargs, **model_args) -> dict:
     return {'block': EPSABottleneck, 'layers': layers, **model_args, **kwargs, 'block_args': block_args}
 
 
-def _small_args(layers, kwargs):
-    return _variant_args(layers, SMALL_GROUPS, kwargs)
-
-
 def _large_args(layers, kwargs):
-    return _variant_args(layers, LARGE_GROUPS, kwargs, base_width=128)
+    return _variant_args(layers, LARGE_GROUPS, kwargs, base_width=128)  # the double-width bottleneck
 
 
 @register_model
 def epsanet50_small(pretrained: bool = False, **kwargs) -> ResNet:
     """EPSANet(Small)-50, as in the official code."""
-    return _create_epsanet('epsanet50_small', pretrained, **_small_args((3, 4, 6, 3), kwargs))
+    return _create_epsanet('epsanet50_small', pretrained, **_variant_args((3, 4, 6, 3), SMALL_GROUPS, kwargs))
 
 
 @register_model
 def epsanet101_small(pretrained: bool = False, **kwargs) -> ResNet:
     """EPSANet(Small)-101, as in the official code."""
-    return _create_epsanet('epsanet101_small', pretrained, **_small_args((3, 4, 23, 3), kwargs))
+    return _create_epsanet('epsanet101_small', pretrained, **_variant_args((3, 4, 23, 3), SMALL_GROUPS, kwargs))
 
 
 @register_model

@@ -63,8 +63,8 @@ class PyramidSqueezeAttention(nn.Module):
         dilation: dilation of every branch (timm's output_stride support).
         act_layer: activation inside SEWeight (ReLU in the paper).
         branch_form: how the branch convs are computed, one of ('auto', 'grouped', 'depthwise',
-            'volumetric', 'dense', 'regrouped', 'triton', 'triton_mma', 'triton_spc'); 'auto' picks per branch
-            and device. Same weights and function.
+            'volumetric', 'dense', 'regrouped', 'triton', 'triton_mma', 'triton_spc'); 'auto' picks
+            per branch and device. Same weights and function.
     """
 
     def __init__(
