@@ -2,10 +2,11 @@
 
 Triton compiles for a GPU it does not have (`triton.compile` with an sm_90 target, then its own
 `ptxas` and `cuobjdump`), so each kernel EPSANet runs can be built here and its machine code read:
-registers, spills, and the innermost loop, the one that runs once per tap. A multiprocessor issues
-one instruction per scheduler per cycle, so that loop's instruction count bounds the kernel's
-speed before memory does: of each iteration's issue slots, only the multiply-adds (FFMA) or the
-tensor-core products (HGMMA / HMMA) do the work. `issue bound` is the fraction of the unit's peak
+registers, spills, shared memory (more than a block may have fails at launch, not at build) and
+the blocks a multiprocessor holds at once, and the innermost loop, the one that runs once per
+tap. A multiprocessor issues one instruction per scheduler per cycle, so that loop's instruction
+count bounds the kernel's speed before memory does: of each iteration's issue slots, only the
+multiply-adds (FFMA) or the tensor-core products (HGMMA / HMMA) do the work. `issue bound` is the fraction of the unit's peak
 rate the loop could reach if nothing else stalled it: FFMA / instructions on CUDA cores; the
 products' multiply-adds per issue cycle over the tensor cores' rate on tensor cores (1.00: the
 loop issues faster than its unit multiplies). It is an upper bound, not a speed: a GPU measures
@@ -39,6 +40,11 @@ BIN = Path(triton.__file__).parent / 'backends' / 'nvidia' / 'bin'
 CUDA_CORE_MACS_PER_CYCLE = 128
 TENSOR_CORE_MACS_PER_CYCLE = 2048
 ISSUE_PER_CYCLE = 4  # warp instructions: one per scheduler
+# per multiprocessor (Hopper): registers, shared memory (a block may take 227 KB of it, and the
+# driver reserves 1 KB more per block), warps and blocks in flight
+REGISTERS_PER_SM = 65536
+SHARED_PER_SM, SHARED_PER_BLOCK, SHARED_RESERVED = 228 * 1024, 227 * 1024, 1024
+MAX_WARPS_PER_SM, MAX_BLOCKS_PER_SM = 64, 32
 # epsanet50_small's grouped branches per stage: output width, and (inputs per group, outputs per
 # group, groups) of its kernel 5, 7 and 9 branches
 SMALL_BRANCHES = {1: (56, [(16, 4, 4), (8, 2, 8), (4, 1, 16)]), 2: (28, [(32, 8, 4), (16, 4, 8), (8, 2, 16)]),
@@ -56,7 +62,8 @@ def build_sm90(kernel, dtype: str, c_in: int, c_out: int, groups: int, transpose
     """Build `kernel` for sm_90a as a channels-last launch of EPSANet's shapes specializes it:
     channel strides of 1, the other strides and the pointers multiples of 16 (Triton specializes
     on both), weight-gradient tiles for an output `width` wide and a kernel `kernel_width` wide,
-    the input gradient by phases where `phased` (a strided conv's); returns (config, ptxas report, SASS)."""
+    the input gradient by phases where `phased` (a strided conv's); returns (config, ptxas report,
+    SASS, shared memory bytes per block)."""
     names = list(inspect.signature(kernel.fn).parameters)
     mma = 'PRECISION' in names
     c_red, c_written = (c_out, c_in) if transposed else (c_in, c_out)
@@ -79,12 +86,12 @@ SPC_KERNELS = {'forward': tsp._spc_mma_kernel, 'grad_input': tsp._spc_grad_input
                'grad_weight': tsp._spc_weight_grad_mma_kernel}
 
 
-def build_spc_sm90(kind: str, dtype: str, kernel_sizes, c_in: int, c_out: int, width: int = 56):
+def build_spc_sm90(kind: str, dtype: str, kernel_sizes, c_in: int, c_out: int, width: int = 56, config=None):
     """Build the fused kernel of `_triton_spc` of `kind` ('forward', 'grad_input', 'grad_weight')
     for branches of `kernel_sizes` over groups of `c_in` -> `c_out` channels, as `build_sm90`
     builds the others."""
     c_red, c_written = (c_out, c_in) if kind == 'grad_input' else (c_in, c_out)
-    cfg = tb.mma_config_for(c_red, c_written)
+    cfg = config or tb.mma_config_for(c_red, c_written)
     radii = [k // 2 for k in kernel_sizes] + [-1] * (tsp.MAX_BRANCHES - len(kernel_sizes))
     consts = dict(R0=radii[0], R1=radii[1], R2=radii[2], R3=radii[3], R_MAX=max(radii), PRECISION='tf32',
                   BLOCK_R=cfg.block_r, BLOCK_O=cfg.block_o)
@@ -97,7 +104,8 @@ def build_spc_sm90(kind: str, dtype: str, kernel_sizes, c_in: int, c_out: int, w
 
 
 def _build(kernel, dtype: str, consts: dict, num_warps: int):
-    """(ptxas report, SASS) of `kernel` built for sm_90a with `consts`, specialized as described in `build_sm90`."""
+    """(ptxas report, SASS, shared memory bytes per block) of `kernel` built for sm_90a with
+    `consts`, specialized as described in `build_sm90`."""
     names = list(inspect.signature(kernel.fn).parameters)
     consts = dict(consts, **{name: 1 for name in ('s_c', 'd_c', 'x_c', 'y_c') if name in names})
     signature = {name: 'constexpr' if name in consts else '*fp32' if re.fullmatch(r'part_ptr|p\d_ptr', name)
@@ -113,7 +121,7 @@ def _build(kernel, dtype: str, consts: dict, num_warps: int):
                                 capture_output=True, text=True, check=True).stderr
         sass = subprocess.run([str(BIN / 'cuobjdump'), '--dump-sass', str(cubin)],
                               capture_output=True, text=True, check=True).stdout
-    return report, sass
+    return report, sass, compiled.metadata.shared
 
 
 def instructions(sass: str):
@@ -181,15 +189,22 @@ def fused_rows(dtype, stage, width, branches):
     fused = [k for k, shape in zip((5, 7, 9), merged) if shape == merged[-1]]
     c_in, c_out, groups = merged[-1]
     for kind in SPC_KERNELS:
-        cfg, report, sass = build_spc_sm90(kind, dtype, fused, c_in, c_out, width)
+        cfg, report, sass, shared = build_spc_sm90(kind, dtype, fused, c_in, c_out, width)
         yield dict(stage=stage, branch=f"kernels {', '.join(map(str, fused))}", kernel=f'spc {kind}',
-                   built=f'{c_in}->{c_out} x{groups}', tile=list(cfg), **_registers(report), **fused_loop(sass, cfg.num_warps))
+                   built=f'{c_in}->{c_out} x{groups}', tile=list(cfg), **resources(report, shared, cfg.num_warps),
+                   **fused_loop(sass, cfg.num_warps))
 
 
-def _registers(report: str) -> dict:
-    registers = re.search(r'Used (\d+) registers', report)
-    spills = re.search(r'(\d+) bytes spill stores', report)
-    return dict(registers=int(registers.group(1)), spill_bytes=int(spills.group(1)))
+def resources(report: str, shared: int, num_warps: int) -> dict:
+    """Registers per thread and spills (from the ptxas report), shared memory per block, and the
+    blocks a multiprocessor holds at once, whichever of registers (allocated per warp in units of
+    256), shared memory, warps or blocks runs out first. 0 blocks: the launch fails on Hopper."""
+    registers = int(re.search(r'Used (\d+) registers', report).group(1))
+    spills = int(re.search(r'(\d+) bytes spill stores', report).group(1))
+    per_warp = -(-registers * 32 // 256) * 256
+    blocks = min(REGISTERS_PER_SM // per_warp // num_warps, MAX_WARPS_PER_SM // num_warps, MAX_BLOCKS_PER_SM,
+                 SHARED_PER_SM // (shared + SHARED_RESERVED) if shared <= SHARED_PER_BLOCK else 0)
+    return dict(registers=registers, spill_bytes=spills, shared_bytes=shared, blocks_per_sm=blocks)
 
 
 def stage_rows(dtype, stage, width, branches):
@@ -202,9 +217,9 @@ def stage_rows(dtype, stage, width, branches):
                 shape = (c_in, c_out, groups)
             else:
                 continue  # the CUDA-core kernels are written for up to 8 outputs per group
-            cfg, report, sass = build_sm90(kernel, dtype, *shape, transposed, width, kernel_width)
+            cfg, report, sass, shared = build_sm90(kernel, dtype, *shape, transposed, width, kernel_width)
             yield dict(stage=stage, branch=f'{c_in}->{c_out} x{groups}', kernel=name, built=f'{shape[0]}->{shape[1]} x{shape[2]}',
-                       tile=list(cfg), **_registers(report), **innermost_loop(sass, cfg.num_warps))
+                       tile=list(cfg), **resources(report, shared, cfg.num_warps), **innermost_loop(sass, cfg.num_warps))
 
 
 def main(argv=None):
@@ -214,13 +229,14 @@ def main(argv=None):
     parser.add_argument('--json', type=Path, help='also write the rows here')
     args = parser.parse_args(argv)
     print(f'triton {triton.__version__}, sm_90a, {args.dtype}, epsanet50_small stride-1 branches (inputs->outputs per group x groups)\n')
-    print('| stage | branch | kernel | built as | registers | spills (B) | loop instructions | FFMA | MMA MACs | issue bound |')
-    print('|---|---|---|---|---|---|---|---|---|---|')
+    print('| stage | branch | kernel | built as | registers | spills (B) | shared (KB) | blocks / SM | loop instructions | FFMA '
+          '| MMA MACs | issue bound |')
+    print('|---|---|---|---|---|---|---|---|---|---|---|---|')
     found = []
     for row in rows(args.dtype, args.stages):
         found.append(row)
         print(f"| {row['stage']} | {row['branch']} | {row['kernel']} | {row['built']} | {row['registers']} | {row['spill_bytes']} | "
-              f"{row['instructions']} | {row['ffma']} | {row['mma_macs']} | {row['issue_bound']:.2f} |", flush=True)
+              f"{row['shared_bytes'] / 1024:.0f} | {row['blocks_per_sm']} | {row['instructions']} | {row['ffma']} | {row['mma_macs']} | {row['issue_bound']:.2f} |", flush=True)
     if args.json:
         args.json.write_text(json.dumps(dict(triton=triton.__version__, dtype=args.dtype, rows=found), indent=1))
 

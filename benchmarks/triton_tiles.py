@@ -117,16 +117,27 @@ def measure_fused(psa, args, device):
 
 
 def timed_tiles(run, default, kind, tensor_cores, args, device, row):
-    """One row per tile (the default first): milliseconds, against the default, equal to it."""
-    reference = run(default).float()
-    default_ms, rows = None, []
+    """One row per tile (the default first): milliseconds, against the default, equal to it. A
+    tile the GPU cannot launch (more shared memory than a block may have) is a row with its error,
+    and the sweep goes on; if the default cannot launch, its neighbours are not compared."""
+    from triton.runtime.errors import OutOfResources
+    default_ms, reference, rows = None, None, []
     for tile in neighbour_tiles(default, kind, tensor_cores)[:args.max_tiles]:
-        out = run(tile).float()
-        equal = bool(torch.allclose(out, reference, rtol=1e-2, atol=1e-2 * reference.abs().max().item()))
-        ms = time_ms(lambda: run(tile), device, args.iters, args.warmup)
-        default_ms = default_ms or ms
-        rows.append(dict(row, batch_size=args.batch_size, dtype=args.dtype, kernel_kind=kind, tile=list(tile),
-                         default=tile == default, ms=ms, x_default=default_ms / ms, equal=equal))
+        result = dict(row, batch_size=args.batch_size, dtype=args.dtype, kernel_kind=kind, tile=list(tile),
+                      default=tile == default, ms=None, x_default=None, equal=None, error=None)
+        rows.append(result)
+        try:
+            out = run(tile).float()
+        except OutOfResources as e:
+            result['error'] = str(e)
+            if tile == default:
+                break
+            continue
+        reference = out if tile == default else reference
+        result['equal'] = bool(torch.allclose(out, reference, rtol=1e-2, atol=1e-2 * reference.abs().max().item()))
+        result['ms'] = time_ms(lambda: run(tile), device, args.iters, args.warmup)
+        default_ms = default_ms or result['ms']
+        result['x_default'] = default_ms / result['ms']
     return rows
 
 
@@ -180,9 +191,11 @@ def main(argv=None):
                                        triton_shapes(args.variants, args.stages, args.size)[:args.max_shapes]]:
         for row in measure_one(shape, args, device):
             rows.append(row)
+            timing = (f'{row["ms"]:.3f} | {row["x_default"]:.2f} | {row["equal"]}' if row['error'] is None
+                      else f'{row["error"]} | |')
             print(f'| {row["variant"]} | {row["stage"]} | {row["chs"]} | {row["size"]} | {row["kernel"]} | '
                   f'{row["groups"]} | {row["kernels"]} | {row["kernel_kind"]} | {tuple(row["tile"])}{" (default)" if row["default"] else ""} '
-                  f'| {row["ms"]:.3f} | {row["x_default"]:.2f} | {row["equal"]} |', flush=True)
+                  f'| {timing} |', flush=True)
         if args.json:
             write_json(Path(args.json), device, args, rows)
     return rows

@@ -140,6 +140,39 @@ def test_triton_tiles_times_each_kernel_on_neighbouring_tiles(tmp_path):
     assert rows[1]['tile'] != rows[0]['tile']
 
 
+def test_triton_tiles_goes_on_past_a_tile_the_gpu_cannot_launch():
+    """A neighbouring tile that needs more shared memory than a block may have (on Hopper: the
+    tensor-core weight gradient of 256 pixels and 4 taps) fails at launch: its row records the
+    error and the sweep times the next tile; a default that cannot launch ends that kernel's rows."""
+    pytest.importorskip('triton')
+    from argparse import Namespace
+    from triton.runtime.errors import OutOfResources
+    from timm_epsanet._triton_branch import mma_config_for
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import triton_tiles
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    default = mma_config_for(64, 16, 7)
+    too_big = default._replace(block_p=default.block_p * 2)
+
+    def run(tile, broken=too_big):
+        if tile == broken:
+            raise OutOfResources(417792, 232448, 'shared memory')
+        return torch.ones(4)
+
+    args = Namespace(max_tiles=None, batch_size=1, dtype='float16', iters=1, warmup=0)
+    rows = triton_tiles.timed_tiles(run, default, 'grad_weight', True, args, torch.device('cpu'), {})
+    tiles = triton_tiles.neighbour_tiles(default, 'grad_weight', True)
+    assert [r['tile'] for r in rows] == [list(t) for t in tiles] and too_big in tiles
+    for r in rows:
+        broken = r['tile'] == list(too_big)
+        assert (r['error'] is not None and 'shared memory' in r['error']) == broken, r
+        assert (r['ms'] is None) == broken and (r['equal'] is None) == broken, r
+    rows = triton_tiles.timed_tiles(lambda t: run(t, default), default, 'grad_weight', True, args, torch.device('cpu'), {})
+    assert len(rows) == 1 and rows[0]['default'] and 'shared memory' in rows[0]['error']
+
+
 def test_triton_warmup_covers_every_grouped_branch_of_the_models():
     """triton_warmup.py's launches cover every grouped PSA branch conv (in, out, kernel, groups,
     stride) of all four variants, for the tensor-core form in AMP fp16 channels-last, and every PSA
