@@ -18,6 +18,7 @@ CUDA-core kernels ('triton') for 2-8 outputs per group as the groups are, the te
 
     python benchmarks/triton_sass.py                       # a markdown table
     python benchmarks/triton_sass.py --json /tmp/sass.json
+    python benchmarks/triton_sass.py --layout nchw         # as NCHW tensors specialize them
 """
 import argparse
 import inspect
@@ -58,10 +59,9 @@ KERNELS = {  # name: (kernel, tensor cores, transposed: None for the weight grad
 
 
 def build_sm90(kernel, dtype: str, c_in: int, c_out: int, groups: int, transposed, width: int = 56,
-               kernel_width: int = 9, config=None, phased: bool = False):
-    """Build `kernel` for sm_90a as a channels-last launch of EPSANet's shapes specializes it:
-    channel strides of 1, the other strides and the pointers multiples of 16 (Triton specializes
-    on both), weight-gradient tiles for an output `width` wide and a kernel `kernel_width` wide,
+               kernel_width: int = 9, config=None, phased: bool = False, layout: str = 'channels_last'):
+    """Build `kernel` for sm_90a as a launch of EPSANet's shapes in `layout` specializes it
+    (`_build`), weight-gradient tiles for an output `width` wide and a kernel `kernel_width` wide,
     the input gradient by phases where `phased` (a strided conv's); returns (config, ptxas report,
     SASS, shared memory bytes per block)."""
     names = list(inspect.signature(kernel.fn).parameters)
@@ -79,14 +79,15 @@ def build_sm90(kernel, dtype: str, c_in: int, c_out: int, groups: int, transpose
     consts.update(dict(PRECISION='tf32') if mma else dict(BLOCK_G=cfg.block_g))
     consts.update(dict(C_IN=c_in, C_OUT=c_out) if transposed is None else
                   dict(C_RED=c_red, C_OUT=c_written, TRANSPOSED=transposed, PHASED=phased))
-    return (cfg, *_build(kernel, dtype, consts, cfg.num_warps))
+    return (cfg, *_build(kernel, dtype, consts, cfg.num_warps, layout))
 
 
 SPC_KERNELS = {'forward': tsp._spc_mma_kernel, 'grad_input': tsp._spc_grad_input_mma_kernel,
                'grad_weight': tsp._spc_weight_grad_mma_kernel}
 
 
-def build_spc_sm90(kind: str, dtype: str, kernel_sizes, c_in: int, c_out: int, width: int = 56, config=None):
+def build_spc_sm90(kind: str, dtype: str, kernel_sizes, c_in: int, c_out: int, width: int = 56, config=None,
+                   layout: str = 'channels_last'):
     """Build the fused kernel of `_triton_spc` of `kind` ('forward', 'grad_input', 'grad_weight')
     for branches of `kernel_sizes` over groups of `c_in` -> `c_out` channels, as `build_sm90`
     builds the others."""
@@ -100,18 +101,22 @@ def build_spc_sm90(kind: str, dtype: str, kernel_sizes, c_in: int, c_out: int, w
         consts.update(C_IN=c_in, C_OUT=c_out, BLOCK_H=cfg.block_p // block_w, BLOCK_W=block_w)
     else:
         consts.update(C_RED=c_red, C_OUT=c_written, BLOCK_P=cfg.block_p)
-    return (cfg, *_build(SPC_KERNELS[kind], dtype, consts, cfg.num_warps))
+    return (cfg, *_build(SPC_KERNELS[kind], dtype, consts, cfg.num_warps, layout))
 
 
-def _build(kernel, dtype: str, consts: dict, num_warps: int):
+def _build(kernel, dtype: str, consts: dict, num_warps: int, layout: str = 'channels_last'):
     """(ptxas report, SASS, shared memory bytes per block) of `kernel` built for sm_90a with
-    `consts`, specialized as described in `build_sm90`."""
+    `consts`, its tensors' strides specialized as Triton specializes a launch in `layout` on
+    EPSANet's shapes: channels-last, channel strides of 1 and the others multiples of 16; NCHW,
+    column strides of 1, image and channel strides multiples of 16 (H x W is at stages 1-2) and
+    row strides (W: 56, 28, 14, 7) not. Pointers are multiples of 16 bytes."""
     names = list(inspect.signature(kernel.fn).parameters)
-    consts = dict(consts, **{name: 1 for name in ('s_c', 'd_c', 'x_c', 'y_c') if name in names})
+    unit, aligned_strides = (r'[sdxy]_c', r'[sdxy]_[nhw]') if layout == 'channels_last' else (r'[sdxy]_w', r'[sdxy]_[nc]')
+    consts = dict(consts, **{name: 1 for name in names if re.fullmatch(unit, name)})
     signature = {name: 'constexpr' if name in consts else '*fp32' if re.fullmatch(r'part_ptr|p\d_ptr', name)
                  else f'*{dtype}' if name.endswith('_ptr') else 'i32' for name in names}
     aligned = {(names.index(name),): [['tt.divisibility', 16]] for name in names if name not in consts and (
-        name.endswith('_ptr') or re.fullmatch(r'[sdxy]_[nhw]', name))}
+        name.endswith('_ptr') or re.fullmatch(aligned_strides, name))}
     source = ASTSource(kernel, signature, {(names.index(k),): v for k, v in consts.items()}, aligned)
     compiled = triton.compile(source, target=GPUTarget('cuda', 90, 32), options=dict(num_warps=num_warps))
     with tempfile.TemporaryDirectory() as tmp:
@@ -175,21 +180,21 @@ def fused_loop(sass: str, num_warps: int) -> dict:
     return dict(max(loops, key=lambda loop: loop['mma_macs']), loops=loops)
 
 
-def rows(dtype: str = 'fp16', stages=(1, 2, 3, 4)):
+def rows(dtype: str = 'fp16', stages=(1, 2, 3, 4), layout: str = 'channels_last'):
     for stage in stages:
         width, branches = SMALL_BRANCHES[stage]
-        yield from stage_rows(dtype, stage, width, branches)
-        yield from fused_rows(dtype, stage, width, branches)
+        yield from stage_rows(dtype, stage, width, branches, layout)
+        yield from fused_rows(dtype, stage, width, branches, layout)
 
 
-def fused_rows(dtype, stage, width, branches):
+def fused_rows(dtype, stage, width, branches, layout):
     """The fused kernels ('triton_spc') for the branches of a stage that share merged groups."""
     merged = [(c_in * m, c_out * m, groups // m) for c_in, c_out, groups in branches
               for m in [regroup_factor(groups, c_out, min_outs=16)]]
     fused = [k for k, shape in zip((5, 7, 9), merged) if shape == merged[-1]]
     c_in, c_out, groups = merged[-1]
     for kind in SPC_KERNELS:
-        cfg, report, sass, shared = build_spc_sm90(kind, dtype, fused, c_in, c_out, width)
+        cfg, report, sass, shared = build_spc_sm90(kind, dtype, fused, c_in, c_out, width, layout=layout)
         yield dict(stage=stage, branch=f"kernels {', '.join(map(str, fused))}", kernel=f'spc {kind}',
                    built=f'{c_in}->{c_out} x{groups}', tile=list(cfg), **resources(report, shared, cfg.num_warps),
                    **fused_loop(sass, cfg.num_warps))
@@ -207,7 +212,7 @@ def resources(report: str, shared: int, num_warps: int) -> dict:
     return dict(registers=registers, spill_bytes=spills, shared_bytes=shared, blocks_per_sm=blocks)
 
 
-def stage_rows(dtype, stage, width, branches):
+def stage_rows(dtype, stage, width, branches, layout):
     for (c_in, c_out, groups), kernel_width in zip(branches, (5, 7, 9)):
         merge = regroup_factor(groups, c_out, min_outs=16)
         for name, (kernel, mma, transposed) in KERNELS.items():
@@ -217,7 +222,7 @@ def stage_rows(dtype, stage, width, branches):
                 shape = (c_in, c_out, groups)
             else:
                 continue  # the CUDA-core kernels are written for up to 8 outputs per group
-            cfg, report, sass, shared = build_sm90(kernel, dtype, *shape, transposed, width, kernel_width)
+            cfg, report, sass, shared = build_sm90(kernel, dtype, *shape, transposed, width, kernel_width, layout=layout)
             yield dict(stage=stage, branch=f'{c_in}->{c_out} x{groups}', kernel=name, built=f'{shape[0]}->{shape[1]} x{shape[2]}',
                        tile=list(cfg), **resources(report, shared, cfg.num_warps), **innermost_loop(sass, cfg.num_warps))
 
@@ -226,19 +231,23 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--dtype', default='fp16', choices=['fp16', 'bf16'])
     parser.add_argument('--stages', nargs='+', type=int, default=[1, 2, 3, 4], choices=[1, 2, 3, 4])
+    parser.add_argument('--layout', default='channels_last', choices=['channels_last', 'nchw'],
+                        help="the tensors' layout the kernels are specialized for")
     parser.add_argument('--json', type=Path, help='also write the rows here')
     args = parser.parse_args(argv)
-    print(f'triton {triton.__version__}, sm_90a, {args.dtype}, epsanet50_small stride-1 branches (inputs->outputs per group x groups)\n')
+    print(f'triton {triton.__version__}, sm_90a, {args.dtype}, {args.layout}, epsanet50_small stride-1 branches '
+          '(inputs->outputs per group x groups)\n')
     print('| stage | branch | kernel | built as | registers | spills (B) | shared (KB) | blocks / SM | loop instructions | FFMA '
           '| MMA MACs | issue bound |')
     print('|---|---|---|---|---|---|---|---|---|---|---|---|')
     found = []
-    for row in rows(args.dtype, args.stages):
+    for row in rows(args.dtype, args.stages, args.layout):
         found.append(row)
         print(f"| {row['stage']} | {row['branch']} | {row['kernel']} | {row['built']} | {row['registers']} | {row['spill_bytes']} | "
               f"{row['shared_bytes'] / 1024:.0f} | {row['blocks_per_sm']} | {row['instructions']} | {row['ffma']} | {row['mma_macs']} | {row['issue_bound']:.2f} |", flush=True)
     if args.json:
-        args.json.write_text(json.dumps(dict(triton=triton.__version__, dtype=args.dtype, rows=found), indent=1))
+        args.json.write_text(json.dumps(dict(triton=triton.__version__, dtype=args.dtype, layout=args.layout, rows=found),
+                                        indent=1))
 
 
 if __name__ == '__main__':
