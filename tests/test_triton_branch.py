@@ -55,6 +55,9 @@ SPC_CASES = [
 ]
 
 
+SPC_NCHW_CASE = SPC_CASES[3]  # the kernels run in channels-last; this one also with NCHW strides
+
+
 def spc_case_id(case) -> str:
     kwargs, _, channels_last, dtype = case
     return '-'.join([f'{k}{v}' for k, v in kwargs.items()] + ['cl' if channels_last else 'nchw', dtype])
@@ -98,11 +101,13 @@ def check_case(case, form) -> dict:
         out=rel_err(y, y_ref), grad_input=rel_err(x_t.grad, x_ref.grad), grad_weight=rel_err(w_grad, w_ref.grad))
 
 
-def check_spc_case(case) -> dict:
+def check_spc_case(case, kernel_layout=None) -> dict:
     """A PSA's branches planned 'triton_spc' against the grouped convs and their autograd (float64):
-    which runs fused, how often the fused kernels ran, errors of the concatenated output and of
-    the input and weight gradients, and the output's layout."""
+    which runs fused, how often the fused kernels ran and the layouts they read, errors of the
+    concatenated output and of the input and weight gradients, and the output's layout. The
+    plans are CUDA's (the kernels in channels-last), or with `kernel_layout` in that layout."""
     from timm_epsanet import _triton_spc
+    from timm_epsanet._branch_plans import layout_of
     from timm_epsanet.psa import PyramidSqueezeAttention
 
     kwargs, _, channels_last, dtype = case
@@ -117,17 +122,24 @@ def check_spc_case(case) -> dict:
     grad = torch.randn_like(y_ref).to(dtype)
     y_ref.backward(grad.double())
     plans = [conv.plan_for('cuda', True) for conv in convs]
+    if kernel_layout:
+        plans = [(form, kernel_layout) for form, _ in plans]
     launches = {'forward': 0, 'grad_input': 0, 'grad_weight': 0}
+    read = set()
     launch, launch_weight_grad = _triton_spc._launch, _triton_spc._launch_weight_grad
 
-    def counted(*args, transposed, **kw):
+    def counted(src, *args, transposed, **kw):
         launches['grad_input' if transposed else 'forward'] += 1
-        return launch(*args, transposed=transposed, **kw)
+        read.add(layout_of(src))
+        return launch(src, *args, transposed=transposed, **kw)
 
-    def counted_weight_grad(*args, **kw):
+    def counted_weight_grad(x, *args, **kw):
         launches['grad_weight'] += 1
-        return launch_weight_grad(*args, **kw)
+        read.add(layout_of(x))
+        return launch_weight_grad(x, *args, **kw)
 
+    runs, spc_runs = [], convs.spc_runs
+    convs.spc_runs = lambda *args: runs.append(spc_runs(*args)) or runs[-1]  # as run_plans resolves the layouts
     _triton_spc._launch, _triton_spc._launch_weight_grad = counted, counted_weight_grad
     try:
         y = convs.run_plans(x_spc, plans)
@@ -135,8 +147,9 @@ def check_spc_case(case) -> dict:
     finally:
         _triton_spc._launch, _triton_spc._launch_weight_grad = launch, launch_weight_grad
     return dict(
-        runs=convs.spc_runs(plans, [('channels_last' if channels_last else 'nchw')] * len(plans)), launches=launches,
-        dtype_ok=y.dtype == x_spc.grad.dtype == dtype, layout_ok=y.is_contiguous(memory_format=fmt),
+        runs=runs[0], launches=launches, kernel_layouts=sorted(read),
+        dtype_ok=y.dtype == x_spc.grad.dtype == dtype,
+        layout_ok=y.is_contiguous(memory_format=fmt) and x_spc.grad.is_contiguous(memory_format=fmt),
         out=rel_err(y, y_ref), grad_input=rel_err(x_spc.grad, x_ref.grad),
         grad_weight=max(rel_err(c.weight.grad, r.weight.grad) for c, r in zip(convs, reference)))
 
@@ -237,6 +250,7 @@ def interpreter_results() -> dict:
     torch.manual_seed(0)
     return dict(cases={case_id(case, form): check_case(case, form) for form in FORMS for case in CASES},
                 spc={spc_case_id(case): check_spc_case(case) for case in SPC_CASES},
+                spc_nchw_kernels=check_spc_case(SPC_NCHW_CASE, kernel_layout='nchw'),
                 ops=check_ops(), compile={form: check_compile(form) for form in FORMS},
                 spc_compile=check_spc_compile(),
                 wide_weight_grad=check_wide_weight_grad())
@@ -274,6 +288,7 @@ def test_fused_branches_equal_grouped_convs(interpreted, case):
     result = interpreted['spc'][spc_case_id(case)]
     runs = case[1]
     assert result['runs'] == runs, result
+    assert result['kernel_layouts'] == ['channels_last'], result  # an NCHW input converted once
     stride = case[0].get('stride', 1)
     assert result['launches'] == {'forward': len(runs), 'grad_input': len(runs) if stride == 1 else 0,
                                   'grad_weight': len(runs)}, result
@@ -281,6 +296,16 @@ def test_fused_branches_equal_grouped_convs(interpreted, case):
     tol = 1e-5 if case[-1] == 'float32' else 2e-3
     for key in ('out', 'grad_input', 'grad_weight'):
         assert result[key] <= tol, (key, result)
+
+
+def test_fused_kernels_on_nchw_strides(interpreted):
+    """The fused kernels also compute the grouped convs on NCHW tensors (`spc_conv` takes any
+    strides), though the plans run them on channels-last."""
+    result = interpreted['spc_nchw_kernels']
+    assert result['kernel_layouts'] == ['nchw'] and result['runs'] == SPC_NCHW_CASE[1], result
+    assert result['dtype_ok'] and result['layout_ok'], result
+    for key in ('out', 'grad_input', 'grad_weight'):
+        assert result[key] <= 1e-5, (key, result)
 
 
 def test_custom_ops_pass_opcheck(interpreted):
@@ -356,7 +381,8 @@ def test_cuda_rule_with_triton_runs_tensor_cores():
 @pytest.mark.parametrize('form', ALL_FORMS)
 def test_triton_form_plans(monkeypatch, form):
     """The Triton forms: CPU plans identical to 'auto' (the kernels need CUDA), the grouped conv on
-    other devices; 'auto' on CUDA takes the tensor-core kernels only where triton runs on CUDA."""
+    other devices; on CUDA in channels-last, the layout the kernels load as vectors (cuDNN's forms
+    in the caller's); 'auto' on CUDA takes the tensor-core kernels only where triton runs on CUDA."""
     from timm_epsanet import _branch_conv
     from timm_epsanet.psa import PyramidSqueezeAttention
 
@@ -367,13 +393,13 @@ def test_triton_form_plans(monkeypatch, form):
             assert a.cpu_plans == t.cpu_plans
             assert (a.group_sum_weight is None) == (t.group_sum_weight is None)
     small = PyramidSqueezeAttention(64, branch_form=form).convs  # groups 1, 4, 8, 16
-    assert [c.plan_for('cuda', True)[0] for c in small] == ['grouped', form, form, form]
+    assert [c.plan_for('cuda', True) for c in small] == [('grouped', 'any')] + [(form, 'channels_last')] * 3
     assert [c.plan_for('mps', False)[0] for c in small] == ['grouped'] * 4
     auto = PyramidSqueezeAttention(512).convs  # 32, 16, 8 outputs per group for groups 4, 8, 16
     monkeypatch.setattr(_branch_conv, 'triton_in_auto', lambda: True)
-    assert [c.plan_for('cuda', False)[0] for c in auto] == ['grouped'] + ['triton_spc'] * 3
+    assert [c.plan_for('cuda', False) for c in auto] == [('grouped', 'any')] + [('triton_spc', 'channels_last')] * 3
     monkeypatch.setattr(_branch_conv, 'triton_in_auto', lambda: False)
-    assert [c.plan_for('cuda', False)[0] for c in auto] == ['grouped', 'dense', 'dense', 'dense']
+    assert [c.plan_for('cuda', False) for c in auto] == [('grouped', 'any')] + [('dense', 'any')] * 3
 
 
 def test_tensor_core_form_merges_groups_to_sixteen_outputs():

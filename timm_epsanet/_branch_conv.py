@@ -19,8 +19,8 @@ from ._branch_forms import (
     regroup_factor, sums_groups_by_conv,
 )
 from ._branch_plans import (
-    TRITON_FORMS, Plan, computes_in_low_precision, cpu_branch_plan, cuda_branch_form, in_layout, layout_of,
-    triton_in_auto,
+    TRITON_FORMS, Plan, computes_in_low_precision, cpu_branch_plan, cuda_branch_form, in_layout, kernel_layout,
+    layout_of, triton_in_auto,
 )
 from ._branch_tuning import tuned_plans
 
@@ -108,20 +108,21 @@ class BranchConv2d(nn.Conv2d):
 
     def plan_for(self, device_type: str, grad_enabled: bool, low_precision: bool = False) -> Plan:
         """(form, memory layout) of this branch on a device of `device_type` ('cpu', 'cuda', ...),
-        with or without autograd, in fp32 or a 16-bit float (`low_precision`). Layouts are only
-        chosen on CPU; elsewhere the branch runs in the caller's layout ('any')."""
+        with or without autograd, in fp32 or a 16-bit float (`low_precision`). Layouts are chosen
+        on CPU; elsewhere the Triton kernels run in channels-last (`kernel_layout`) and the other
+        forms in the caller's layout ('any')."""
         if device_type == 'cpu':
             return self.cpu_plans[2 * int(grad_enabled) + int(low_precision)]
         if self.form.startswith('triton') and device_type != 'cuda':  # TRITON_FORMS (TorchScript: no global tuples)
             return 'grouped', 'any'
         if self.form != 'auto':
-            return self.form, 'any'
+            return self.form, kernel_layout(self.form)
         if device_type == 'cuda':
             # TorchScript runs the kernels' custom ops only where a form names them explicitly
             triton = False if torch.jit.is_scripting() else triton_in_auto()
             form = cuda_branch_form(
                 self.groups, grad_enabled, in_per_group=self.in_channels // self.groups, triton=triton)
-            return form, 'any'
+            return form, kernel_layout(form)
         return 'grouped', 'any'
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

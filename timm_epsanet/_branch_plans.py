@@ -88,6 +88,15 @@ def cuda_branch_form(
     return 'dense' if not training and groups <= 16 else 'grouped'
 
 
+def kernel_layout(form: str) -> str:
+    """The layout a branch of `form` runs in off the CPU: channels-last for the Triton kernels, the
+    caller's ('any') for the others. The kernels load each pixel's channels as one contiguous
+    vector (straight into shared memory for the tensor cores); built for NCHW strides their
+    loops are several times longer and spill (benchmarks/triton_sass.py --layout nchw), so an
+    NCHW input is converted once per PSA instead."""
+    return 'channels_last' if form.startswith('triton') else 'any'  # TRITON_FORMS (TorchScript: no global tuples)
+
+
 def triton_runs_on_cuda() -> bool:
     """Whether the Triton forms can run here: triton installed and a CUDA device present."""
     return TRITON_INSTALLED and torch.cuda.is_available()

@@ -39,7 +39,7 @@ import torch
 import torch.fx
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from ._branch_plans import TRITON_FORMS, Plan, in_layout, layout_of, triton_runs_on_cuda
+from ._branch_plans import TRITON_FORMS, Plan, in_layout, kernel_layout, layout_of, triton_runs_on_cuda
 
 try:
     import fcntl
@@ -159,8 +159,12 @@ def candidates(conv: torch.nn.Conv2d, device_type: str) -> List[Plan]:
     """The (form, layout) plans tried for one branch.
 
     On CUDA also the forms of more MACs on wider groups (dense; regrouped, where it differs from
-    both grouped and dense), which pay on GPUs and never on CPUs, and the Triton kernels where
-    they run. A form is tried in both layouts wherever it runs.
+    both grouped and dense), which pay on GPUs and never on CPUs, in both layouts, and where
+    triton runs the tensor-core kernels in the layout they are written for (`kernel_layout`).
+    Each Triton kernel tried is compiled on first use (seconds each), so candidates that cannot
+    win are left out: the kernels in NCHW, and the CUDA-core kernels ('triton'), whose
+    multiply-adds at the CUDA cores' peak take about 4x as long as the tensor-core kernels' at
+    theirs (`cuda_branch_form`).
     """
     if not reformulable(conv):
         return [('grouped', layout) for layout in LAYOUTS]
@@ -169,9 +173,9 @@ def candidates(conv: torch.nn.Conv2d, device_type: str) -> List[Plan]:
         forms = ['dense']
         if 1 < conv.regroup < conv.groups:
             forms.append('regrouped')
-        if triton_runs_on_cuda():  # a branch alone: 'triton_spc' fuses branches, and alone is 'triton_mma'
-            forms += ['triton', 'triton_mma']
         plans += [(form, layout) for form in forms for layout in LAYOUTS]
+        if triton_runs_on_cuda():  # a branch alone: 'triton_spc' fuses branches, and alone is 'triton_mma'
+            plans.append(('triton_mma', kernel_layout('triton_mma')))
     return plans
 
 
@@ -397,7 +401,8 @@ def alone(choice: Plan) -> Plan:
 def fused_plans(convs, options: Sequence[List[Plan]], best: List[Plan]) -> List[List[Plan]]:
     """Plans that fuse the branches sharing merged input slices ('triton_spc'): in each layout,
     every branch verified on the tensor-core kernels ('triton_mma') in it fused, the others as in
-    `best`; those where at least two branches fuse."""
+    `best`; those where at least two branches fuse (the kernels are tried in channels-last only:
+    `candidates`)."""
     plans = []
     for layout in LAYOUTS:
         plan = [('triton_spc', layout) if ('triton_mma', layout) in verified else choice
