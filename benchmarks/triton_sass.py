@@ -6,11 +6,11 @@ registers, spills, shared memory (more than a block may have fails at launch, no
 the blocks a multiprocessor holds at once, and the innermost loop, the one that runs once per
 tap. A multiprocessor issues one instruction per scheduler per cycle, so that loop's instruction
 count bounds the kernel's speed before memory does: of each iteration's issue slots, only the
-multiply-adds (FFMA) or the tensor-core products (HGMMA / HMMA) do the work. `issue bound` is the fraction of the unit's peak
-rate the loop could reach if nothing else stalled it: FFMA / instructions on CUDA cores; the
-products' multiply-adds per issue cycle over the tensor cores' rate on tensor cores (1.00: the
-loop issues faster than its unit multiplies). It is an upper bound, not a speed: a GPU measures
-that (`triton_tiles.py`, `psa_branches.py`).
+multiply-adds (FFMA) or the tensor-core products (HGMMA / HMMA) do the work. `issue bound` is the
+fraction of the unit's peak rate the loop could reach if nothing else stalled it: FFMA /
+instructions on CUDA cores; the products' multiply-adds per issue cycle over the tensor cores'
+rate on tensor cores (1.00: the loop issues faster than its unit multiplies). It is an upper
+bound, not a speed: a GPU measures that (`triton_tiles.py`, `psa_branches.py`).
 
 The kernels are built at fp16 for the stride-1 branches of epsanet50_small that they run: the
 CUDA-core kernels ('triton') for 2-8 outputs per group as the groups are, the tensor-core kernels
@@ -243,8 +243,9 @@ def main(argv=None):
     found = []
     for row in rows(args.dtype, args.stages, args.layout):
         found.append(row)
-        print(f"| {row['stage']} | {row['branch']} | {row['kernel']} | {row['built']} | {row['registers']} | {row['spill_bytes']} | "
-              f"{row['shared_bytes'] / 1024:.0f} | {row['blocks_per_sm']} | {row['instructions']} | {row['ffma']} | {row['mma_macs']} | {row['issue_bound']:.2f} |", flush=True)
+        print(f"| {row['stage']} | {row['branch']} | {row['kernel']} | {row['built']} | {row['registers']} | "
+              f"{row['spill_bytes']} | {row['shared_bytes'] / 1024:.0f} | {row['blocks_per_sm']} | {row['instructions']} | "
+              f"{row['ffma']} | {row['mma_macs']} | {row['issue_bound']:.2f} |", flush=True)
     if args.json:
         args.json.write_text(json.dumps(dict(triton=triton.__version__, dtype=args.dtype, layout=args.layout, rows=found),
                                         indent=1))

@@ -524,8 +524,8 @@ def whole_fused_fastest(monkeypatch):
 
 
 def test_fused_plans_fuse_the_branches_verified_on_the_tensor_core_kernels():
-    """The plans tried whole for 'triton_spc': per layout, every branch verified on the tensor-core
-    kernels in it fused, the others as in the parts' best; none where fewer than two would fuse."""
+    """The plan tried whole for 'triton_spc': every branch verified on the tensor-core kernels (in
+    channels-last) fused, the others as in the parts' best; none where fewer than two would fuse."""
     pytest.importorskip('triton')
     convs = PyramidSqueezeAttention(CHS).convs  # kernels 5, 7 and 9 merge into the same input slice
     best = [('grouped', 'nchw')] * 4

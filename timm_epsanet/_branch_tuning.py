@@ -399,17 +399,13 @@ def alone(choice: Plan) -> Plan:
 
 
 def fused_plans(convs, options: Sequence[List[Plan]], best: List[Plan]) -> List[List[Plan]]:
-    """Plans that fuse the branches sharing merged input slices ('triton_spc'): in each layout,
-    every branch verified on the tensor-core kernels ('triton_mma') in it fused, the others as in
-    `best`; those where at least two branches fuse (the kernels are tried in channels-last only:
-    `candidates`)."""
-    plans = []
-    for layout in LAYOUTS:
-        plan = [('triton_spc', layout) if ('triton_mma', layout) in verified else choice
-                for verified, choice in zip(options, best)]
-        if any(form == 'triton_spc' for form, _ in plan) and convs.spc_runs(plan, [lo for _, lo in plan]):
-            plans.append(plan)
-    return plans
+    """The plan that fuses the branches sharing merged input slices ('triton_spc'): every branch
+    verified on the tensor-core kernels ('triton_mma', tried in their layout only: `candidates`)
+    fused, the others as in `best`; none where fewer than two branches fuse."""
+    kernels = ('triton_mma', kernel_layout('triton_mma'))
+    plan = [('triton_spc', kernels[1]) if kernels in verified else choice for verified, choice in zip(options, best)]
+    fuses = any(form == 'triton_spc' for form, _ in plan) and convs.spc_runs(plan, [layout for _, layout in plan])
+    return [plan] if fuses else []
 
 
 def plan_verified(convs, x: torch.Tensor, plan: List[Plan], training: bool) -> bool:
