@@ -138,21 +138,8 @@ def measure(cfg):
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     model.train(train)
-    step_model = torch.compile(model) if cfg['compile'] else model
     amp_dtype = {'amp': torch.float16 if cuda else torch.bfloat16, 'amp_bf16': torch.bfloat16}.get(cfg['precision'])
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9) if train else None
-    scaler = torch.amp.GradScaler(enabled=cuda and amp_dtype == torch.float16) if train else None
-
-    def step():
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            if not train:
-                with torch.inference_mode() if not cfg['compile'] else torch.no_grad():
-                    return step_model(x)
-            loss = torch.nn.functional.cross_entropy(step_model(x), target)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+    step, step_model = make_step(model, x, target, train, amp_dtype, cfg['compile'])
 
     def sync():
         if cuda:
@@ -173,9 +160,30 @@ def measure(cfg):
     else:
         # process peak (KiB on Linux) minus what the process held before the model existed
         peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - baseline_mib
-    del model, step_model, optimizer
+    del model, step_model, step
     torch._dynamo.reset()  # the next configuration of this process compiles afresh
     return dict(img_s=cfg['batch_size'] / statistics.median(times), peak_mib=peak_mib, faults=faults)
+
+
+def make_step(model, x, target, train, amp_dtype, compile=False):
+    """One benchmark step of `model` and the model it runs (compiled or not): inference, or a
+    training step of SGD with momentum and, for fp16 on CUDA, a grad scaler."""
+    import torch
+    step_model = torch.compile(model) if compile else model
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9) if train else None
+    scaler = torch.amp.GradScaler(enabled=x.is_cuda and amp_dtype == torch.float16) if train else None
+
+    def step():
+        with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            if not train:
+                with torch.inference_mode() if not compile else torch.no_grad():
+                    return step_model(x)
+            loss = torch.nn.functional.cross_entropy(step_model(x), target)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    return step, step_model
 
 
 def _current_rss_mib():
@@ -241,7 +249,8 @@ def batches(cfgs, device, one_process=False):
 
 
 def key(cfg):
-    return (cfg['mode'], cfg['layout'], cfg['precision'], cfg['compile'])
+    """What a ratio to resnet50 holds equal: a model is compared only with resnet50 run alike."""
+    return (cfg['mode'], cfg['layout'], cfg['precision'], cfg['compile'], cfg['batch_size'], cfg['img_size'])
 
 
 def machine_description(device, malloc_keep=False):
@@ -269,15 +278,20 @@ def default_name(device, malloc_keep=False):
 
 def markdown_table(results, machine, date, repeats):
     cfg0 = results[0][0]
+    # a merged report may hold several batch sizes: then each row names its own
+    batches = len({c['batch_size'] for c, _ in results}) > 1
+    batch = '' if batches else f'batch {cfg0["batch_size"]}, '
     lines = [
-        f'Machine: {machine}; {date}; batch {cfg0["batch_size"]}, {cfg0["img_size"]}x{cfg0["img_size"]}, '
+        f'Machine: {machine}; {date}; {batch}{cfg0["img_size"]}x{cfg0["img_size"]}, '
         f'median of {cfg0["iters"]} iterations, best of {repeats} repeat(s).',
         '',
-        '| model | mode | layout | precision | compiled | img/s | x resnet50 | peak memory (MiB) [1] | page faults / iter [2] |',
-        '|---|---|---|---|---|---|---|---|---|',
+        '| model | mode | layout | precision | compiled | ' + ('batch | ' if batches else '')
+        + 'img/s | x resnet50 | peak memory (MiB) [1] | page faults / iter [2] |',
+        '|---|---|---|---|---|' + ('---|' if batches else '') + '---|---|---|---|',
     ]
     for cfg, res in results:
         head = f'| {cfg["model"]} | {cfg["mode"]} | {cfg["layout"]} | {cfg["precision"]} | {cfg["compile"]} | '
+        head += f'{cfg["batch_size"]} | ' if batches else ''
         if 'error' in res:
             lines.append(head + f'failed: {res["error"]} | | | |')
             continue
@@ -356,7 +370,8 @@ def plot(results, reference, path, title):
         ax.bar([j + i * width for j in range(len(groups))], ratios, width, label=model)
     ax.axhline(1.0, color='black', linewidth=0.8)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))])
-    ax.set_xticklabels(['\n'.join([g[0], g[1], g[2], 'compiled' if g[3] else 'eager']) for g in groups])
+    ax.set_xticklabels(['\n'.join([g[0], g[1], g[2], 'compiled' if g[3] else 'eager', f'batch {g[4]}'])
+                        for g in groups])
     ax.set_ylabel('throughput relative to resnet50')
     ax.set_title(textwrap.fill(title, 110), fontsize=8)
     ax.legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.0, 1.0))  # beside the bars, not over them

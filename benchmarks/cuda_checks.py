@@ -57,7 +57,7 @@ def conv_cases(tiny):
         yield 'tiny k9 g16 s2', 32, 16, 9, 16, 2, 1, 10
         yield 'tiny k7 g8 d2', 32, 16, 7, 8, 1, 2, 9
         return
-    for s in branch_shapes():
+    for s in branch_shapes(('small', 'large')):
         if s['groups'] == 1:
             continue
         name = f'{s["variant"]} stage {s["stage"]} k{s["kernel"]} g{s["groups"]}'

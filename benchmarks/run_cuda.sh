@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# The CUDA measurements in one go on one GPU (H100/H200), under 8 minutes: the Triton kernels
-# compiled first (in parallel, into Triton's cache), then correctness of every
-# branch form (Triton kernels included), the model table beside the peers (AMP fp16 and bf16,
-# channels-last, eager; inference at batch 128 and 256, training at 128 with peak memory), per-branch
-# timings of every form and layout, whole-PSA timings (the fused kernels against the branches
-# alone), branch tuning's first-use cost and tuned vs untuned throughput,
-# torch.compile of epsanet50_small with the Triton kernels, and the Triton kernels' tiles.
-# Stages run in order of importance, each under its own time limit, each writing as it goes, so a
-# stage cut short still leaves what it measured.
+# The CUDA measurements in one go on one GPU (H100/H200), in about 8 minutes: the Triton kernels
+# compiled first (in parallel, into Triton's cache), correctness of the fused kernels and of every
+# branch form, the model table beside the peers (AMP fp16, channels-last, eager, batch 128, inference
+# and training with peak memory), where the step's time goes (device busy against wall time, the
+# top kernels), whole-PSA timings (the fused kernels against cuDNN), torch.compile with the Triton
+# kernels, branch tuning's first-use cost, then bf16 and batch 256.
+# Stages run in order of importance, each under its own time limit (sized from the first H200 run,
+# 2026-11-28, where every stage of the earlier plan ran out of time), each writing as it goes, so a
+# stage cut short still leaves what it measured. STAGES picks stages; 'branches' (every branch in
+# every form and layout) and 'tiles' (the kernels' tiles) are left out by default: a run of their own.
 #   bash benchmarks/run_cuda.sh                              # results in /tmp/run_cuda
 #   OUT_DIR=/tmp/cuda COPY_DIR=$OUT bash benchmarks/run_cuda.sh 2>&1 | tee $OUT/run.log   # on the device tool
+#   STAGES="warm branches tiles" bash benchmarks/run_cuda.sh  # other stages
 #   PYTHON=.venv/bin/python bash benchmarks/run_cuda.sh --dry-run   # CPU: every stage on tiny shapes, Triton interpreted
 # One results file per device from the stages' CSVs, as the CPU's:
 #   python benchmarks/benchmark.py --merge DIR/amp_*.csv --name benchmark-cuda-<gpu> --out benchmarks/results
@@ -27,7 +29,9 @@ EPSANETS="epsanet50_small epsanet50_large epsanet101_small"
 # the Triton kernels unfused, last: the first rows a stage cut short loses
 OTHER_FORMS="epsanet50_small@dense epsanet50_small@grouped"
 UNFUSED_FORMS="epsanet50_small@triton_mma epsanet50_small@triton"
+DEFAULT_STAGES="warm checks amp_fp16_b128 profile psa compile tuning amp_bf16_b128 amp_fp16_b256"
 if [ "${1:-}" = --dry-run ]; then
+    DEFAULT_STAGES="$DEFAULT_STAGES branches tiles"
     export TRITON_INTERPRET=1
     OUT_DIR=${OUT_DIR:-/tmp/run_cuda_dry_run}
     DEVICE=cpu TINY=--tiny SCALE=0  # SCALE=0: stage limits off
@@ -36,6 +40,7 @@ if [ "${1:-}" = --dry-run ]; then
     TUNE_ARGS="--batch-size 2 --img-size 32 --rounds 1 --threads 2"
     TILE_ARGS="--device cpu --dtype float32 --batch-size 1 --stages 1 --size 4 --max-shapes 1 --max-tiles 2 --iters 1 --warmup 0"
     WARM_ARGS="--device cpu --processes 1 --max-launches 1 --size 4"
+    PROFILE_ARGS="--device cpu --img-size 32 --iters 1 --top 3"
     PEERS="resnet50" EPSANETS="epsanet50_small@triton_spc" OTHER_FORMS="epsanet50_small@dense"
     UNFUSED_FORMS="epsanet50_small@triton_mma"
 else
@@ -46,11 +51,14 @@ else
     TUNE_ARGS="--batch-size 128 --rounds 5"
     TILE_ARGS="--device cuda --batch-size 128 --iters 10"
     WARM_ARGS="--processes 12"
+    PROFILE_ARGS=""
 fi
+STAGES=${STAGES:-$DEFAULT_STAGES}
 mkdir -p "$OUT_DIR"
 
 stage() {  # stage NAME SECONDS COMMAND...: run under a time limit, copy its result to COPY_DIR
     local name=$1 limit=$(($2 * SCALE)); shift 2
+    case " $STAGES " in *" $name "*) ;; *) return ;; esac
     echo "=== $name (limit ${limit}s) $(date +%T)"
     timeout "$limit" "$@"
     echo "=== $name exit $? $(date +%T)"
@@ -81,30 +89,36 @@ print(f'Machine: {gpu}, torch {torch.__version__}, cuDNN {torch.backends.cudnn.v
       f'triton {triton_version}, timm {timm.__version__}')
 EOF
 # every Triton kernel the stages below run, compiled first on 12 processes into Triton's cache
-stage warm 40 $PYTHON benchmarks/triton_warmup.py $WARM_ARGS
-stage checks 50 $PYTHON benchmarks/cuda_checks.py forms fused cpu grads --device $DEVICE $TINY
+stage warm 50 $PYTHON benchmarks/triton_warmup.py $WARM_ARGS
+# the fused kernels on every PSA first (18 checks took 50 s in the first run), every form last
+stage checks 45 $PYTHON benchmarks/cuda_checks.py fused cpu grads forms --device $DEVICE $TINY
 # the targets: AMP fp16, channels-last, eager; peers first, every ratio needs resnet50
-stage amp_fp16_b128 130 $PYTHON benchmarks/benchmark.py $BENCH_ARGS --batch-size $B128 --precisions amp \
+stage amp_fp16_b128 150 $PYTHON benchmarks/benchmark.py $BENCH_ARGS --batch-size $B128 --precisions amp \
     --layouts channels_last --models $PEERS $OTHER_FORMS $EPSANETS $UNFUSED_FORMS --out "$OUT_DIR/amp_fp16_b128"
-stage amp_fp16_b256 30 $PYTHON benchmarks/benchmark.py $BENCH_ARGS --batch-size $B256 --precisions amp \
-    --layouts channels_last --modes infer --models $PEERS $EPSANETS --out "$OUT_DIR/amp_fp16_b256"
-# the cuDNN forms and the Triton kernels in both layouts; the depthwise and volumetric forms are CPU
-# forms, 3-7x slower than the grouped conv on CUDA (benchmarks/README.md): BRANCH_FORMS to add them
-stage branches 35 $PYTHON benchmarks/psa_branches.py --device $DEVICE $AMP $BRANCH_ARGS \
-    --layouts channels_last nchw --forms ${BRANCH_FORMS:-grouped dense regrouped triton triton_mma} --json "$OUT_DIR/branches.json"
+# device busy against wall time per step: whether faster kernels or fewer launches pay
+stage profile 45 $PYTHON benchmarks/step_profile.py --models resnet50 epsanet50_small --batch-size $B128 \
+    $PROFILE_ARGS --json "$OUT_DIR/profile.json"
 # each PSA's branches together: the fused kernels against the same kernels one branch at a time, and cuDNN
-stage psa 20 $PYTHON benchmarks/psa_branches.py --whole-psa --device $DEVICE $AMP $BRANCH_ARGS \
+stage psa 30 $PYTHON benchmarks/psa_branches.py --whole-psa --device $DEVICE $AMP $BRANCH_ARGS \
     --layouts channels_last --forms grouped dense triton_mma triton_spc --json "$OUT_DIR/psa.json"
+stage compile 40 $PYTHON benchmarks/cuda_checks.py compile --device $DEVICE $TINY
 # branch tuning (training first): the untuned rules are today's default (TIMM_EPSANET_TRITON=0), the
 # tuner tries every form, the Triton kernels included, compiling them anew (an empty Triton cache)
 rm -rf "$OUT_DIR/triton_cache_tuning"
 stage tuning 40 env TIMM_EPSANET_TRITON=0 TRITON_CACHE_DIR="$OUT_DIR/triton_cache_tuning" \
     $PYTHON benchmarks/branch_tuning.py --device $DEVICE $AMP $TUNE_ARGS --modes train infer \
     --layouts channels_last --json "$OUT_DIR/tuning.json"
-stage compile 50 $PYTHON benchmarks/cuda_checks.py compile --device $DEVICE $TINY
-stage amp_bf16_b128 30 $PYTHON benchmarks/benchmark.py $BENCH_ARGS --batch-size $B128 --precisions amp_bf16 \
-    --layouts channels_last --models $PEERS $EPSANETS --out "$OUT_DIR/amp_bf16_b128"
-# the Triton kernels' tiles: the defaults against their neighbours, the fused kernels per PSA stage
-# first, then Small's branches largest first, the tensor-core kernels before the CUDA-core ones
+# the other precision and batch size: resnet50 and Small only (each new shape costs cuDNN's benchmark)
+stage amp_bf16_b128 25 $PYTHON benchmarks/benchmark.py $BENCH_ARGS --batch-size $B128 --precisions amp_bf16 \
+    --layouts channels_last --models resnet50 ${EPSANETS%% *} --out "$OUT_DIR/amp_bf16_b128"
+stage amp_fp16_b256 20 $PYTHON benchmarks/benchmark.py $BENCH_ARGS --batch-size $B256 --precisions amp \
+    --layouts channels_last --modes infer --models resnet50 ${EPSANETS%% *} --out "$OUT_DIR/amp_fp16_b256"
+# not by default: the cuDNN forms and the Triton kernels of every branch in both layouts (the
+# depthwise and volumetric forms are CPU forms, 3-7x slower than the grouped conv on CUDA:
+# BRANCH_FORMS to add them), 10 s a branch in the first run
+stage branches 35 $PYTHON benchmarks/psa_branches.py --device $DEVICE $AMP $BRANCH_ARGS \
+    --layouts channels_last nchw --forms ${BRANCH_FORMS:-grouped dense regrouped triton triton_mma} --json "$OUT_DIR/branches.json"
+# not by default: the Triton kernels' tiles, the defaults against their neighbours, the fused kernels
+# per PSA stage first, then Small's branches largest first, the tensor-core kernels before the CUDA-core ones
 stage tiles 25 $PYTHON benchmarks/triton_tiles.py $TILE_ARGS --json "$OUT_DIR/tiles.json"
 echo "=== done $(date +%T)"

@@ -1,0 +1,85 @@
+"""Where a training or inference step's time goes: the step's wall time against the time the device
+was busy, and the kernels that kept it busy.
+
+A step whose device is busy for much less than its wall time is bound by the host (Python, the
+dispatcher, kernel launches): faster kernels do not speed it up, fewer launches do. On an H200 the
+first profile found epsanet50_small's steps with the Triton kernels host-bound while resnet50's
+were not (benchmarks/README.md, "GPU").
+
+    python benchmarks/step_profile.py --models resnet50 epsanet50_small --json /tmp/step_profile.json
+    python benchmarks/step_profile.py --device cpu --img-size 64 --batch-size 2   # dry run of the code path
+
+Steps as benchmark.py's (cuDNN benchmark mode, AMP fp16 on CUDA, bf16 on CPU, channels-last, SGD
+with a grad scaler), the models one after another in one process.
+"""
+import argparse
+import statistics
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from benchmark import create, make_step, timed  # run as a script from benchmarks/
+from psa_branches import write_json
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--models', nargs='+', default=['resnet50', 'epsanet50_small'])
+    parser.add_argument('--modes', nargs='+', default=['infer', 'train'], choices=['infer', 'train'])
+    parser.add_argument('--device', default='cuda')
+    parser.add_argument('--batch-size', type=int, default=128)
+    parser.add_argument('--img-size', type=int, default=224)
+    parser.add_argument('--iters', type=int, default=10, help='timed steps (the profiled steps are 3 more)')
+    parser.add_argument('--top', type=int, default=8, help='kernels listed per step')
+    parser.add_argument('--json', type=Path, default=None, help='write the rows here as they are measured')
+    return parser.parse_args(argv)
+
+
+def profile_step(name, mode, device, args):
+    """(wall ms per step, device-busy ms per step, [(kernel, ms per step, launches per step)])."""
+    cuda = device.type == 'cuda'
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+    model = create(name, device=device).to(memory_format=torch.channels_last).train(mode == 'train')
+    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
+    x = x.contiguous(memory_format=torch.channels_last)
+    target = torch.randint(0, 1000, (args.batch_size,), device=device)
+    step, _ = make_step(model, x, target, mode == 'train', torch.float16 if cuda else torch.bfloat16)
+
+    for _ in range(3):
+        step()
+    walls = [1e3 * timed(step, device) for _ in range(args.iters)]
+    steps = 3
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+    # device kernels (CUDA) or top-level ops (the CPU dry run): their self time is the busy time
+    events = [e for e in prof.key_averages() if (e.self_device_time_total if cuda else e.self_cpu_time_total) > 0]
+    busy = lambda e: (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e3 / steps  # noqa: E731
+    kernels = sorted(((e.key, busy(e), e.count / steps) for e in events), key=lambda k: -k[1])
+    total = sum(k[1] for k in kernels) if cuda else float('nan')  # CPU op times nest: no sum
+    return statistics.median(walls), total, kernels[:args.top]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    rows = []
+    for mode in args.modes:
+        for name in args.models:
+            wall, busy, kernels = profile_step(name, mode, device, args)
+            rows.append(dict(model=name, mode=mode, wall_ms=wall, busy_ms=busy,
+                             kernels=[dict(name=k, ms=ms, launches=n) for k, ms, n in kernels]))
+            print(f'{name:<26} {mode:<5} wall {wall:7.2f} ms/step, device busy {busy:7.2f} ms '
+                  f'({busy / wall:.0%})', flush=True)
+            for k, ms, n in kernels:
+                print(f'    {ms:7.2f} ms {n:5.0f}x  {k[:90]}')
+            if args.json:
+                write_json(args.json, device, args, rows)
+
+
+if __name__ == '__main__':
+    main()
