@@ -89,14 +89,16 @@ print(f'Machine: {gpu}, torch {torch.__version__}, cuDNN {torch.backends.cudnn.v
       f'triton {triton_version}, timm {timm.__version__}')
 EOF
 # every Triton kernel the stages below run, compiled first on 12 processes into Triton's cache
-stage warm 50 $PYTHON benchmarks/triton_warmup.py $WARM_ARGS
+stage warm 45 $PYTHON benchmarks/triton_warmup.py $WARM_ARGS
 # the fused kernels on every PSA first (18 checks took 50 s in the first run), every form last
 stage checks 45 $PYTHON benchmarks/cuda_checks.py fused cpu grads forms --device $DEVICE $TINY
 # the targets: AMP fp16, channels-last, eager; peers first, every ratio needs resnet50
-stage amp_fp16_b128 150 $PYTHON benchmarks/benchmark.py $BENCH_ARGS --batch-size $B128 --precisions amp \
+stage amp_fp16_b128 145 $PYTHON benchmarks/benchmark.py $BENCH_ARGS --batch-size $B128 --precisions amp \
     --layouts channels_last --models $PEERS $OTHER_FORMS $EPSANETS $UNFUSED_FORMS --out "$OUT_DIR/amp_fp16_b128"
-# device busy against wall time per step: whether faster kernels or fewer launches pay
-stage profile 45 $PYTHON benchmarks/step_profile.py --models resnet50 epsanet50_small --batch-size $B128 \
+# device busy against wall time per step, and inference as one CUDA graph: whether faster kernels or
+# fewer launches pay; Small with the Triton kernels, then in the default cuDNN forms
+stage profile 60 $PYTHON benchmarks/step_profile.py --batch-size $B128 \
+    --models resnet50 epsanet50_small epsanet50_small@dense epsanet50_small@grouped \
     $PROFILE_ARGS --json "$OUT_DIR/profile.json"
 # each PSA's branches together: the fused kernels against the same kernels one branch at a time, and cuDNN
 stage psa 30 $PYTHON benchmarks/psa_branches.py --whole-psa --device $DEVICE $AMP $BRANCH_ARGS \
@@ -105,7 +107,7 @@ stage compile 40 $PYTHON benchmarks/cuda_checks.py compile --device $DEVICE $TIN
 # branch tuning (training first): the untuned rules are today's default (TIMM_EPSANET_TRITON=0), the
 # tuner tries every form, the Triton kernels included, compiling them anew (an empty Triton cache)
 rm -rf "$OUT_DIR/triton_cache_tuning"
-stage tuning 40 env TIMM_EPSANET_TRITON=0 TRITON_CACHE_DIR="$OUT_DIR/triton_cache_tuning" \
+stage tuning 35 env TIMM_EPSANET_TRITON=0 TRITON_CACHE_DIR="$OUT_DIR/triton_cache_tuning" \
     $PYTHON benchmarks/branch_tuning.py --device $DEVICE $AMP $TUNE_ARGS --modes train infer \
     --layouts channels_last --json "$OUT_DIR/tuning.json"
 # the other precision and batch size: resnet50 and Small only (each new shape costs cuDNN's benchmark)

@@ -346,6 +346,55 @@ def test_merged_group_forms_script_trace_and_fx(form):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=how)
 
 
+@pytest.mark.parametrize('form', ['dense', 'regrouped'])
+def test_inference_builds_merged_weights_once_until_the_weight_changes(form):
+    """Without autograd a merged-group form builds its block-diagonal weight once, not per forward
+    (the build's small ops are host time a GPU step waits on), and builds it anew whenever the
+    weight changes: in place (an optimizer step, load_state_dict), replaced, or cast."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    conv = BranchConv2d(32, 16, 5, padding=2, groups=8, bias=False, form=form)
+    x = torch.randn(2, 32, 6, 6)
+
+    def expected():
+        return F.conv2d(x, conv.weight, None, 1, 2, 1, 8)
+
+    def check(built):
+        with torch.no_grad(), Ops() as ops:
+            y = conv(x)
+        assert ('eye' in ops.names) == built, ops.names
+        torch.testing.assert_close(y, expected(), rtol=1e-4, atol=1e-4)
+
+    check(built=True)
+    check(built=False)
+    conv(x).square().sum().backward()  # training: built in the graph, the gradient reaches the weight
+    assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
+    torch.optim.SGD(conv.parameters(), lr=1.0).step()
+    check(built=True)
+    with torch.no_grad():
+        conv.weight.mul_(-1)
+    check(built=True)
+    conv.load_state_dict({'weight': torch.randn_like(conv.weight)})
+    check(built=True)
+    conv.weight.data = torch.randn_like(conv.weight)
+    check(built=True)
+    conv.double()
+    x = x.double()
+    check(built=True)
+    check(built=False)
+    import copy
+    assert copy.deepcopy(conv)._merged == {}  # derived state: never copied
+
+
 def test_inference_reweights_in_place_but_training_keeps_autograd():
     psa = PyramidSqueezeAttention(32, kernel_sizes=(3, 5), groups=(1, 2)).eval()
     x = torch.randn(2, 32, 8, 8)

@@ -74,6 +74,14 @@ class BranchConv2d(nn.Conv2d):
         # not part of the state dict (None where the form or the output width never uses them)
         uses_sum_conv = form in ('auto', 'depthwise') + TRITON_FORMS and sums_groups_by_conv(self.out_channels)
         self.register_buffer('group_sum_weight', self._group_sum_weight() if uses_sum_conv else None, persistent=False)
+        # merged weights kept for inference (`merged_weight`): (merge, dtype) -> (the weight they were
+        # built from, its version, the merged weight)
+        self._merged: Dict[Tuple[int, torch.dtype], Tuple[torch.Tensor, int, torch.Tensor]] = {}
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state['_merged'] = {}  # derived from the weight: never copied or saved
+        return state
 
     def _apply(self, fn, recurse=True):
         """Keep the weight NCHW-contiguous through `model.to(memory_format=torch.channels_last)`.
@@ -83,6 +91,7 @@ class BranchConv2d(nn.Conv2d):
         channels-last inputs take an NCHW weight at no cost. CPU only: CUDA keeps what was measured.
         """
         super()._apply(fn, recurse)
+        self._merged = {}  # built from the weight as it was
         if self.weight.device.type == 'cpu' and not self.weight.is_contiguous():
             self.weight.data = self.weight.data.contiguous()
         return self
@@ -141,7 +150,10 @@ class BranchConv2d(nn.Conv2d):
             merge = self.groups if form == 'dense' else self.regroup
             if merge == 1:
                 return self._conv_forward(x, self.weight, self.bias)
-            weight = block_diagonal_weight(self.weight, self.groups, merge)
+            if torch.jit.is_scripting():
+                weight = block_diagonal_weight(self.weight, self.groups, merge)
+            else:  # cast as autocast would cast it: kept for inference
+                weight = self.merged_weight(merge, _autocast_dtype(x, self.weight.dtype))
             return F.conv2d(x, weight, None, self.stride, self.padding, self.dilation, self.groups // merge)
         if form == 'grouped':  # NCHW inputs stay NCHW on CPU: the weight is kept NCHW (`_apply`)
             return self._conv_forward(x, self.weight, self.bias)
@@ -170,10 +182,36 @@ class BranchConv2d(nn.Conv2d):
         """x and the weight as the tensor-core kernels take them: cast as autocast casts a conv's,
         adjacent groups merged into groups of 16 or more outputs (`mma_regroup`); and the merged
         group count."""
-        x, weight = autocast_conv_inputs(x, self.weight)
         if self.mma_regroup == 1:
+            x, weight = autocast_conv_inputs(x, self.weight)
             return x, weight, self.groups
-        return x, block_diagonal_weight(weight, self.groups, self.mma_regroup), self.groups // self.mma_regroup
+        if torch.is_autocast_enabled(x.device.type):  # as autocast_conv_inputs, the weight cast by merged_weight
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        return x, self.merged_weight(self.mma_regroup, _autocast_dtype(x, self.weight.dtype)), \
+            self.groups // self.mma_regroup
+
+    @torch.jit.unused
+    def merged_weight(self, merge: int, dtype: torch.dtype) -> torch.Tensor:
+        """The weight with `merge` adjacent groups merged (`block_diagonal_weight`), in `dtype`.
+
+        With autograd it is built anew in every forward, as part of the graph. Without (inference),
+        it is kept and reused until the weight changes: updated in place (its version), replaced,
+        moved or cast. A model in eval mode then builds it once instead of per forward: the
+        build's small ops cost more host time than the branch's kernel at batch sizes a GPU runs.
+        """
+        weight = self.weight
+        if not _keeps_merged(weight):
+            return block_diagonal_weight(weight.to(dtype), self.groups, merge)
+        key = (merge, dtype)
+        kept = self._merged.get(key)
+        # `source` keeps the weight's memory alive, so a new weight cannot take its address
+        if kept is not None and kept[0].data_ptr() == weight.data_ptr() and kept[1] == weight._version:
+            source = kept[0]
+            if source.dtype == weight.dtype and source.device == weight.device and source.shape == weight.shape:
+                return kept[2]
+        merged = block_diagonal_weight(weight.detach().to(dtype), self.groups, merge)
+        self._merged[key] = (weight.detach(), weight._version, merged)
+        return merged
 
     def spc_key(self) -> Tuple[int, int, int, List[int], List[int]]:
         """What branches computed together by `_triton_spc` share, besides their input: merged groups,
@@ -185,6 +223,25 @@ class BranchConv2d(nn.Conv2d):
     def _train_forward(self, x: torch.Tensor, form: str) -> torch.Tensor:
         return FastFormGroupedBackward.apply(
             x, self.weight, self.group_sum_weight, form, self.stride, self.padding, self.dilation, self.groups)
+
+
+def _keeps_merged(weight: torch.Tensor) -> bool:
+    """Whether `BranchConv2d.merged_weight` may keep what it builds: eager inference on a plain
+    tensor with memory, not autograd, a trace, a compile or an export (whose fake and functional
+    tensors have no memory to key by, and whose graphs must hold the build)."""
+    if torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return False
+    exporting = getattr(torch.compiler, 'is_exporting', None)
+    if exporting is not None and exporting():
+        return False
+    return type(weight) in (torch.Tensor, nn.Parameter) and weight.device.type != 'meta'
+
+
+def _autocast_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
+    """The dtype autocast casts a conv's weight to on x's device, else `dtype`."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return dtype
 
 
 def _autograd_plan() -> bool:
