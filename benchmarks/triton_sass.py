@@ -93,7 +93,7 @@ def build_spc_sm90(kind: str, dtype: str, kernel_sizes, c_in: int, c_out: int, w
     builds the others."""
     c_red, c_written = (c_out, c_in) if kind == 'grad_input' else (c_in, c_out)
     cfg = config or tb.mma_config_for(c_red, c_written)
-    radii = [k // 2 for k in kernel_sizes] + [-1] * (tsp.MAX_BRANCHES - len(kernel_sizes))
+    radii = tsp._radii(kernel_sizes)
     consts = dict(R0=radii[0], R1=radii[1], R2=radii[2], R3=radii[3], R_MAX=max(radii), PRECISION='tf32',
                   BLOCK_R=cfg.block_r, BLOCK_O=cfg.block_o)
     if kind == 'grad_weight':  # as `weight_grad_chunks` tiles the pixels

@@ -126,7 +126,8 @@ def check_spc_case(case, kernel_layout=None) -> dict:
         plans = [(form, kernel_layout) for form, _ in plans]
     launches = {'forward': 0, 'grad_input': 0, 'grad_weight': 0}
     read = set()
-    launch, launch_weight_grad = _triton_spc._launch, _triton_spc._launch_weight_grad
+    launch, weight_grad_parts = _triton_spc._launch_tiles, _triton_spc._weight_grad_parts
+    custom_ops = _triton_spc._spc_op
 
     def counted(src, *args, transposed, **kw):
         launches['grad_input' if transposed else 'forward'] += 1
@@ -136,22 +137,58 @@ def check_spc_case(case, kernel_layout=None) -> dict:
     def counted_weight_grad(x, *args, **kw):
         launches['grad_weight'] += 1
         read.add(layout_of(x))
-        return launch_weight_grad(x, *args, **kw)
+        return weight_grad_parts(x, *args, **kw)
 
+    def custom_op(*args):
+        launches['custom_op'] += 1
+        return custom_ops(*args)
+
+    launches['custom_op'] = 0
     runs, spc_runs = [], convs.spc_runs
     convs.spc_runs = lambda *args: runs.append(spc_runs(*args)) or runs[-1]  # as run_plans resolves the layouts
-    _triton_spc._launch, _triton_spc._launch_weight_grad = counted, counted_weight_grad
+    _triton_spc._launch_tiles, _triton_spc._weight_grad_parts, _triton_spc._spc_op = (
+        counted, counted_weight_grad, custom_op)
     try:
         y = convs.run_plans(x_spc, plans)
         y.backward(grad)
     finally:
-        _triton_spc._launch, _triton_spc._launch_weight_grad = launch, launch_weight_grad
+        _triton_spc._launch_tiles, _triton_spc._weight_grad_parts, _triton_spc._spc_op = (
+            launch, weight_grad_parts, custom_ops)
     return dict(
         runs=runs[0], launches=launches, kernel_layouts=sorted(read),
         dtype_ok=y.dtype == x_spc.grad.dtype == dtype,
         layout_ok=y.is_contiguous(memory_format=fmt) and x_spc.grad.is_contiguous(memory_format=fmt),
         out=rel_err(y, y_ref), grad_input=rel_err(x_spc.grad, x_ref.grad),
         grad_weight=max(rel_err(c.weight.grad, r.weight.grad) for c, r in zip(convs, reference)))
+
+
+def check_spc_inference() -> dict:
+    """Inference of fused branches twice, then after an in-place weight update: how many kernel
+    weight tiles each forward built, and each output's error against the grouped convs."""
+    from timm_epsanet import _triton_spc
+    from timm_epsanet.psa import PyramidSqueezeAttention
+
+    reference = PyramidSqueezeAttention(32, groups=(8, 8, 8, 8), branch_form='grouped').convs
+    convs = PyramidSqueezeAttention(32, groups=(8, 8, 8, 8), branch_form='triton_spc').convs
+    convs.load_state_dict(reference.state_dict())
+    plans = [conv.plan_for('cuda', False) for conv in convs]
+    x = torch.randn(2, 32, 5, 6).contiguous(memory_format=torch.channels_last)
+    built, kernel_weight = [], _triton_spc.kernel_weight
+    _triton_spc.kernel_weight = lambda *args, **kw: built.append(1) or kernel_weight(*args, **kw)
+    results = []
+    try:
+        for update in (False, False, True):
+            with torch.no_grad():
+                if update:
+                    for a, b in zip(convs, reference):
+                        a.weight.mul_(-2)
+                        b.weight.mul_(-2)
+                before = len(built)
+                y = convs.run_plans(x, plans)
+                results.append(dict(built=len(built) - before, err=rel_err(y, reference(x))))
+    finally:
+        _triton_spc.kernel_weight = kernel_weight
+    return results
 
 
 def check_ops() -> dict:
@@ -251,6 +288,7 @@ def interpreter_results() -> dict:
     return dict(cases={case_id(case, form): check_case(case, form) for form in FORMS for case in CASES},
                 spc={spc_case_id(case): check_spc_case(case) for case in SPC_CASES},
                 spc_nchw_kernels=check_spc_case(SPC_NCHW_CASE, kernel_layout='nchw'),
+                spc_inference=check_spc_inference(),
                 ops=check_ops(), compile={form: check_compile(form) for form in FORMS},
                 spc_compile=check_spc_compile(),
                 wide_weight_grad=check_wide_weight_grad())
@@ -290,8 +328,9 @@ def test_fused_branches_equal_grouped_convs(interpreted, case):
     assert result['runs'] == runs, result
     assert result['kernel_layouts'] == ['channels_last'], result  # an NCHW input converted once
     stride = case[0].get('stride', 1)
+    # in eager mode the kernels run without the custom ops' dispatch layers (compile: the custom ops)
     assert result['launches'] == {'forward': len(runs), 'grad_input': len(runs) if stride == 1 else 0,
-                                  'grad_weight': len(runs)}, result
+                                  'grad_weight': len(runs), 'custom_op': 0}, result
     assert result['dtype_ok'] and result['layout_ok'], result
     tol = 1e-5 if case[-1] == 'float32' else 2e-3
     for key in ('out', 'grad_input', 'grad_weight'):
@@ -306,6 +345,14 @@ def test_fused_kernels_on_nchw_strides(interpreted):
     assert result['dtype_ok'] and result['layout_ok'], result
     for key in ('out', 'grad_input', 'grad_weight'):
         assert result[key] <= 1e-5, (key, result)
+
+
+def test_fused_inference_builds_the_weight_tiles_once_until_the_weight_changes(interpreted):
+    """Without autograd the fused kernels' weight tiles (merged, cast, laid out) are built on the
+    first forward and reused, until an in-place update of the weights; every output stays right."""
+    first, second, updated = interpreted['spc_inference']
+    assert (first['built'], second['built'], updated['built']) == (4, 0, 4), interpreted['spc_inference']
+    assert all(r['err'] <= 1e-5 for r in (first, second, updated)), interpreted['spc_inference']
 
 
 def test_custom_ops_pass_opcheck(interpreted):
@@ -477,3 +524,16 @@ if __name__ == '__main__':
     if os.environ.get('TRITON_INTERPRET') != '1':
         sys.exit('run with TRITON_INTERPRET=1: the kernels then run on CPU tensors')
     print(json.dumps(interpreter_results()))
+
+
+def test_fused_branches_refuse_an_input_of_another_dtype_than_their_weights():
+    """As a conv does, outside autocast: fp16 input into fp32 weights is an error that says so
+    (not a silent cast), raised before any kernel runs."""
+    pytest.importorskip('triton')
+    from timm_epsanet.psa import PyramidSqueezeAttention
+
+    convs = PyramidSqueezeAttention(32, groups=(8, 8, 8, 8), branch_form='triton_spc').convs
+    plans = [conv.plan_for('cuda', True) for conv in convs]
+    x = torch.randn(2, 32, 5, 6).half().contiguous(memory_format=torch.channels_last)
+    with pytest.raises(RuntimeError, match='the input is torch.float16 but the weights are torch.float32'):
+        convs.run_plans(x, plans)

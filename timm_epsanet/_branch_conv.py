@@ -6,7 +6,7 @@ and calls it; nothing else about the layer depends on how the branches are compu
 has the grouped conv's weights and state dict, and computes its function up to float
 summation order.
 """
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +20,7 @@ from ._branch_forms import (
 )
 from ._branch_plans import (
     TRITON_FORMS, Plan, computes_in_low_precision, cpu_branch_plan, cuda_branch_form, in_layout, kernel_layout,
-    layout_of, triton_in_auto,
+    layout_of, plain_eager, triton_in_auto,
 )
 from ._branch_tuning import tuned_plans
 
@@ -74,13 +74,13 @@ class BranchConv2d(nn.Conv2d):
         # not part of the state dict (None where the form or the output width never uses them)
         uses_sum_conv = form in ('auto', 'depthwise') + TRITON_FORMS and sums_groups_by_conv(self.out_channels)
         self.register_buffer('group_sum_weight', self._group_sum_weight() if uses_sum_conv else None, persistent=False)
-        # merged weights kept for inference (`merged_weight`): (merge, dtype) -> (the weight they were
-        # built from, its version, the merged weight)
-        self._merged: Dict[Tuple[int, torch.dtype], Tuple[torch.Tensor, int, torch.Tensor]] = {}
+        # tensors derived from the weight, kept for inference (`kept_weight`): key -> (the weight they
+        # were built from, its version, the tensor)
+        self._kept: Dict[Tuple[str, int, torch.dtype], Tuple[torch.Tensor, int, torch.Tensor]] = {}
 
     def __getstate__(self):
         state = super().__getstate__()
-        state['_merged'] = {}  # derived from the weight: never copied or saved
+        state['_kept'] = {}  # derived from the weight: never copied or saved
         return state
 
     def _apply(self, fn, recurse=True):
@@ -91,7 +91,7 @@ class BranchConv2d(nn.Conv2d):
         channels-last inputs take an NCHW weight at no cost. CPU only: CUDA keeps what was measured.
         """
         super()._apply(fn, recurse)
-        self._merged = {}  # built from the weight as it was
+        self._kept = {}  # built from the weight as it was
         if self.weight.device.type == 'cpu' and not self.weight.is_contiguous():
             self.weight.data = self.weight.data.contiguous()
         return self
@@ -192,26 +192,32 @@ class BranchConv2d(nn.Conv2d):
 
     @torch.jit.unused
     def merged_weight(self, merge: int, dtype: torch.dtype) -> torch.Tensor:
-        """The weight with `merge` adjacent groups merged (`block_diagonal_weight`), in `dtype`.
+        """The weight with `merge` adjacent groups merged (`block_diagonal_weight`), in `dtype`
+        (`kept_weight`: built once for inference)."""
+        return self.kept_weight(
+            ('merged', merge, dtype), lambda weight: block_diagonal_weight(weight.to(dtype), self.groups, merge))
+
+    @torch.jit.unused
+    def kept_weight(self, key: Tuple[str, int, torch.dtype], build: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """`build(self.weight)`: a tensor derived from the weight (merged, cast, laid out for a kernel).
 
         With autograd it is built anew in every forward, as part of the graph. Without (inference),
-        it is kept and reused until the weight changes: updated in place (its version), replaced,
-        moved or cast. A model in eval mode then builds it once instead of per forward: the
-        build's small ops cost more host time than the branch's kernel at batch sizes a GPU runs.
+        it is kept under `key` and reused until the weight changes: updated in place (its version),
+        replaced, moved or cast. A model in eval mode then builds it once instead of per forward:
+        the build's small ops cost more host time than the branch's kernel at batch sizes a GPU runs.
         """
         weight = self.weight
-        if not _keeps_merged(weight):
-            return block_diagonal_weight(weight.to(dtype), self.groups, merge)
-        key = (merge, dtype)
-        kept = self._merged.get(key)
-        # `source` keeps the weight's memory alive, so a new weight cannot take its address
+        if not _may_keep(weight):
+            return build(weight)
+        kept = self._kept.get(key)
+        # the kept source holds the weight's memory, so a new weight cannot take its address
         if kept is not None and kept[0].data_ptr() == weight.data_ptr() and kept[1] == weight._version:
             source = kept[0]
             if source.dtype == weight.dtype and source.device == weight.device and source.shape == weight.shape:
                 return kept[2]
-        merged = block_diagonal_weight(weight.detach().to(dtype), self.groups, merge)
-        self._merged[key] = (weight.detach(), weight._version, merged)
-        return merged
+        made = build(weight.detach())
+        self._kept[key] = (weight.detach(), weight._version, made)
+        return made
 
     def spc_key(self) -> Tuple[int, int, int, List[int], List[int]]:
         """What branches computed together by `_triton_spc` share, besides their input: merged groups,
@@ -225,16 +231,11 @@ class BranchConv2d(nn.Conv2d):
             x, self.weight, self.group_sum_weight, form, self.stride, self.padding, self.dilation, self.groups)
 
 
-def _keeps_merged(weight: torch.Tensor) -> bool:
-    """Whether `BranchConv2d.merged_weight` may keep what it builds: eager inference on a plain
-    tensor with memory, not autograd, a trace, a compile or an export (whose fake and functional
-    tensors have no memory to key by, and whose graphs must hold the build)."""
-    if torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling():
-        return False
-    exporting = getattr(torch.compiler, 'is_exporting', None)
-    if exporting is not None and exporting():
-        return False
-    return type(weight) in (torch.Tensor, nn.Parameter) and weight.device.type != 'meta'
+def _may_keep(weight: torch.Tensor) -> bool:
+    """Whether `BranchConv2d.kept_weight` may keep what it builds: eager inference on a plain
+    weight (`plain_eager`: traces, compiles and exports must hold the build in their graphs, and
+    fake and functional tensors have no memory to key by)."""
+    return not torch.is_grad_enabled() and plain_eager(weight)
 
 
 def _autocast_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
@@ -318,12 +319,21 @@ class BranchConvs(nn.ModuleList):
     def _spc_forward(self, x: torch.Tensor, members: List[int]) -> torch.Tensor:
         """The branches `members` (a run of `spc_runs`) of x by `_triton_spc`, concatenated."""
         from . import _triton_spc
-        weights = []
-        for i in members:
-            x_i, weight, groups = self[i].mma_inputs(x)
-            weights.append(weight)
-        first = self[members[0]]
-        return _triton_spc.spc_conv(x_i, weights, first.stride, first.dilation, groups)
+        convs = [self[i] for i in members]
+        first = convs[0]
+        if torch.is_autocast_enabled(x.device.type):  # cast as autocast casts a conv's input
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        elif any(conv.weight.dtype != x.dtype for conv in convs):  # as a conv refuses them
+            raise RuntimeError(f'PSA branches: the input is {x.dtype} but the weights are {first.weight.dtype}; '
+                               f'cast the model or run under autocast')
+        merges = [conv.mma_regroup for conv in convs]
+        tiles = None
+        if not _autograd_plan() and plain_eager(x):  # inference: the kernels' weight tiles built once
+            tiles = [conv.kept_weight(('spc', m, x.dtype), lambda w, c=conv, m=m: _triton_spc.kernel_weight(
+                w, c.groups, m, x.dtype, transposed=False)) for conv, m in zip(convs, merges)]
+        return _triton_spc.spc_conv_grouped(
+            x, [conv.weight for conv in convs], merges, first.groups // first.mma_regroup, first.stride,
+            first.dilation, tiles)
 
     @torch.jit.unused
     def run_plans(self, x: torch.Tensor, plans: List[Plan]) -> torch.Tensor:

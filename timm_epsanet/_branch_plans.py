@@ -12,6 +12,7 @@ import os
 from typing import Tuple
 
 import torch
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 Plan = Tuple[str, str]
 
@@ -105,6 +106,21 @@ def triton_runs_on_cuda() -> bool:
 def triton_in_auto() -> bool:
     """Whether 'auto' picks the Triton kernels on CUDA: TIMM_EPSANET_TRITON=1 and triton runs."""
     return TRITON_IN_AUTO and triton_runs_on_cuda()
+
+
+def plain_eager(x: torch.Tensor) -> bool:
+    """Whether x is a plain tensor (or parameter) with memory, in plain eager mode: not compiled,
+    traced or exported, under no dispatch mode (fake tensors, op counters) or functorch transform.
+    There the backend may keep tensors across calls and skip the custom ops' dispatch layers;
+    graphs being captured must see every op."""
+    if type(x) not in (torch.Tensor, torch.nn.Parameter) or x.device.type == 'meta':
+        return False
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    exporting = getattr(torch.compiler, 'is_exporting', None)
+    if (exporting is not None and exporting()) or is_in_torch_dispatch_mode():
+        return False
+    return not torch._C._are_functorch_transforms_active()
 
 
 def layout_of(x: torch.Tensor) -> str:

@@ -21,20 +21,26 @@ products with each branch's output gradient, per chunk of pixels (added afterwar
 Branches fuse when they are grouped convs of the same input with the same merged groups (input
 and output channels per group), stride and dilation, odd kernels in ascending order, and padding
 that centres them ("same" convs, as PSA's are): `fusable`. Private to the package, like
-`_triton_branch`, and registered as custom ops (`timm_epsanet::spc_conv*`).
+`_triton_branch`, and registered as custom ops (`timm_epsanet::spc_conv*`), which compile,
+export and fake tensors see. In plain eager mode `spc_conv_grouped` skips the custom ops'
+dispatch layers and the per-branch weight preparation around them: one autograd node merges,
+casts and lays out the weights itself, and reads the grouped weights' gradients straight off the
+kernel's partial sums (the host, not the GPU, bounded the fused training step on an H200).
 """
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import triton
 import triton.language as tl
 
+from ._branch_forms import block_diagonal_weight
+from ._branch_plans import plain_eager
 from ._triton_branch import (
     _check_device, _dst_pixels, _empty_like_layout, _group_block, _grad_input_op, _out_size, _precision, _tile_pixels,
     mma_config_for, weight_grad_chunks,
 )
 
-__all__ = ['fusable', 'spc_conv']
+__all__ = ['fusable', 'spc_conv', 'spc_conv_grouped']
 
 MAX_BRANCHES = 4  # the kernels' weight arguments; PSA's default S
 
@@ -333,29 +339,61 @@ def fusable(
     return centred and in_chs % groups[0] == 0 and list(kernel_sizes) == sorted(kernel_sizes)
 
 
-def _radii(weights: Sequence[torch.Tensor]) -> List[int]:
-    return [w.shape[-1] // 2 for w in weights] + [-1] * (MAX_BRANCHES - len(weights))
+def _radii(kernel_sizes: Sequence[int]) -> List[int]:
+    """Each branch's kernel radius, -1 for the kernels' weight slots no branch fills."""
+    return [k // 2 for k in kernel_sizes] + [-1] * (MAX_BRANCHES - len(kernel_sizes))
 
 
 def _weight_pointers(weights: Sequence[torch.Tensor], groups: int, transposed: bool) -> List[torch.Tensor]:
-    """Each branch's weight as (KH, KW, G, reduced, written) contiguous (transposed: a group's outputs
-    are reduced, its inputs written), padded to MAX_BRANCHES with the first (never read)."""
+    """Each (merged) branch weight as the kernels read it: (KH, KW, G, reduced, written) contiguous
+    (transposed: a group's outputs are reduced, its inputs written)."""
     tiles = []
     for w in weights:
         out_chs, in_per_group, k_h, k_w = w.shape
         w = w.reshape(groups, out_chs // groups, in_per_group, k_h, k_w)
         tiles.append((w.permute(3, 4, 0, 1, 2) if transposed else w.permute(3, 4, 0, 2, 1)).contiguous())
-    return tiles + tiles[:1] * (MAX_BRANCHES - len(tiles))
+    return tiles
+
+
+def kernel_weight(weight: torch.Tensor, groups: int, merge: int, dtype: torch.dtype, transposed: bool) -> torch.Tensor:
+    """A branch's grouped weight (O, I, KH, KW) of `groups` as the kernels read it, `merge` adjacent
+    groups merged block-diagonally and cast to `dtype`: `_weight_pointers` of
+    `_branch_forms.block_diagonal_weight`, in one copy into zeros, outside autograd."""
+    out_chs, ins, k_h, k_w = weight.shape
+    outs, merged = out_chs // groups, groups // merge
+    w = weight.detach().reshape(merged, merge, outs, ins, k_h, k_w)
+    if transposed:  # reduced: (merged group's block, output), written: (block, input)
+        tiles = weight.new_zeros((k_h, k_w, merged, merge, outs, merge, ins), dtype=dtype)
+        tiles.diagonal(dim1=3, dim2=5).copy_(w.permute(4, 5, 0, 2, 3, 1))
+        return tiles.view(k_h, k_w, merged, merge * outs, merge * ins)
+    tiles = weight.new_zeros((k_h, k_w, merged, merge, ins, merge, outs), dtype=dtype)
+    tiles.diagonal(dim1=3, dim2=5).copy_(w.permute(4, 5, 0, 3, 2, 1))
+    return tiles.view(k_h, k_w, merged, merge * ins, merge * outs)
+
+
+def _grouped_weight_grad(part: torch.Tensor, weight: torch.Tensor, merge: int) -> torch.Tensor:
+    """The gradient of a branch's grouped weight from its weight-gradient kernel's fp32 partial sums
+    of the merged weight's, (chunks, KH, KW, merged groups, reduced, written): the diagonal blocks,
+    summed over chunks."""
+    chunks, k_h, k_w, merged, red, written = part.shape
+    ins, outs = red // merge, written // merge
+    blocks = part.view(chunks, k_h, k_w, merged, merge, ins, merge, outs).diagonal(dim1=4, dim2=6)
+    # (KH, KW, merged, I, O, block) -> (merged, block, O, I, KH, KW): the grouped weight's order
+    return blocks.sum(0).permute(2, 5, 4, 3, 0, 1).reshape(weight.shape).to(weight.dtype)
 
 
 def _launch(src, weights, dst, stride, dilation, groups, transposed, config=None):
     """dst = the branches of src, concatenated (forward), or their input gradient from their
     concatenated output gradient src (transposed; stride 1), on `config`'s tile (default
     `mma_config_for`'s)."""
-    outs, ins = weights[0].shape[0] // groups, weights[0].shape[1]
-    c_red, c_out = (outs, ins) if transposed else (ins, outs)
+    return _launch_tiles(src, _weight_pointers(weights, groups, transposed), dst, stride, dilation, transposed, config)
+
+
+def _launch_tiles(src, tiles, dst, stride, dilation, transposed, config=None):
+    """`_launch` on the weights as the kernels read them (`_weight_pointers`, `kernel_weight`)."""
+    _, _, groups, c_red, c_out = tiles[0].shape
     config = config or mma_config_for(c_red, c_out)
-    radii = _radii(weights)
+    radii = _radii([t.shape[0] for t in tiles])
     n, _, h_dst, w_dst = dst.shape
     x = dst if transposed else src  # the conv's input and output sizes
     y = src if transposed else dst
@@ -363,25 +401,32 @@ def _launch(src, weights, dst, stride, dilation, groups, transposed, config=None
     s, d = src.stride(), dst.stride()
     kernel = _spc_grad_input_mma_kernel if transposed else _spc_mma_kernel
     kernel[grid](
-        src, *_weight_pointers(weights, groups, transposed), dst, n, x.shape[2], x.shape[3], y.shape[2], y.shape[3],
-        s[0], s[2], s[3], s[1], d[0], d[2], d[3], d[1], stride[0], stride[1], dilation[0], dilation[1], groups,
-        R0=radii[0], R1=radii[1], R2=radii[2], R3=radii[3], R_MAX=max(radii), C_RED=c_red, C_OUT=c_out,
+        src, *(tiles + tiles[:1] * (MAX_BRANCHES - len(tiles))), dst, n, x.shape[2], x.shape[3], y.shape[2],
+        y.shape[3], s[0], s[2], s[3], s[1], d[0], d[2], d[3], d[1], stride[0], stride[1], dilation[0], dilation[1],
+        groups, R0=radii[0], R1=radii[1], R2=radii[2], R3=radii[3], R_MAX=max(radii), C_RED=c_red, C_OUT=c_out,
         PRECISION=_precision(src), BLOCK_P=config.block_p, BLOCK_R=config.block_r, BLOCK_O=config.block_o,
         num_warps=config.num_warps)
     return dst
 
 
 def _launch_weight_grad(x, grad, weights, stride, dilation, groups, config=None) -> List[torch.Tensor]:
-    """Each branch's weight gradient, from the branches' concatenated output gradient, by
-    `_spc_weight_grad_mma_kernel` on `config`'s tile (default `mma_config_for`'s)."""
+    """Each (merged) branch's weight gradient, from the branches' concatenated output gradient."""
     outs, ins = weights[0].shape[0] // groups, weights[0].shape[1]
+    parts = _weight_grad_parts(x, grad, [w.shape[-1] for w in weights], groups, ins, outs, stride, dilation, config)
+    return [part.sum(0).permute(2, 4, 3, 0, 1).reshape(w.shape).to(w.dtype).contiguous()
+            for part, w in zip(parts, weights)]
+
+
+def _weight_grad_parts(x, grad, kernel_sizes, groups, ins, outs, stride, dilation, config=None) -> List[torch.Tensor]:
+    """Each branch's weight gradient as fp32 partial sums per chunk of pixels, (chunks, KH, KW,
+    groups, ins, outs), by `_spc_weight_grad_mma_kernel` on `config`'s tile (default
+    `mma_config_for`'s); groups, ins and outs per (merged) group."""
     config = config or mma_config_for(ins, outs)
-    radii = _radii(weights)
+    radii = _radii(kernel_sizes)
     taps = (2 * max(radii) + 1) ** 2
     blocks = groups * triton.cdiv(ins, config.block_r) * triton.cdiv(outs, config.block_o)
     block_h, block_w, tiles_per_chunk, chunks = weight_grad_chunks(x.device, grad.shape, config.block_p, blocks * taps)
-    parts = [torch.empty((chunks, w.shape[-2], w.shape[-1], groups, ins, outs), dtype=torch.float32, device=x.device)
-             for w in weights]
+    parts = [torch.empty((chunks, k, k, groups, ins, outs), dtype=torch.float32, device=x.device) for k in kernel_sizes]
     s, d = x.stride(), grad.stride()
     # taps vary fastest: the programs in flight share a chunk of x and of the output gradients
     _spc_weight_grad_mma_kernel[(taps, blocks, chunks)](
@@ -391,8 +436,7 @@ def _launch_weight_grad(x, grad, weights, stride, dilation, groups, config=None)
         R0=radii[0], R1=radii[1], R2=radii[2], R3=radii[3], R_MAX=max(radii), C_IN=ins, C_OUT=outs,
         PRECISION=_precision(x), BLOCK_H=block_h, BLOCK_W=block_w, BLOCK_R=config.block_r, BLOCK_O=config.block_o,
         num_warps=config.num_warps)
-    return [part.sum(0).permute(2, 4, 3, 0, 1).reshape(w.shape).to(w.dtype).contiguous()
-            for part, w in zip(parts, weights)]
+    return parts
 
 
 def _paddings(weights: Sequence[torch.Tensor], dilation: Sequence[int]) -> List[List[int]]:
@@ -492,3 +536,69 @@ def spc_conv(
     if any(w.dtype != x.dtype for w in weights):
         raise ValueError(f'spc_conv: x is {x.dtype} but the weights are {[w.dtype for w in weights]}; cast them alike')
     return _spc_op(x, weights, list(stride), list(dilation), groups)
+
+
+class _SpcConvGrouped(torch.autograd.Function):
+    """`spc_conv` of the branches' grouped weights, merged where they are used: the forward's
+    kernel tiles (given, or built here), the input gradient's transposed ones, and the grouped
+    weights' gradients read straight off the weight-gradient kernel's partial sums. Autograd sees
+    one node, with no merge, cast, layout or gradient-reshaping op per branch around it."""
+
+    @staticmethod
+    def forward(ctx, x, tiles, merges, stride, dilation, *weights):
+        y = _empty_like_layout(x, _out_shape(x, weights, stride, dilation), x.dtype)
+        _launch_tiles(x, tiles, y, stride, dilation, transposed=False)
+        ctx.save_for_backward(x, *weights)
+        ctx.conv_args = (tiles[0].shape[2], merges, stride, dilation)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, *weights = ctx.saved_tensors
+        merged, merges, stride, dilation = ctx.conv_args
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            if max(stride) == 1:
+                tiles = [kernel_weight(w, merged * m, m, x.dtype, transposed=True) for w, m in zip(weights, merges)]
+                grad_x = _launch_tiles(grad, tiles, _empty_like_layout(x, x.shape, grad.dtype), [1, 1], dilation,
+                                       transposed=True)
+            else:  # each branch by phases of the stride, as `spc_conv`'s backward
+                grads = grad.split([w.shape[0] for w in weights], dim=1)
+                for g, w, m, p in zip(grads, weights, merges, _paddings(weights, dilation)):
+                    w = block_diagonal_weight(w.to(x.dtype), merged * m, m)
+                    share = _grad_input_op(g, w, x, stride, p, dilation, merged, True)
+                    grad_x = share if grad_x is None else grad_x + share
+        grad_ws = [None] * len(weights)
+        if any(ctx.needs_input_grad[5:]):
+            parts = _weight_grad_parts(x, grad, [w.shape[-1] for w in weights], merged, x.shape[1] // merged,
+                                       weights[0].shape[0] // merged, stride, dilation)
+            grad_ws = [_grouped_weight_grad(p, w, m) for p, w, m in zip(parts, weights, merges)]
+        return (grad_x, None, None, None, None, *grad_ws)
+
+
+def spc_conv_grouped(
+        x: torch.Tensor,
+        weights: Sequence[torch.Tensor],
+        merges: Sequence[int],
+        merged_groups: int,
+        stride: Sequence[int],
+        dilation: Sequence[int],
+        tiles: Optional[Sequence[torch.Tensor]] = None,
+) -> torch.Tensor:
+    """`spc_conv` of grouped convs whose groups become `merged_groups` once `merges[i]` adjacent
+    groups of branch i are merged; the weights as the branches hold them (any float dtype; cast to
+    x's), differentiable in x and the weights. `tiles`: the forward's kernel tiles if already built
+    (`kernel_weight`, x's dtype), as inference keeps them.
+
+    In plain eager mode (`plain_eager`) the kernels run from one autograd node that merges the weights
+    itself; elsewhere the merged weights go through `spc_conv` (the custom ops that compile, export
+    and fake tensors need). The same function either way."""
+    weights, merges = list(weights), list(merges)
+    if not plain_eager(x):
+        merged = [block_diagonal_weight(w.to(x.dtype), merged_groups * m, m) if m > 1 else w.to(x.dtype)
+                  for w, m in zip(weights, merges)]
+        return spc_conv(x, merged, stride, dilation, merged_groups)
+    _check_device(x)
+    if tiles is None:
+        tiles = [kernel_weight(w, merged_groups * m, m, x.dtype, transposed=False) for w, m in zip(weights, merges)]
+    return _SpcConvGrouped.apply(x, list(tiles), merges, list(stride), list(dilation), *weights)
