@@ -30,6 +30,7 @@ on every device instead of the per-device default: `@grouped`, `@depthwise`, `@v
 import argparse
 import csv
 import datetime
+import importlib.metadata
 import json
 import os
 import platform
@@ -258,6 +259,10 @@ def machine_description(device, malloc_keep=False):
     from timm_epsanet._branch_tuning import cpu_model  # the name branch tuning keys its plans by
     if device == 'cuda':
         desc = f'{torch.cuda.get_device_name()}, torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}'
+        try:  # the Triton kernels' compiler, read without importing it
+            desc += f', triton {importlib.metadata.version("triton")}'
+        except importlib.metadata.PackageNotFoundError:
+            desc += ', no triton'
     else:
         desc = (f'{cpu_model()}, {platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, '
                 f'torch {torch.__version__}')

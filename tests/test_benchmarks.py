@@ -89,6 +89,20 @@ def test_merged_batch_sizes_are_each_compared_with_resnet50_at_that_batch(tmp_pa
     assert '| epsanet50_small | infer | nchw | fp32 | False | 256 | 10.0 | 0.50 |' in table
 
 
+def test_cuda_machine_line_names_gpu_torch_cudnn_and_triton(monkeypatch):
+    """A CUDA results file says which GPU, torch, cuDNN and triton measured it (read here with the
+    CUDA queries faked: CI has no GPU)."""
+    import importlib.metadata
+    monkeypatch.setattr(torch.cuda, 'get_device_name', lambda *args: 'NVIDIA H200')
+    monkeypatch.setattr(torch.backends.cudnn, 'version', lambda: 91900)
+    machine = benchmark.machine_description('cuda')
+    assert machine.startswith(f'NVIDIA H200, torch {torch.__version__}, cuDNN 91900, ')
+    try:
+        assert machine.endswith(f'triton {importlib.metadata.version("triton")}')
+    except importlib.metadata.PackageNotFoundError:
+        assert machine.endswith('no triton')
+
+
 def test_machine_line_names_the_cpu_model():
     """The CPU model in benchmark machine lines is the one branch tuning keys its plan cache by,
     with its family and model numbers (VMs report generic names for different generations)."""
