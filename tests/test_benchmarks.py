@@ -353,7 +353,7 @@ def test_step_profile_reports_wall_time_and_the_top_ops(tmp_path):
 def test_host_work_shows_inference_builds_no_branch_weights():
     """host_work.py (the host's share of a GPU step: CUDA plans on CPU, the kernels no-ops) runs,
     and shows what inference keeps: after the first step, an inference step of the Triton plans
-    builds no weights (no zeroed tiles, masks, casts or copies), while training builds them."""
+    builds no weights (no zeroed tiles, masks, casts or copies)."""
     run = subprocess.run([sys.executable, str(BENCHMARKS / 'host_work.py'), '--iters', '1', '--top', '100'],
                          check=True, capture_output=True, text=True, cwd=BENCHMARKS)
     ops, mode = {}, None
@@ -366,4 +366,4 @@ def test_host_work_shows_inference_builds_no_branch_weights():
     # (a branch that runs alone, stage 4's kernel 5, still lays out its kept weight per call: contiguous)
     building = {'aten::new_zeros', 'aten::copy_', 'aten::eye', 'aten::mul', 'aten::to'}
     assert set(ops) == {'infer', 'train'} and ops['infer'], run.stdout
-    assert not ops['infer'] & building and ops['train'] & building, run.stdout
+    assert not ops['infer'] & building, run.stdout

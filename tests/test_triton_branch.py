@@ -191,6 +191,35 @@ def check_spc_inference() -> dict:
     return results
 
 
+def check_prep() -> dict:
+    """The training step's weight preparation in one launch (`_branch_tiles_of`) against each
+    branch's `kernel_weight` (inference's), both directions, on Small's stage 1 (merges 1, 4, 8, 16),
+    and the one-launch weight gradients against the diagonal blocks of the partial sums."""
+    from timm_epsanet import _triton_spc
+    from timm_epsanet._branch_forms import block_diagonal_weight
+    from timm_epsanet.psa import PyramidSqueezeAttention
+
+    convs = PyramidSqueezeAttention(64, groups=(1, 4, 8, 16)).convs
+    weights, merges = [c.weight.detach() for c in convs], [c.mma_regroup for c in convs]
+    result = {}
+    for transposed in (False, True):
+        tiles = _triton_spc._branch_tiles_of(weights, merges, 1, torch.float16, transposed)
+        expected = [_triton_spc.kernel_weight(w, c.groups, m, torch.float16, transposed)
+                    for w, c, m in zip(weights, convs, merges)]
+        result[f'tiles transposed={transposed}'] = all(torch.equal(a, b) for a, b in zip(tiles, expected))
+    # partial sums of the merged weights' gradients over 3 chunks: each branch's grouped weight
+    # gradient is the sum of the diagonal blocks
+    parts = [torch.randn(3, k, k, 1, 64, 16) for k in (3, 5, 7, 9)]
+    grads = _triton_spc._branch_weight_grads(parts, weights, merges)
+    expected = []
+    for part, w, c, m in zip(parts, weights, convs, merges):
+        merged = part.sum(0).permute(2, 4, 3, 0, 1).reshape(16, 64, w.shape[-1], w.shape[-1])  # (O, merged I, K, K)
+        mask = block_diagonal_weight(torch.ones_like(w), c.groups, m) != 0
+        expected.append(merged[mask].reshape(w.shape))
+    result['grads'] = max(rel_err(a, b) for a, b in zip(grads, expected))
+    return result
+
+
 def check_ops() -> dict:
     """torch.library.opcheck of the three ops: schema, fake tensors, autograd registration, AOT dispatch."""
     from timm_epsanet import _triton_branch  # noqa: F401  registers the ops
@@ -289,6 +318,7 @@ def interpreter_results() -> dict:
                 spc={spc_case_id(case): check_spc_case(case) for case in SPC_CASES},
                 spc_nchw_kernels=check_spc_case(SPC_NCHW_CASE, kernel_layout='nchw'),
                 spc_inference=check_spc_inference(),
+                prep=check_prep(),
                 ops=check_ops(), compile={form: check_compile(form) for form in FORMS},
                 spc_compile=check_spc_compile(),
                 wide_weight_grad=check_wide_weight_grad())
@@ -355,6 +385,15 @@ def test_fused_inference_builds_the_weight_tiles_once_until_the_weight_changes(i
     assert all(r['err'] <= 1e-5 for r in (first, second, updated)), interpreted['spc_inference']
 
 
+def test_training_weight_preparation_equals_the_inference_one(interpreted):
+    """Training builds every branch's kernel tiles, and reads every grouped weight gradient, in one
+    launch each: the same tiles as inference keeps (bit for bit), the same gradients as the diagonal
+    blocks of the merged weights' partial sums."""
+    prep = interpreted['prep']
+    assert prep['tiles transposed=False'] and prep['tiles transposed=True'], prep
+    assert prep['grads'] <= 1e-6, prep
+
+
 def test_custom_ops_pass_opcheck(interpreted):
     """Schema, fake tensor (shapes, dtypes, strides), autograd registration, AOT dispatch."""
     assert interpreted['ops'] == {'branch_conv': [], 'grad_input': [], 'grad_weight': [], 'spc_conv': [],
@@ -402,6 +441,15 @@ def test_kernels_compile_for_hopper_without_spills(tmp_path):
         from triton_sass import KERNELS, build_sm90, resources
     finally:
         sys.path.remove(str(ROOT / 'benchmarks'))
+    from timm_epsanet import _triton_spc
+    from triton_sass import _build
+    prep = dict(K0=3, K1=5, K2=7, K3=9, M0=1, M1=4, M2=8, M3=16, C_IN=64, C_OUT=16, BLOCK=_triton_spc.PREP_BLOCK)
+    for kernel, consts in ((_triton_spc._tiles_kernel, dict(prep, TRANSPOSED=False)),
+                           (_triton_spc._tiles_kernel, dict(prep, TRANSPOSED=True)),
+                           (_triton_spc._weight_grads_kernel, prep)):  # the training step's weight preparation
+        report, _, shared = _build(kernel, 'fp16', consts, 4)
+        built = resources(report, shared, 4)
+        assert built['spill_bytes'] == 0 and built['blocks_per_sm'] >= 1, (kernel, built)
     for name in ('grad_input', 'mma grad_input'):  # a strided conv's input gradient, by phases
         kernel, _, transposed = KERNELS[name]
         shape = (64, 16, 1) if name.startswith('mma') else (16, 4, 4)

@@ -24,8 +24,9 @@ that centres them ("same" convs, as PSA's are): `fusable`. Private to the packag
 `_triton_branch`, and registered as custom ops (`timm_epsanet::spc_conv*`), which compile,
 export and fake tensors see. In plain eager mode `spc_conv_grouped` skips the custom ops'
 dispatch layers and the per-branch weight preparation around them: one autograd node merges,
-casts and lays out the weights itself, and reads the grouped weights' gradients straight off the
-kernel's partial sums (the host, not the GPU, bounded the fused training step on an H200).
+casts and lays out every branch's weights in one small launch (`_tiles_kernel`), and reads the
+grouped weights' gradients off the kernel's partial sums in another (`_weight_grads_kernel`).
+The host, not the GPU, bounded the fused training step on an H200.
 """
 from typing import List, Optional, Sequence
 
@@ -316,6 +317,94 @@ def _spc_weight_grad_mma_kernel(
             3, R0, R1, R2, R3, C_IN, C_OUT, PRECISION, BLOCK_H, BLOCK_W, BLOCK_R, BLOCK_O)
 
 
+@triton.jit
+def _branch_tiles(w_ptr, t_ptr, pid, G, w_o, w_i, w_h, w_w, K: tl.constexpr, M: tl.constexpr, C_IN: tl.constexpr,
+                  C_OUT: tl.constexpr, TRANSPOSED: tl.constexpr, BLOCK: tl.constexpr):
+    """One block of a branch's kernel tiles (`kernel_weight`'s layout) from its grouped weight of
+    strides (w_o, w_i, w_h, w_w): M adjacent groups merged block-diagonally into groups of C_IN
+    inputs and C_OUT outputs, cast to the tiles' dtype."""
+    INS: tl.constexpr = C_IN // M
+    OUTS: tl.constexpr = C_OUT // M
+    RED: tl.constexpr = C_OUT if TRANSPOSED else C_IN
+    WRITTEN: tl.constexpr = C_IN if TRANSPOSED else C_OUT
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < K * K * G * RED * WRITTEN
+    written, rest = offs % WRITTEN, offs // WRITTEN
+    red, rest = rest % RED, rest // RED
+    g, tap = rest % G, rest // G
+    if TRANSPOSED:  # reduced: (block, output), written: (block, input)
+        block, o, block_in, i = red // OUTS, red % OUTS, written // INS, written % INS
+    else:
+        block, i, block_in, o = red // INS, red % INS, written // OUTS, written % OUTS
+    src = ((g * M + block) * OUTS + o) * w_o + i * w_i + (tap // K) * w_h + (tap % K) * w_w
+    value = tl.load(w_ptr + src, mask=ok & (block == block_in), other=0.0)
+    tl.store(t_ptr + offs, value.to(t_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _tiles_kernel(
+        w0_ptr, w1_ptr, w2_ptr, w3_ptr, t0_ptr, t1_ptr, t2_ptr, t3_ptr,
+        w0_o, w0_i, w0_h, w0_w, w1_o, w1_i, w1_h, w1_w, w2_o, w2_i, w2_h, w2_w, w3_o, w3_i, w3_h, w3_w,
+        G,
+        K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr,
+        M0: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr, M3: tl.constexpr,
+        C_IN: tl.constexpr, C_OUT: tl.constexpr, TRANSPOSED: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Every branch's kernel tiles in one launch: program (block, branch)."""
+    pid, branch = tl.program_id(0), tl.program_id(1)
+    if branch == 0:
+        _branch_tiles(w0_ptr, t0_ptr, pid, G, w0_o, w0_i, w0_h, w0_w, K0, M0, C_IN, C_OUT, TRANSPOSED, BLOCK)
+    elif branch == 1:
+        _branch_tiles(w1_ptr, t1_ptr, pid, G, w1_o, w1_i, w1_h, w1_w, K1, M1, C_IN, C_OUT, TRANSPOSED, BLOCK)
+    elif branch == 2:
+        _branch_tiles(w2_ptr, t2_ptr, pid, G, w2_o, w2_i, w2_h, w2_w, K2, M2, C_IN, C_OUT, TRANSPOSED, BLOCK)
+    else:
+        _branch_tiles(w3_ptr, t3_ptr, pid, G, w3_o, w3_i, w3_h, w3_w, K3, M3, C_IN, C_OUT, TRANSPOSED, BLOCK)
+
+
+@triton.jit
+def _branch_weight_grad(p_ptr, g_ptr, pid, G, CHUNKS, K: tl.constexpr, M: tl.constexpr, C_IN: tl.constexpr,
+                        C_OUT: tl.constexpr, BLOCK: tl.constexpr):
+    """One block of a branch's grouped weight gradient (O, I, K, K) contiguous: its diagonal blocks
+    of the merged weight's fp32 partial sums (chunks, K, K, G, C_IN, C_OUT), summed over chunks.
+    Walked in the partial sums' order (outputs fastest), which every chunk reads, not the gradient's,
+    which is written once."""
+    INS: tl.constexpr = C_IN // M
+    OUTS: tl.constexpr = C_OUT // M
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < K * K * G * C_IN * OUTS
+    o, rest = offs % OUTS, offs // OUTS
+    i, rest = rest % INS, rest // INS
+    block, rest = rest % M, rest // M
+    g, tap = rest % G, rest // G
+    src = ((tap * G + g) * C_IN + block * INS + i) * C_OUT + block * OUTS + o
+    chunk_size = K * K * G * C_IN * C_OUT
+    total = tl.zeros((BLOCK,), dtype=tl.float32)
+    for chunk in range(CHUNKS):
+        total += tl.load(p_ptr + chunk * chunk_size + src, mask=ok, other=0.0)
+    dst = (((g * M + block) * OUTS + o) * INS + i) * (K * K) + tap
+    tl.store(g_ptr + dst, total.to(g_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _weight_grads_kernel(
+        p0_ptr, p1_ptr, p2_ptr, p3_ptr, g0_ptr, g1_ptr, g2_ptr, g3_ptr, G, CHUNKS,
+        K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr,
+        M0: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr, M3: tl.constexpr,
+        C_IN: tl.constexpr, C_OUT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Every branch's grouped weight gradient in one launch: program (block, branch)."""
+    pid, branch = tl.program_id(0), tl.program_id(1)
+    if branch == 0:
+        _branch_weight_grad(p0_ptr, g0_ptr, pid, G, CHUNKS, K0, M0, C_IN, C_OUT, BLOCK)
+    elif branch == 1:
+        _branch_weight_grad(p1_ptr, g1_ptr, pid, G, CHUNKS, K1, M1, C_IN, C_OUT, BLOCK)
+    elif branch == 2:
+        _branch_weight_grad(p2_ptr, g2_ptr, pid, G, CHUNKS, K2, M2, C_IN, C_OUT, BLOCK)
+    else:
+        _branch_weight_grad(p3_ptr, g3_ptr, pid, G, CHUNKS, K3, M3, C_IN, C_OUT, BLOCK)
+
+
 def fusable(
         in_chs: int,
         out_chs: Sequence[int],
@@ -371,15 +460,44 @@ def kernel_weight(weight: torch.Tensor, groups: int, merge: int, dtype: torch.dt
     return tiles.view(k_h, k_w, merged, merge * ins, merge * outs)
 
 
-def _grouped_weight_grad(part: torch.Tensor, weight: torch.Tensor, merge: int) -> torch.Tensor:
-    """The gradient of a branch's grouped weight from its weight-gradient kernel's fp32 partial sums
-    of the merged weight's, (chunks, KH, KW, merged groups, reduced, written): the diagonal blocks,
-    summed over chunks."""
-    chunks, k_h, k_w, merged, red, written = part.shape
-    ins, outs = red // merge, written // merge
-    blocks = part.view(chunks, k_h, k_w, merged, merge, ins, merge, outs).diagonal(dim1=4, dim2=6)
-    # (KH, KW, merged, I, O, block) -> (merged, block, O, I, KH, KW): the grouped weight's order
-    return blocks.sum(0).permute(2, 5, 4, 3, 0, 1).reshape(weight.shape).to(weight.dtype)
+PREP_BLOCK = 1024  # elements per program of the weight-preparation kernels
+
+
+def _pad(values: list) -> list:
+    """`values` padded to the kernels' MAX_BRANCHES slots with its first (never read)."""
+    return values + values[:1] * (MAX_BRANCHES - len(values))
+
+
+def _branch_tiles_of(weights, merges, merged, dtype, transposed) -> List[torch.Tensor]:
+    """Every branch's `kernel_weight` (merged groups `merged`, each branch `merges[i]` groups per
+    merged one), in one launch of `_tiles_kernel`: the per-step weight preparation of training."""
+    c_in = weights[0].shape[1] * merges[0]  # inputs and outputs per merged group, alike in every branch
+    c_out = weights[0].shape[0] // merged
+    red, written = (c_out, c_in) if transposed else (c_in, c_out)
+    tiles = [torch.empty((w.shape[-2], w.shape[-1], merged, red, written), dtype=dtype, device=w.device)
+             for w in weights]
+    kernels, merges = _pad([w.shape[-1] for w in weights]), _pad(list(merges))
+    grid = (triton.cdiv(max(t.numel() for t in tiles), PREP_BLOCK), len(weights))
+    _tiles_kernel[grid](
+        *_pad(list(weights)), *_pad(tiles), *(v for w in _pad(list(weights)) for v in w.stride()), merged,
+        K0=kernels[0], K1=kernels[1], K2=kernels[2], K3=kernels[3], M0=merges[0], M1=merges[1], M2=merges[2],
+        M3=merges[3], C_IN=c_in, C_OUT=c_out, TRANSPOSED=transposed, BLOCK=PREP_BLOCK)
+    return tiles
+
+
+def _branch_weight_grads(parts, weights, merges) -> List[torch.Tensor]:
+    """Every branch's grouped weight gradient from the weight-gradient kernel's partial sums
+    (`_weight_grad_parts`): the diagonal blocks of each merged weight's, summed over chunks, in one
+    launch of `_weight_grads_kernel`."""
+    chunks, _, _, merged, c_in, c_out = parts[0].shape
+    grads = [torch.empty(w.shape, dtype=w.dtype, device=w.device) for w in weights]
+    kernels, merges = _pad([w.shape[-1] for w in weights]), _pad(list(merges))
+    grid = (triton.cdiv(max(g.numel() for g in grads), PREP_BLOCK), len(weights))
+    _weight_grads_kernel[grid](
+        *_pad(list(parts)), *_pad(grads), merged, chunks, K0=kernels[0], K1=kernels[1], K2=kernels[2],
+        K3=kernels[3], M0=merges[0], M1=merges[1], M2=merges[2], M3=merges[3], C_IN=c_in, C_OUT=c_out,
+        BLOCK=PREP_BLOCK)
+    return grads
 
 
 def _launch(src, weights, dst, stride, dilation, groups, transposed, config=None):
@@ -559,7 +677,7 @@ class _SpcConvGrouped(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             if max(stride) == 1:
-                tiles = [kernel_weight(w, merged * m, m, x.dtype, transposed=True) for w, m in zip(weights, merges)]
+                tiles = _branch_tiles_of(weights, merges, merged, x.dtype, transposed=True)
                 grad_x = _launch_tiles(grad, tiles, _empty_like_layout(x, x.shape, grad.dtype), [1, 1], dilation,
                                        transposed=True)
             else:  # each branch by phases of the stride, as `spc_conv`'s backward
@@ -572,7 +690,7 @@ class _SpcConvGrouped(torch.autograd.Function):
         if any(ctx.needs_input_grad[5:]):
             parts = _weight_grad_parts(x, grad, [w.shape[-1] for w in weights], merged, x.shape[1] // merged,
                                        weights[0].shape[0] // merged, stride, dilation)
-            grad_ws = [_grouped_weight_grad(p, w, m) for p, w, m in zip(parts, weights, merges)]
+            grad_ws = _branch_weight_grads(parts, weights, merges)
         return (grad_x, None, None, None, None, *grad_ws)
 
 
@@ -600,5 +718,5 @@ def spc_conv_grouped(
         return spc_conv(x, merged, stride, dilation, merged_groups)
     _check_device(x)
     if tiles is None:
-        tiles = [kernel_weight(w, merged_groups * m, m, x.dtype, transposed=False) for w, m in zip(weights, merges)]
+        tiles = _branch_tiles_of(weights, merges, merged_groups, x.dtype, transposed=False)
     return _SpcConvGrouped.apply(x, list(tiles), merges, list(stride), list(dilation), *weights)
