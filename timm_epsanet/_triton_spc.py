@@ -658,9 +658,10 @@ def spc_conv(
 
 class _SpcConvGrouped(torch.autograd.Function):
     """`spc_conv` of the branches' grouped weights, merged where they are used: the forward's
-    kernel tiles (given, or built here), the input gradient's transposed ones, and the grouped
-    weights' gradients read straight off the weight-gradient kernel's partial sums. Autograd sees
-    one node, with no merge, cast, layout or gradient-reshaping op per branch around it."""
+    kernel tiles (kept by inference, or built by `spc_conv_grouped`), the input gradient's
+    transposed ones, and the grouped weights' gradients read off the weight-gradient kernel's
+    partial sums, each in one launch for every branch. Autograd sees one node, with no merge,
+    cast, layout or gradient-reshaping op per branch around it."""
 
     @staticmethod
     def forward(ctx, x, tiles, merges, stride, dilation, *weights):
