@@ -173,8 +173,8 @@ def check_spc_inference() -> dict:
     convs.load_state_dict(reference.state_dict())
     plans = [conv.plan_for('cuda', False) for conv in convs]
     x = torch.randn(2, 32, 5, 6).contiguous(memory_format=torch.channels_last)
-    built, kernel_weight = [], _triton_spc.kernel_weight
-    _triton_spc.kernel_weight = lambda *args, **kw: built.append(1) or kernel_weight(*args, **kw)
+    built, branch_tiles = [], _triton_spc.branch_tiles
+    _triton_spc.branch_tiles = lambda *args, **kw: built.append(1) or branch_tiles(*args, **kw)
     results = []
     try:
         for update in (False, False, True):
@@ -187,14 +187,15 @@ def check_spc_inference() -> dict:
                 y = convs.run_plans(x, plans)
                 results.append(dict(built=len(built) - before, err=rel_err(y, reference(x))))
     finally:
-        _triton_spc.kernel_weight = kernel_weight
+        _triton_spc.branch_tiles = branch_tiles
     return results
 
 
 def check_prep() -> dict:
-    """The training step's weight preparation in one launch (`_branch_tiles_of`) against each
-    branch's `kernel_weight` (inference's), both directions, on Small's stage 1 (merges 1, 4, 8, 16),
-    and the one-launch weight gradients against the diagonal blocks of the partial sums."""
+    """The fused kernels' weight preparation in one launch (`branch_tiles`) against the custom
+    ops' (`_weight_pointers` of `block_diagonal_weight`), both directions, on Small's stage 1
+    (merges 1, 4, 8, 16), and the one-launch weight gradients against the diagonal blocks of the
+    partial sums."""
     from timm_epsanet import _triton_spc
     from timm_epsanet._branch_forms import block_diagonal_weight
     from timm_epsanet.psa import PyramidSqueezeAttention
@@ -203,9 +204,9 @@ def check_prep() -> dict:
     weights, merges = [c.weight.detach() for c in convs], [c.mma_regroup for c in convs]
     result = {}
     for transposed in (False, True):
-        tiles = _triton_spc._branch_tiles_of(weights, merges, 1, torch.float16, transposed)
-        expected = [_triton_spc.kernel_weight(w, c.groups, m, torch.float16, transposed)
-                    for w, c, m in zip(weights, convs, merges)]
+        tiles = _triton_spc.branch_tiles(weights, merges, 1, torch.float16, transposed)
+        merged = [block_diagonal_weight(w.half(), c.groups, m) for w, c, m in zip(weights, convs, merges)]
+        expected = _triton_spc._weight_pointers(merged, 1, transposed)
         result[f'tiles transposed={transposed}'] = all(torch.equal(a, b) for a, b in zip(tiles, expected))
     # partial sums of the merged weights' gradients over 3 chunks: each branch's grouped weight
     # gradient is the sum of the diagonal blocks
@@ -385,10 +386,10 @@ def test_fused_inference_builds_the_weight_tiles_once_until_the_weight_changes(i
     assert all(r['err'] <= 1e-5 for r in (first, second, updated)), interpreted['spc_inference']
 
 
-def test_training_weight_preparation_equals_the_inference_one(interpreted):
-    """Training builds every branch's kernel tiles, and reads every grouped weight gradient, in one
-    launch each: the same tiles as inference keeps (bit for bit), the same gradients as the diagonal
-    blocks of the merged weights' partial sums."""
+def test_one_launch_weight_preparation_equals_the_custom_ops(interpreted):
+    """The eager path builds every branch's kernel tiles, and reads every grouped weight gradient,
+    in one launch each: the same tiles as the custom ops lay out from the merged weights (bit for
+    bit), the same gradients as the diagonal blocks of the merged weights' partial sums."""
     prep = interpreted['prep']
     assert prep['tiles transposed=False'] and prep['tiles transposed=True'], prep
     assert prep['grads'] <= 1e-6, prep

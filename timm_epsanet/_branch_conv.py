@@ -329,8 +329,9 @@ class BranchConvs(nn.ModuleList):
         merges = [conv.mma_regroup for conv in convs]
         tiles = None
         if not _autograd_plan() and plain_eager(x):  # inference: the kernels' weight tiles built once
-            tiles = [conv.kept_weight(('spc', m, x.dtype), lambda w, c=conv, m=m: _triton_spc.kernel_weight(
-                w, c.groups, m, x.dtype, transposed=False)) for conv, m in zip(convs, merges)]
+            merged = first.groups // first.mma_regroup
+            tiles = [conv.kept_weight(('spc', m, x.dtype), lambda w, m=m: _triton_spc.branch_tiles(
+                [w], [m], merged, x.dtype, transposed=False)[0]) for conv, m in zip(convs, merges)]
         return _triton_spc.spc_conv_grouped(
             x, [conv.weight for conv in convs], merges, first.groups // first.mma_regroup, first.stride,
             first.dilation, tiles)

@@ -320,7 +320,7 @@ def _spc_weight_grad_mma_kernel(
 @triton.jit
 def _branch_tiles(w_ptr, t_ptr, pid, G, w_o, w_i, w_h, w_w, K: tl.constexpr, M: tl.constexpr, C_IN: tl.constexpr,
                   C_OUT: tl.constexpr, TRANSPOSED: tl.constexpr, BLOCK: tl.constexpr):
-    """One block of a branch's kernel tiles (`kernel_weight`'s layout) from its grouped weight of
+    """One block of a branch's kernel tiles (`_weight_pointers`' layout) from its grouped weight of
     strides (w_o, w_i, w_h, w_w): M adjacent groups merged block-diagonally into groups of C_IN
     inputs and C_OUT outputs, cast to the tiles' dtype."""
     INS: tl.constexpr = C_IN // M
@@ -444,22 +444,6 @@ def _weight_pointers(weights: Sequence[torch.Tensor], groups: int, transposed: b
     return tiles
 
 
-def kernel_weight(weight: torch.Tensor, groups: int, merge: int, dtype: torch.dtype, transposed: bool) -> torch.Tensor:
-    """A branch's grouped weight (O, I, KH, KW) of `groups` as the kernels read it, `merge` adjacent
-    groups merged block-diagonally and cast to `dtype`: `_weight_pointers` of
-    `_branch_forms.block_diagonal_weight`, in one copy into zeros, outside autograd."""
-    out_chs, ins, k_h, k_w = weight.shape
-    outs, merged = out_chs // groups, groups // merge
-    w = weight.detach().reshape(merged, merge, outs, ins, k_h, k_w)
-    if transposed:  # reduced: (merged group's block, output), written: (block, input)
-        tiles = weight.new_zeros((k_h, k_w, merged, merge, outs, merge, ins), dtype=dtype)
-        tiles.diagonal(dim1=3, dim2=5).copy_(w.permute(4, 5, 0, 2, 3, 1))
-        return tiles.view(k_h, k_w, merged, merge * outs, merge * ins)
-    tiles = weight.new_zeros((k_h, k_w, merged, merge, ins, merge, outs), dtype=dtype)
-    tiles.diagonal(dim1=3, dim2=5).copy_(w.permute(4, 5, 0, 3, 2, 1))
-    return tiles.view(k_h, k_w, merged, merge * ins, merge * outs)
-
-
 PREP_BLOCK = 1024  # elements per program of the weight-preparation kernels
 
 
@@ -468,9 +452,11 @@ def _pad(values: list) -> list:
     return values + values[:1] * (MAX_BRANCHES - len(values))
 
 
-def _branch_tiles_of(weights, merges, merged, dtype, transposed) -> List[torch.Tensor]:
-    """Every branch's `kernel_weight` (merged groups `merged`, each branch `merges[i]` groups per
-    merged one), in one launch of `_tiles_kernel`: the per-step weight preparation of training."""
+def branch_tiles(weights, merges, merged, dtype, transposed) -> List[torch.Tensor]:
+    """Each branch's grouped weight as the kernels read it, in one launch of `_tiles_kernel`:
+    `_weight_pointers` of the weights merged (`merges[i]` groups of branch i per merged group, into
+    `merged` groups; `_branch_forms.block_diagonal_weight`) and cast to `dtype`. Training builds
+    them every step, inference once (`BranchConv2d.kept_weight`)."""
     c_in = weights[0].shape[1] * merges[0]  # inputs and outputs per merged group, alike in every branch
     c_out = weights[0].shape[0] // merged
     red, written = (c_out, c_in) if transposed else (c_in, c_out)
@@ -508,7 +494,7 @@ def _launch(src, weights, dst, stride, dilation, groups, transposed, config=None
 
 
 def _launch_tiles(src, tiles, dst, stride, dilation, transposed, config=None):
-    """`_launch` on the weights as the kernels read them (`_weight_pointers`, `kernel_weight`)."""
+    """`_launch` on the weights as the kernels read them (`_weight_pointers`, `branch_tiles`)."""
     _, _, groups, c_red, c_out = tiles[0].shape
     config = config or mma_config_for(c_red, c_out)
     radii = _radii([t.shape[0] for t in tiles])
@@ -519,7 +505,7 @@ def _launch_tiles(src, tiles, dst, stride, dilation, transposed, config=None):
     s, d = src.stride(), dst.stride()
     kernel = _spc_grad_input_mma_kernel if transposed else _spc_mma_kernel
     kernel[grid](
-        src, *(tiles + tiles[:1] * (MAX_BRANCHES - len(tiles))), dst, n, x.shape[2], x.shape[3], y.shape[2],
+        src, *_pad(list(tiles)), dst, n, x.shape[2], x.shape[3], y.shape[2],
         y.shape[3], s[0], s[2], s[3], s[1], d[0], d[2], d[3], d[1], stride[0], stride[1], dilation[0], dilation[1],
         groups, R0=radii[0], R1=radii[1], R2=radii[2], R3=radii[3], R_MAX=max(radii), C_RED=c_red, C_OUT=c_out,
         PRECISION=_precision(src), BLOCK_P=config.block_p, BLOCK_R=config.block_r, BLOCK_O=config.block_o,
@@ -548,7 +534,7 @@ def _weight_grad_parts(x, grad, kernel_sizes, groups, ins, outs, stride, dilatio
     s, d = x.stride(), grad.stride()
     # taps vary fastest: the programs in flight share a chunk of x and of the output gradients
     _spc_weight_grad_mma_kernel[(taps, blocks, chunks)](
-        x, grad, *(parts + parts[:1] * (MAX_BRANCHES - len(parts))), grad.shape[0], x.shape[2], x.shape[3],
+        x, grad, *_pad(parts), grad.shape[0], x.shape[2], x.shape[3],
         grad.shape[2], grad.shape[3], s[0], s[2], s[3], s[1], d[0], d[2], d[3], d[1],
         stride[0], stride[1], dilation[0], dilation[1], groups, tiles_per_chunk,
         R0=radii[0], R1=radii[1], R2=radii[2], R3=radii[3], R_MAX=max(radii), C_IN=ins, C_OUT=outs,
@@ -678,7 +664,7 @@ class _SpcConvGrouped(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             if max(stride) == 1:
-                tiles = _branch_tiles_of(weights, merges, merged, x.dtype, transposed=True)
+                tiles = branch_tiles(weights, merges, merged, x.dtype, transposed=True)
                 grad_x = _launch_tiles(grad, tiles, _empty_like_layout(x, x.shape, grad.dtype), [1, 1], dilation,
                                        transposed=True)
             else:  # each branch by phases of the stride, as `spc_conv`'s backward
@@ -707,7 +693,7 @@ def spc_conv_grouped(
     """`spc_conv` of grouped convs whose groups become `merged_groups` once `merges[i]` adjacent
     groups of branch i are merged; the weights as the branches hold them (any float dtype; cast to
     x's), differentiable in x and the weights. `tiles`: the forward's kernel tiles if already built
-    (`kernel_weight`, x's dtype), as inference keeps them.
+    (`branch_tiles`, x's dtype), as inference keeps them.
 
     In plain eager mode (`plain_eager`) the kernels run from one autograd node that merges the weights
     itself; elsewhere the merged weights go through `spc_conv` (the custom ops that compile, export
@@ -719,5 +705,5 @@ def spc_conv_grouped(
         return spc_conv(x, merged, stride, dilation, merged_groups)
     _check_device(x)
     if tiles is None:
-        tiles = _branch_tiles_of(weights, merges, merged_groups, x.dtype, transposed=False)
+        tiles = branch_tiles(weights, merges, merged_groups, x.dtype, transposed=False)
     return _SpcConvGrouped.apply(x, list(tiles), merges, list(stride), list(dilation), *weights)
