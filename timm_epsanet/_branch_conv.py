@@ -170,6 +170,8 @@ class BranchConv2d(nn.Conv2d):
 
     @torch.jit.unused
     def _triton_forward(self, x: torch.Tensor, tensor_cores: bool) -> torch.Tensor:
+        if tensor_cores and self.is_same_conv() and plain_eager(x):
+            return _tensor_core_branches(x, [self])  # as fused branches are run: one autograd node, no custom op
         from . import _triton_branch  # imported only where it runs: it needs triton
         if tensor_cores:
             x, weight, groups = self.mma_inputs(x)
@@ -219,6 +221,11 @@ class BranchConv2d(nn.Conv2d):
         self._kept[key] = (weight.detach(), weight._version, made)
         return made
 
+    def is_same_conv(self) -> bool:
+        """Whether the kernel is square and odd, and padded to keep its centre (as PSA's branches are)."""
+        k_h, k_w = self.kernel_size
+        return k_h == k_w and k_h % 2 == 1 and tuple(self.padding) == tuple(d * (k_h // 2) for d in self.dilation)
+
     def spc_key(self) -> Tuple[int, int, int, List[int], List[int]]:
         """What branches computed together by `_triton_spc` share, besides their input: merged groups,
         input and output channels per merged group, stride and dilation."""
@@ -251,6 +258,27 @@ def _autograd_plan() -> bool:
     ops, so the traced graph is right with or without autograd, and it holds no autograd Function
     (which the trace would keep as an opaque Python op)."""
     return torch.is_grad_enabled() and not torch.jit.is_tracing()
+
+
+def _tensor_core_branches(x: torch.Tensor, convs: List[BranchConv2d]) -> torch.Tensor:
+    """Branches `convs` of x on the tensor-core kernels by `_triton_spc.spc_conv_grouped`, concatenated:
+    a fused run (`BranchConvs.spc_runs`) or one "same" conv alone. The input cast as autocast casts a
+    conv's; without autograd, each branch's weight tiles built once (`BranchConv2d.kept_weight`)."""
+    from . import _triton_spc  # imported only where it runs: it needs triton
+    first = convs[0]
+    if torch.is_autocast_enabled(x.device.type):
+        x = x.to(torch.get_autocast_dtype(x.device.type))
+    elif any(conv.weight.dtype != x.dtype for conv in convs):  # as a conv refuses them
+        raise RuntimeError(f'PSA branches: the input is {x.dtype} but the weights are {first.weight.dtype}; '
+                           f'cast the model or run under autocast')
+    merges = [conv.mma_regroup for conv in convs]
+    merged = first.groups // first.mma_regroup
+    tiles = None
+    if not _autograd_plan() and plain_eager(x):
+        tiles = [conv.kept_weight(('spc', m, x.dtype), lambda w, m=m: _triton_spc.branch_tiles(
+            [w], [m], merged, x.dtype, transposed=False)[0]) for conv, m in zip(convs, merges)]
+    return _triton_spc.spc_conv_grouped(
+        x, [conv.weight for conv in convs], merges, merged, first.stride, first.dilation, tiles)
 
 
 @register_notrace_module  # an FX leaf: its plan is chosen per call, when the traced graph runs
@@ -318,23 +346,7 @@ class BranchConvs(nn.ModuleList):
     @torch.jit.unused
     def _spc_forward(self, x: torch.Tensor, members: List[int]) -> torch.Tensor:
         """The branches `members` (a run of `spc_runs`) of x by `_triton_spc`, concatenated."""
-        from . import _triton_spc
-        convs = [self[i] for i in members]
-        first = convs[0]
-        if torch.is_autocast_enabled(x.device.type):  # cast as autocast casts a conv's input
-            x = x.to(torch.get_autocast_dtype(x.device.type))
-        elif any(conv.weight.dtype != x.dtype for conv in convs):  # as a conv refuses them
-            raise RuntimeError(f'PSA branches: the input is {x.dtype} but the weights are {first.weight.dtype}; '
-                               f'cast the model or run under autocast')
-        merges = [conv.mma_regroup for conv in convs]
-        tiles = None
-        if not _autograd_plan() and plain_eager(x):  # inference: the kernels' weight tiles built once
-            merged = first.groups // first.mma_regroup
-            tiles = [conv.kept_weight(('spc', m, x.dtype), lambda w, m=m: _triton_spc.branch_tiles(
-                [w], [m], merged, x.dtype, transposed=False)[0]) for conv, m in zip(convs, merges)]
-        return _triton_spc.spc_conv_grouped(
-            x, [conv.weight for conv in convs], merges, first.groups // first.mma_regroup, first.stride,
-            first.dilation, tiles)
+        return _tensor_core_branches(x, [self[i] for i in members])
 
     @torch.jit.unused
     def run_plans(self, x: torch.Tensor, plans: List[Plan]) -> torch.Tensor:

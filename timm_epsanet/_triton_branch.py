@@ -377,12 +377,16 @@ def _launch_conv(src, weight, dst, groups, stride, padding, dilation, transposed
     """dst = the conv of src (forward), or its input gradient from the output gradient src (transposed),
     on `config`'s tile (default `config_for`'s, or `mma_config_for`'s on tensor cores)."""
     out_chs, in_per_group, k_h, k_w = weight.shape
-    outs = out_chs // groups
     # (KH, KW, G, reduced, written) contiguous: what one tap of one group multiplies. Transposed,
     # the group's outputs are the reduced channels and its inputs the written ones.
-    w_t = weight.reshape(groups, outs, in_per_group, k_h, k_w)
+    w_t = weight.reshape(groups, out_chs // groups, in_per_group, k_h, k_w)
     w_t = w_t.permute(3, 4, 0, 1, 2) if transposed else w_t.permute(3, 4, 0, 2, 1)
-    c_red, c_out = (outs, in_per_group) if transposed else (in_per_group, outs)
+    return _launch_conv_tiles(src, w_t.contiguous(), dst, stride, padding, dilation, transposed, config, tensor_cores)
+
+
+def _launch_conv_tiles(src, w_t, dst, stride, padding, dilation, transposed, config=None, tensor_cores=False):
+    """`_launch_conv` on the weight as the kernels read it: `w_t`, (KH, KW, G, reduced, written) contiguous."""
+    k_h, k_w, groups, c_red, c_out = w_t.shape
     if config is None:
         config = mma_config_for(c_red, c_out) if tensor_cores else config_for(groups, c_red, c_out)
     block_p, block_g, block_r, block_o, num_warps = config[:5]
@@ -393,7 +397,7 @@ def _launch_conv(src, weight, dst, groups, stride, padding, dilation, transposed
     pixels = n * triton.cdiv(h_dst, stride[0]) * triton.cdiv(w_dst, stride[1]) if phased else n * h_dst * w_dst
     grid = (triton.cdiv(pixels, block_p), triton.cdiv(groups, block_g) * triton.cdiv(c_out, block_o), phases)
     s, d = src.stride(), dst.stride()
-    args = (src, w_t.contiguous(), dst, n, src.shape[2], src.shape[3], h_dst, w_dst,
+    args = (src, w_t, dst, n, src.shape[2], src.shape[3], h_dst, w_dst,
             s[0], s[2], s[3], s[1], d[0], d[2], d[3], d[1],
             k_h, k_w, stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], groups)
     if tensor_cores:
@@ -465,8 +469,17 @@ def weight_grad_chunks(device: torch.device, grad_shape, block_p: int, programs:
 def _launch_weight_grad(x, grad, weight, stride, padding, dilation, groups, config=None, tensor_cores=False):
     """The weight gradient of the conv of x, given its output gradient, on `config`'s tile."""
     out_chs, in_per_group, k_h, k_w = weight.shape
-    outs = out_chs // groups
-    n, _, h_out, w_out = grad.shape
+    part = _weight_grad_part(x, grad, (k_h, k_w), groups, in_per_group, out_chs // groups, stride, padding, dilation,
+                             config, tensor_cores)
+    grad_w = part.sum(0).permute(2, 4, 3, 0, 1).reshape(out_chs, in_per_group, k_h, k_w)
+    return grad_w.to(weight.dtype).contiguous()
+
+
+def _weight_grad_part(x, grad, kernel_size, groups, in_per_group, outs, stride, padding, dilation, config=None,
+                      tensor_cores=False) -> torch.Tensor:
+    """The weight gradient as fp32 partial sums per chunk of pixels, (chunks, KH, KW, groups,
+    in_per_group, outs), on `config`'s tile (default `config_for`'s or `mma_config_for`'s)."""
+    k_h, k_w = kernel_size
     if config is None:
         config = mma_config_for(in_per_group, outs, k_w) if tensor_cores else config_for(groups, in_per_group, outs)
     block_p, block_g, block_r, block_o, num_warps, block_t = config
@@ -480,7 +493,8 @@ def _launch_weight_grad(x, grad, weight, stride, padding, dilation, groups, conf
     # gradient: read from memory once, then from L2 by every tap (chunk-major, each tap would
     # sweep all of x, larger than L2 at training batch sizes, anew)
     grid = (taps, blocks, chunks)
-    tensors = (x, grad, part, n, x.shape[2], x.shape[3], h_out, w_out, s[0], s[2], s[3], s[1], d[0], d[2], d[3], d[1])
+    tensors = (x, grad, part, grad.shape[0], x.shape[2], x.shape[3], grad.shape[2], grad.shape[3],
+               s[0], s[2], s[3], s[1], d[0], d[2], d[3], d[1])
     conv = (stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], groups, tiles_per_chunk)
     if tensor_cores:
         _weight_grad_mma_kernel[grid](
@@ -490,8 +504,7 @@ def _launch_weight_grad(x, grad, weight, stride, padding, dilation, groups, conf
         _weight_grad_kernel[grid](
             *tensors, k_w, *conv, C_IN=in_per_group, C_OUT=outs, BLOCK_H=block_h, BLOCK_W=block_w,
             BLOCK_G=block_g, BLOCK_R=block_r, BLOCK_O=block_o, num_warps=num_warps)
-    grad_w = part.sum(0).permute(2, 4, 3, 0, 1).reshape(out_chs, in_per_group, k_h, k_w)
-    return grad_w.to(weight.dtype).contiguous()
+    return part
 
 
 @_grad_weight_op.register_fake

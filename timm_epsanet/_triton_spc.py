@@ -35,10 +35,10 @@ import triton
 import triton.language as tl
 
 from ._branch_forms import block_diagonal_weight
-from ._branch_plans import plain_eager
+from ._branch_plans import in_layout, layout_of, plain_eager
 from ._triton_branch import (
-    _check_device, _dst_pixels, _empty_like_layout, _group_block, _grad_input_op, _out_size, _precision, _tile_pixels,
-    mma_config_for, weight_grad_chunks,
+    _check_device, _dst_pixels, _empty_like_layout, _grad_input_op, _group_block, _launch_conv_tiles, _out_size,
+    _precision, _tile_pixels, _weight_grad_part, branch_conv, mma_config_for, weight_grad_chunks,
 )
 
 __all__ = ['fusable', 'spc_conv', 'spc_conv_grouped']
@@ -647,12 +647,18 @@ class _SpcConvGrouped(torch.autograd.Function):
     kernel tiles (kept by inference, or built by `spc_conv_grouped`), the input gradient's
     transposed ones, and the grouped weights' gradients read off the weight-gradient kernel's
     partial sums, each in one launch for every branch. Autograd sees one node, with no merge,
-    cast, layout or gradient-reshaping op per branch around it."""
+    cast, layout or gradient-reshaping op per branch around it. A branch alone runs
+    `_triton_branch`'s tensor-core kernels, which take the same tiles and write the same partial
+    sums; so does each branch's input gradient at stride > 1 (its phased kernel)."""
 
     @staticmethod
     def forward(ctx, x, tiles, merges, stride, dilation, *weights):
         y = _empty_like_layout(x, _out_shape(x, weights, stride, dilation), x.dtype)
-        _launch_tiles(x, tiles, y, stride, dilation, transposed=False)
+        if len(weights) == 1:
+            _launch_conv_tiles(x, tiles[0], y, stride, _paddings(weights, dilation)[0], dilation, transposed=False,
+                               tensor_cores=True)
+        else:
+            _launch_tiles(x, tiles, y, stride, dilation, transposed=False)
         ctx.save_for_backward(x, *weights)
         ctx.conv_args = (tiles[0].shape[2], merges, stride, dilation)
         return y
@@ -661,22 +667,31 @@ class _SpcConvGrouped(torch.autograd.Function):
     def backward(ctx, grad):
         x, *weights = ctx.saved_tensors
         merged, merges, stride, dilation = ctx.conv_args
+        paddings = _paddings(weights, dilation)
+        # the kernels' layout, x's: an NCHW caller's output gradient comes back NCHW
+        grad = in_layout(grad, layout_of(x))
         grad_x = None
         if ctx.needs_input_grad[0]:
-            if max(stride) == 1:
-                tiles = branch_tiles(weights, merges, merged, x.dtype, transposed=True)
+            tiles = branch_tiles(weights, merges, merged, x.dtype, transposed=True)
+            if len(weights) > 1 and max(stride) == 1:
                 grad_x = _launch_tiles(grad, tiles, _empty_like_layout(x, x.shape, grad.dtype), [1, 1], dilation,
                                        transposed=True)
-            else:  # each branch by phases of the stride, as `spc_conv`'s backward
+            else:  # each branch alone (at stride > 1 by phases of the stride, which the fused walk cannot skip to)
                 grads = grad.split([w.shape[0] for w in weights], dim=1)
-                for g, w, m, p in zip(grads, weights, merges, _paddings(weights, dilation)):
-                    w = block_diagonal_weight(w.to(x.dtype), merged * m, m)
-                    share = _grad_input_op(g, w, x, stride, p, dilation, merged, True)
-                    grad_x = share if grad_x is None else grad_x + share
+                for g, tile, padding in zip(grads, tiles, paddings):
+                    share = _launch_conv_tiles(g, tile, _empty_like_layout(x, x.shape, grad.dtype), stride, padding,
+                                               dilation, transposed=True, tensor_cores=True)
+                    grad_x = share if grad_x is None else grad_x.add_(share)
         grad_ws = [None] * len(weights)
         if any(ctx.needs_input_grad[5:]):
-            parts = _weight_grad_parts(x, grad, [w.shape[-1] for w in weights], merged, x.shape[1] // merged,
-                                       weights[0].shape[0] // merged, stride, dilation)
+            ins, outs = x.shape[1] // merged, weights[0].shape[0] // merged
+            if len(weights) == 1:
+                k = weights[0].shape[-1]
+                parts = [_weight_grad_part(x, grad, (k, k), merged, ins, outs, stride, paddings[0], dilation,
+                                           tensor_cores=True)]
+            else:
+                parts = _weight_grad_parts(x, grad, [w.shape[-1] for w in weights], merged, ins, outs, stride,
+                                           dilation)
             grad_ws = _branch_weight_grads(parts, weights, merges)
         return (grad_x, None, None, None, None, *grad_ws)
 
@@ -693,15 +708,18 @@ def spc_conv_grouped(
     """`spc_conv` of grouped convs whose groups become `merged_groups` once `merges[i]` adjacent
     groups of branch i are merged; the weights as the branches hold them (any float dtype; cast to
     x's), differentiable in x and the weights. `tiles`: the forward's kernel tiles if already built
-    (`branch_tiles`, x's dtype), as inference keeps them.
+    (`branch_tiles`, x's dtype), as inference keeps them. One branch is its "same" conv on tensor cores.
 
     In plain eager mode (`plain_eager`) the kernels run from one autograd node that merges the weights
-    itself; elsewhere the merged weights go through `spc_conv` (the custom ops that compile, export
-    and fake tensors need). The same function either way."""
+    itself; elsewhere the merged weights go through the custom ops (`spc_conv`, or `branch_conv` for
+    one branch) that compile, export and fake tensors need. The same function either way."""
     weights, merges = list(weights), list(merges)
     if not plain_eager(x):
         merged = [block_diagonal_weight(w.to(x.dtype), merged_groups * m, m) if m > 1 else w.to(x.dtype)
                   for w, m in zip(weights, merges)]
+        if len(merged) == 1:
+            return branch_conv(x, merged[0], stride, _paddings(merged, dilation)[0], dilation, merged_groups,
+                               tensor_cores=True)
         return spc_conv(x, merged, stride, dilation, merged_groups)
     _check_device(x)
     if tiles is None:
