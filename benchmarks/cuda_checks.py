@@ -1,6 +1,6 @@
 """Correctness checks that need a CUDA GPU (CI has none; the CPU test suite covers the rest).
 
-    python benchmarks/cuda_checks.py [forms] [fused] [cpu] [grads] [compile]     # default: all
+    python benchmarks/cuda_checks.py [forms] [fused] [attention] [cpu] [grads] [compile]     # default: all
     TRITON_INTERPRET=1 python benchmarks/cuda_checks.py --device cpu --tiny   # dry run of the code paths
 
 1. forms: every branch form (grouped, depthwise, volumetric, dense, regrouped, triton, triton_mma)
@@ -12,10 +12,12 @@
 2. fused: 'triton_spc', every EPSANet PSA's branches (Small and Large, every stage, stride 1 and 2,
    dilation 2) with the fused kernels of `_triton_spc`, against the float64 grouped convs: the
    concatenated output, the input gradient and every branch's weight gradient, fp16 channels-last.
-3. cpu: CUDA fp32 logits (the default forms, the Triton kernels where triton runs) equal the CPU's.
-4. grads: AMP (fp16) gradients of every PSA branch form equal fp32's within fp16 noise, and
+3. attention: every EPSANet PSA whole, its attention on the Triton kernels of `_triton_attention`,
+   AMP fp16, against the float64 module: output, input gradient, SEWeight's gradients.
+4. cpu: CUDA fp32 logits (the default forms, the Triton kernels where triton runs) equal the CPU's.
+5. grads: AMP (fp16) gradients of every PSA branch form equal fp32's within fp16 noise, and
    parameter gradients stay fp32.
-5. compile: torch.compile (inductor) of epsanet50_small, AMP fp16, channels-last: no graph break
+6. compile: torch.compile (inductor) of epsanet50_small, AMP fp16, channels-last: no graph break
    (torch._dynamo.explain), the Triton ops in the graph, logits equal to eager; compiled and eager
    inference timed side by side.
 Prints one line per check and exits non-zero if any fails. TF32 is off throughout.
@@ -161,6 +163,55 @@ def check_fused(device, tiny, check):
               bool(runs) and layout_ok and all(e == e and e <= TOLERANCE[dtype] for e in errs))
 
 
+def check_attention(device, tiny, check):
+    """Every EPSANet PSA whole, with its attention on `_triton_attention` (as it runs with the branches'
+    Triton kernels), under AMP fp16 with fp32 weights as the models run, against the float64 module:
+    output and input gradient within 3x the larger of fp16's tolerance and the plain module's own
+    AMP error; every SEWeight parameter's gradient within 10x (its bias gradients sum terms that
+    cancel, so summation order alone moves them more). The dry run (interpreter, fp32) takes the
+    attention's kernels as CUDA would."""
+    from timm_epsanet import _triton_attention
+    from timm_epsanet.psa import PyramidSqueezeAttention
+    cuda = device.type == 'cuda'
+    dtype = torch.float16 if cuda else torch.float32
+    on_triton, used = PyramidSqueezeAttention._attention_on_triton, []
+
+    def watched(self, x):
+        used.append(on_triton(self, x) if cuda else _triton_attention.fusable(self.se))
+        return used[-1]
+
+    PyramidSqueezeAttention._attention_on_triton = watched
+    try:
+        for name, kwargs, size in psa_cases(tiny):
+            torch.manual_seed(0)
+            reference = PyramidSqueezeAttention(**kwargs, branch_form='grouped').to(device, torch.float64)
+            reference.se.fc1.bias.data.uniform_(0.5, 1.0)  # every hidden feature alive: a dead ReLU has no gradient
+            x = torch.randn(2, kwargs['in_chs'], size, size, device=device).contiguous(memory_format=torch.channels_last)
+            x64 = x.double().requires_grad_()
+            y64 = reference(x64)
+            grad = torch.randn_like(y64)
+            y64.backward(grad)
+            errors = {}
+            for form in ('grouped', 'triton_spc'):  # the plain module, then the Triton one
+                psa = PyramidSqueezeAttention(**kwargs, branch_form=form).to(device)
+                psa.load_state_dict(reference.state_dict())
+                xf = x.clone().requires_grad_()
+                used.clear()
+                with torch.autocast(device.type, dtype=dtype, enabled=cuda):
+                    y = psa(xf)
+                y.backward(grad.to(y.dtype))
+                errors[form] = [rel_err(y, y64), rel_err(xf.grad, x64.grad)] + [
+                    rel_err(p.grad, r.grad) for p, r in zip(psa.se.parameters(), reference.se.parameters())]
+            ok = used == [True] and all(e == e and e <= (3 if i < 2 else 10) * max(TOLERANCE[dtype], plain)
+                                        for i, (e, plain) in enumerate(zip(errors['triton_spc'], errors['grouped'])))
+            fused = errors['triton_spc']
+            check(f'attention on triton, {name} {str(dtype)[6:]}: out {fused[0]:.1e} grad_x {fused[1]:.1e} '
+                  f'grad_se {max(fused[2:]):.1e} (plain {max(errors["grouped"][2:]):.1e})'
+                  + ('' if used == [True] else ' NOT ON TRITON'), ok)
+    finally:
+        PyramidSqueezeAttention._attention_on_triton = on_triton
+
+
 def check_cpu(device, tiny, check):
     x = torch.randn(2 if tiny else 4, 3, 64 if tiny else 224, 64 if tiny else 224)
     for name in ('epsanet50_small', 'epsanet50_large'):
@@ -220,7 +271,8 @@ def check_compile(device, tiny, check):
             check(f'{name} inference, batch {batch}: {1e3 * batch / ms:.0f} img/s', True)
 
 
-CHECKS = {'forms': check_forms, 'fused': check_fused, 'cpu': check_cpu, 'grads': check_grads, 'compile': check_compile}
+CHECKS = {'forms': check_forms, 'fused': check_fused, 'attention': check_attention, 'cpu': check_cpu,
+          'grads': check_grads, 'compile': check_compile}
 
 
 def main(argv=None):

@@ -1,5 +1,5 @@
-"""The host's share of a GPU step, measured without a GPU: the PSA branches of a model, planned as
-on CUDA, with the Triton kernels replaced by no-ops, on tiny tensors on the CPU.
+"""The host's share of a GPU step, measured without a GPU: the PSA branches (or whole PSAs) of a
+model, planned as on CUDA, with the Triton kernels replaced by no-ops, on tiny tensors on the CPU.
 
 On an H200 the steps with the Triton kernels were bound by the host (benchmarks/README.md, "GPU"):
 the Python, dispatcher and small ops around the kernels, not the kernels. What is left here is
@@ -7,7 +7,8 @@ that work (and the tiny CPU convs of the branches the plans leave to cuDNN): its
 the aten ops it calls (counted by torch's profiler, not those inside other aten ops). Times are
 this CPU's, so compare versions on one machine; the op counts are the same everywhere.
 
-    python benchmarks/host_work.py                        # epsanet50_small, the Triton plans
+    python benchmarks/host_work.py                        # epsanet50_small's branches, the Triton plans
+    python benchmarks/host_work.py --scope psa            # its whole PSAs: the attention too
     python benchmarks/host_work.py --plans cudnn --modes infer --top 10
 """
 import argparse
@@ -23,7 +24,7 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 import timm  # noqa: E402
 import timm_epsanet  # noqa: E402,F401
-from timm_epsanet import _branch_conv, _triton_branch, _triton_spc  # noqa: E402
+from timm_epsanet import _branch_conv, _triton_attention, _triton_branch, _triton_spc  # noqa: E402
 from timm_epsanet.psa import PyramidSqueezeAttention  # noqa: E402
 
 
@@ -32,6 +33,9 @@ def parse_args(argv=None):
     parser.add_argument('--model', default='epsanet50_small')
     parser.add_argument('--plans', default='triton', choices=['triton', 'cudnn'],
                         help="CUDA's plans with the Triton kernels (TIMM_EPSANET_TRITON=1) or without")
+    parser.add_argument('--scope', default='branches', choices=['branches', 'psa', 'model'],
+                        help="each PSA's branch convs, each whole PSA (branches and attention), or the whole model "
+                             "(on a 64x64 image; also for models without PSAs)")
     parser.add_argument('--modes', nargs='+', default=['infer', 'train'], choices=['infer', 'train'])
     parser.add_argument('--dtype', default='float32', choices=['float32', 'float16'])
     parser.add_argument('--iters', type=int, default=20)
@@ -47,37 +51,47 @@ class _NoKernel:
 
 
 def plan_as_cuda(triton: bool):
-    """Every branch planned as on CUDA, with or without the Triton kernels, their launches no-ops."""
+    """Every branch planned as on CUDA, with or without the Triton kernels, and so the attention
+    (`_triton_attention` with the kernels); their launches no-ops."""
     plan_for = _branch_conv.BranchConv2d.plan_for
     _branch_conv.BranchConv2d.plan_for = lambda self, device_type, *args: plan_for(self, 'cuda', *args)
     _branch_conv.triton_in_auto = lambda: triton
-    for module in (_triton_branch, _triton_spc):
+    PyramidSqueezeAttention._attention_on_triton = lambda self, x: triton and _triton_attention.fusable(self.se)
+    for module in (_triton_branch, _triton_spc, _triton_attention):
         for name in dir(module):
             if name.endswith('_kernel') and hasattr(getattr(module, name), 'run'):
                 setattr(module, name, _NoKernel())
 
 
-def branch_steps(model_name, dtype):
-    """The model's PSA branch modules, each with a tiny channels-last input of its width and stride."""
+def psa_steps(model_name, dtype, scope='branches'):
+    """The model's PSA branch modules (or whole PSAs, or the model: `scope`), each with a tiny
+    channels-last input of its width and stride."""
     model = timm.create_model(model_name)
+    if scope == 'model':
+        x = torch.randn(2, 3, 64, 64, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        return [(model.to(dtype, memory_format=torch.channels_last), x)]
     steps = []
     for psa in (m for m in model.modules() if isinstance(m, PyramidSqueezeAttention)):
         conv = psa.convs[0]
         size = 4 * conv.stride[0]
         x = torch.randn(2, conv.in_channels, size, size, dtype=dtype).contiguous(memory_format=torch.channels_last)
-        steps.append((psa.convs.to(dtype), x.requires_grad_()))
+        module = psa.convs if scope == 'branches' else psa
+        steps.append((module.to(dtype), x.requires_grad_()))
     return steps
 
 
 def measure(steps, train, iters, top):
     """(median ms per step, aten ops per step, the most called ops) of every PSA's branches once."""
     def step():
-        for convs, x in steps:
+        for module, x in steps:
+            module.train(train)
             if train:
-                convs(x).sum().backward()
+                module.zero_grad(set_to_none=True)  # as a training loop does: gradients stored, not added
+                x.grad = None
+                module(x).sum().backward()
             else:
                 with torch.no_grad():
-                    convs(x)
+                    module(x)
 
     for _ in range(3):
         step()
@@ -97,9 +111,10 @@ def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(0)
     torch.set_num_threads(1)
+    torch.set_flush_denormal(True)  # what no-op kernels leave in their outputs must not slow the CPU convs
     plan_as_cuda(args.plans == 'triton')
-    steps = branch_steps(args.model, getattr(torch, args.dtype))
-    print(f'{args.model}, {len(steps)} PSAs, CUDA plans {"with" if args.plans == "triton" else "without"} the '
+    steps = psa_steps(args.model, getattr(torch, args.dtype), args.scope)
+    print(f'{args.model}, {args.scope} ({len(steps)} modules), CUDA plans {"with" if args.plans == "triton" else "without"} the '
           f'Triton kernels (no-ops), {args.dtype}, torch {torch.__version__}, 1 thread')
     for mode in args.modes:
         ms, ops, most = measure(steps, mode == 'train', args.iters, args.top)

@@ -91,7 +91,7 @@ EOF
 # every Triton kernel the stages below run, compiled first on 12 processes into Triton's cache
 stage warm 45 $PYTHON benchmarks/triton_warmup.py $WARM_ARGS
 # the fused kernels on every PSA first (18 checks took 50 s in the first run), every form last
-stage checks 45 $PYTHON benchmarks/cuda_checks.py fused cpu grads forms --device $DEVICE $TINY
+stage checks 45 $PYTHON benchmarks/cuda_checks.py fused attention cpu grads forms --device $DEVICE $TINY
 # the targets: AMP fp16, channels-last, eager; peers first, every ratio needs resnet50
 stage amp_fp16_b128 145 $PYTHON benchmarks/benchmark.py $BENCH_ARGS --batch-size $B128 --precisions amp \
     --layouts channels_last --models $PEERS $OTHER_FORMS $EPSANETS $UNFUSED_FORMS --out "$OUT_DIR/amp_fp16_b128"

@@ -104,17 +104,19 @@ def build_spc_sm90(kind: str, dtype: str, kernel_sizes, c_in: int, c_out: int, w
     return (cfg, *_build(SPC_KERNELS[kind], dtype, consts, cfg.num_warps, layout))
 
 
-def _build(kernel, dtype: str, consts: dict, num_warps: int, layout: str = 'channels_last'):
+def _build(kernel, dtype: str, consts: dict, num_warps: int, layout: str = 'channels_last', types=None):
     """(ptxas report, SASS, shared memory bytes per block) of `kernel` built for sm_90a with
     `consts`, its tensors' strides specialized as Triton specializes a launch in `layout` on
     EPSANet's shapes: channels-last, channel strides of 1 and the others multiples of 16; NCHW,
     column strides of 1, image and channel strides multiples of 16 (H x W is at stages 1-2) and
-    row strides (W: 56, 28, 14, 7) not. Pointers are multiples of 16 bytes."""
+    row strides (W: 56, 28, 14, 7) not. Pointers are multiples of 16 bytes. `types`: arguments of
+    other types than these rules give (name: Triton type)."""
     names = list(inspect.signature(kernel.fn).parameters)
     unit, aligned_strides = (r'[sdxy]_c', r'[sdxy]_[nhw]') if layout == 'channels_last' else (r'[sdxy]_w', r'[sdxy]_[nc]')
     consts = dict(consts, **{name: 1 for name in names if re.fullmatch(unit, name)})
     signature = {name: 'constexpr' if name in consts else '*fp32' if re.fullmatch(r'part_ptr|p\d_ptr', name)
                  else f'*{dtype}' if name.endswith('_ptr') else 'i32' for name in names}
+    signature.update({name: t for name, t in (types or {}).items() if name in signature})
     aligned = {(names.index(name),): [['tt.divisibility', 16]] for name in names if name not in consts and (
         name.endswith('_ptr') or re.fullmatch(aligned_strides, name))}
     source = ASTSource(kernel, signature, {(names.index(k),): v for k, v in consts.items()}, aligned)

@@ -5,9 +5,10 @@ and keeps it in its on-disk cache (TRITON_CACHE_DIR, by default ~/.triton/cache)
 process. A GPU run that times models and branches would otherwise pay those compiles inside its
 timed stages, one by one. This launches each Triton form's forward and both gradients on every
 grouped PSA branch of Small and Large (Large's shapes also cover the 101 variants'), and the fused
-kernels ('triton_spc', 'auto' with the kernels) on every PSA, at the real resolutions (strides are
+kernels ('triton_spc', 'auto' with the kernels) and the attention's on every PSA, at the real resolutions (strides are
 specialized on divisibility) and batch 2 (sizes are not), as `run_cuda.sh` runs them (`LAUNCHES`,
-`FUSED_LAUNCHES`), spread over `--processes`.
+`FUSED_LAUNCHES`: fp32 weights under autocast, whose casts the weight-preparation kernels do),
+spread over `--processes`.
 
     python benchmarks/triton_warmup.py --processes 12
     TRITON_INTERPRET=1 python benchmarks/triton_warmup.py --device cpu --processes 1 --max-launches 1 --size 4   # the code path
@@ -51,23 +52,30 @@ def fused_launches(size=None):
             for stride in (strides if psa['stage'] > 1 else (1,))]
 
 
+def _fused_psa(psa, plans, x):
+    """The PSA with its branches fused and its attention on the Triton kernels, as on CUDA (also on the dry run)."""
+    return psa._attention_by_triton(psa.convs.run_plans(x, plans))
+
+
 def run(device, batch):
     from timm_epsanet._branch_conv import BranchConv2d
     from timm_epsanet.psa import PyramidSqueezeAttention
     for launch in batch:
         if launch[0] == 'psa':
             _, chs, groups, stride, size, dtype, layout = launch
-            module = PyramidSqueezeAttention(chs, stride=stride, groups=groups, branch_form='triton_spc').convs
-            forward = partial(module.run_plans, plans=[conv.plan_for('cuda', True) for conv in module])
+            module = PyramidSqueezeAttention(chs, stride=stride, groups=groups, branch_form='triton_spc')
+            plans = [conv.plan_for('cuda', True) for conv in module.convs]
+            forward = partial(_fused_psa, module, plans)
         else:
             chs, k, groups, stride, size, form, dtype, layout = launch
             module = BranchConv2d(chs, chs // 4, k, stride=stride, padding=k // 2, groups=groups, bias=False, form=form)
             forward = partial(module.forward_as, form=form)
-        dtype = getattr(torch, dtype)
         fmt = torch.channels_last if layout == 'channels_last' else torch.contiguous_format
-        module.to(device, dtype)
-        x = torch.randn(2, chs, size * stride, size * stride, device=device, dtype=dtype)
-        forward(x.contiguous(memory_format=fmt).requires_grad_()).float().square().sum().backward()
+        module.to(device)  # fp32 weights under autocast, as the models and benchmarks run them
+        x = torch.randn(2, chs, size * stride, size * stride, device=device).contiguous(memory_format=fmt)
+        with torch.autocast(torch.device(device).type, dtype=getattr(torch, dtype), enabled=dtype != 'float32'):
+            y = forward(x.requires_grad_())
+        y.float().square().sum().backward()
     if device == 'cuda':
         torch.cuda.synchronize()
     return len(batch)

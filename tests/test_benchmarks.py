@@ -350,12 +350,13 @@ def test_step_profile_reports_wall_time_and_the_top_ops(tmp_path):
     assert 'convolution' in ' '.join(k['name'] for k in row['kernels'])
 
 
-def test_host_work_shows_inference_builds_no_branch_weights():
+def test_host_work_shows_inference_builds_no_branch_weights_and_the_attention_fused():
     """host_work.py (the host's share of a GPU step: CUDA plans on CPU, the kernels no-ops) runs,
-    and shows what inference keeps: after the first step, an inference step of the Triton plans
-    builds no weights (no zeroed tiles, masks, casts or copies)."""
-    run = subprocess.run([sys.executable, str(BENCHMARKS / 'host_work.py'), '--iters', '1', '--top', '100'],
-                         check=True, capture_output=True, text=True, cwd=BENCHMARKS)
+    and shows what the Triton plans do without ops around the kernels: after the first step, an
+    inference step builds no weights (no zeroed tiles, masks, casts, copies or layouts), and
+    neither mode runs the attention's plain ops (SEWeight, softmax and their gradients)."""
+    run = subprocess.run([sys.executable, str(BENCHMARKS / 'host_work.py'), '--scope', 'psa', '--iters', '1',
+                          '--top', '100'], check=True, capture_output=True, text=True, cwd=BENCHMARKS)
     ops, mode = {}, None
     for line in run.stdout.splitlines():
         if line.startswith(('infer', 'train')):
@@ -363,7 +364,9 @@ def test_host_work_shows_inference_builds_no_branch_weights():
             ops[mode] = set()
         elif mode and line.strip().split()[-1].startswith('aten::'):
             ops[mode].add(line.split()[-1])
-    # (a branch that runs alone, stage 4's kernel 5, still lays out its kept weight per call: contiguous)
-    building = {'aten::new_zeros', 'aten::copy_', 'aten::eye', 'aten::mul', 'aten::to'}
-    assert set(ops) == {'infer', 'train'} and ops['infer'], run.stdout
-    assert not ops['infer'] & building, run.stdout
+    building = {'aten::new_zeros', 'aten::copy_', 'aten::eye', 'aten::mul', 'aten::to', 'aten::contiguous'}
+    attention = {'aten::softmax', 'aten::sigmoid', 'aten::relu_', 'aten::_softmax_backward_data',
+                 'aten::sigmoid_backward', 'aten::threshold_backward'}
+    assert set(ops) == {'infer', 'train'} and ops['infer'] and 'aten::mean' in ops['infer'], run.stdout
+    assert not ops['infer'] & (building | attention), run.stdout
+    assert not ops['train'] & attention, run.stdout

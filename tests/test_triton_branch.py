@@ -202,6 +202,58 @@ def check_spc_inference() -> dict:
     return results
 
 
+# PSAs whose attention runs on `_triton_attention`: (PSA arguments, channels_last, dtype). Small's
+# stage 1 in miniature; 3 scales (padded to 4) in NCHW; fp16 (fp32 weights, as under autocast);
+# 256 channels per scale and 16 hidden features, more than one channel block of the kernels (Large's stage 4)
+ATTENTION_CASES = [
+    (dict(in_chs=64), True, 'float32'),
+    (dict(in_chs=48, kernel_sizes=(3, 5, 7), groups=(1, 4, 8)), False, 'float32'),
+    (dict(in_chs=64), True, 'float16'),
+    (dict(in_chs=1024, groups=(32, 32, 32, 32)), True, 'float32'),
+]
+
+
+def check_attention(case) -> dict:
+    """A PSA with its attention on the Triton kernels against the plain PSA in float64: output, and
+    the gradients of the input and of every parameter (SEWeight's too); then inference, which
+    reweights in place."""
+    from timm_epsanet._triton_attention import fusable
+    from timm_epsanet.psa import PyramidSqueezeAttention
+
+    kwargs, channels_last, dtype = case
+    dtype = getattr(torch, dtype)
+    reference = PyramidSqueezeAttention(**kwargs, branch_form='grouped').double()
+    reference.se.fc1.bias.data.uniform_(0.5, 1.0)  # every hidden feature alive: a dead ReLU has no gradient
+    psa = PyramidSqueezeAttention(**kwargs, branch_form='grouped')
+    psa.load_state_dict(reference.state_dict())
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, kwargs['in_chs'], 3, 4).contiguous(memory_format=fmt)
+    x_ref, x_t = x.double().requires_grad_(), x.to(dtype, copy=True).requires_grad_()
+    y_ref = reference(x_ref)
+    grad = torch.randn_like(y_ref)
+    y_ref.backward(grad)
+    used, on_triton = [], PyramidSqueezeAttention._attention_on_triton
+    # as on CUDA with the Triton forms: where the kernels compute PSA's SEWeight
+    PyramidSqueezeAttention._attention_on_triton = lambda self, x: used.append(fusable(self.se)) or used[-1]
+    if dtype != torch.float32:
+        psa.convs.to(dtype)  # the branches in fp16; SEWeight's weights stay fp32, as under autocast
+    y = psa(x_t)
+    y.backward(grad.to(dtype))
+    with torch.no_grad():
+        y_infer = psa(x.to(dtype))
+    PyramidSqueezeAttention._attention_on_triton = on_triton
+    # the plain module in fp32: the bias gradients sum terms that cancel, so even it is off by more than 1e-5
+    plain = PyramidSqueezeAttention(**kwargs, branch_form='grouped')
+    plain.load_state_dict(reference.state_dict())
+    plain(x.clone()).backward(grad.float())
+    return dict(
+        used=used, dtype_ok=y.dtype == x_t.grad.dtype == dtype,
+        layout_ok=y.is_contiguous(memory_format=fmt) and x_t.grad.is_contiguous(memory_format=fmt),
+        out=rel_err(y, y_ref), infer=rel_err(y_infer, y_ref), grad_input=rel_err(x_t.grad, x_ref.grad),
+        grad_params={name: (rel_err(p.grad, r.grad), rel_err(q.grad, r.grad)) for (name, p), q, r in zip(
+            psa.named_parameters(), plain.parameters(), reference.parameters())})
+
+
 def check_prep() -> dict:
     """The fused kernels' weight preparation in one launch (`branch_tiles`) against the custom
     ops' (`_weight_pointers` of `block_diagonal_weight`), both directions, on Small's stage 1
@@ -331,6 +383,7 @@ def interpreter_results() -> dict:
                 spc_nchw_kernels=check_spc_case(SPC_NCHW_CASE, kernel_layout='nchw'),
                 spc_inference=check_spc_inference(),
                 prep=check_prep(),
+                attention={str(i): check_attention(case) for i, case in enumerate(ATTENTION_CASES)},
                 ops=check_ops(), compile={form: check_compile(form) for form in FORMS},
                 spc_compile=check_spc_compile(),
                 wide_weight_grad=check_wide_weight_grad())
@@ -402,6 +455,22 @@ def test_fused_inference_builds_the_weight_tiles_once_until_the_weight_changes(i
     assert all(r['err'] <= 1e-5 for r in (first, second, updated)), interpreted['spc_inference']
 
 
+@pytest.mark.parametrize('index', range(len(ATTENTION_CASES)))
+def test_attention_kernels_equal_the_plain_attention(interpreted, index):
+    """PSA's attention on `_triton_attention` (the Triton form of SEWeight, the softmax across scales
+    and the reweighting) computes the plain module's output, and the gradients of the input and of
+    every parameter, in the input's dtype and layout, in training and in inference."""
+    result = interpreted['attention'][str(index)]
+    assert result['used'] == [True, True] and result['dtype_ok'] and result['layout_ok'], result
+    tol = 1e-5 if ATTENTION_CASES[index][-1] == 'float32' else 3e-3  # fp16: its branches' outputs rounded
+    assert max(result['out'], result['infer'], result['grad_input']) <= tol, result  # a NaN fails too
+    # each parameter's gradient as close to float64's as the plain module's in fp32, up to summation
+    # order: SEWeight's bias gradients sum terms that cancel, so both are off by up to ~1e-5 there
+    assert len(result['grad_params']) >= 6, result
+    for name, (err, plain_err) in result['grad_params'].items():
+        assert err <= 10 * max(tol, plain_err), (name, result)
+
+
 def test_one_launch_weight_preparation_equals_the_custom_ops(interpreted):
     """The eager path builds every branch's kernel tiles, and reads every grouped weight gradient,
     in one launch each: the same tiles as the custom ops lay out from the merged weights (bit for
@@ -467,6 +536,15 @@ def test_kernels_compile_for_hopper_without_spills(tmp_path):
         report, _, shared = _build(kernel, 'fp16', consts, 4)
         built = resources(report, shared, 4)
         assert built['spill_bytes'] == 0 and built['blocks_per_sm'] >= 1, (kernel, built)
+    from timm_epsanet import _triton_attention
+    from timm_epsanet.psa import PyramidSqueezeAttention
+    for chs in (512, 1024):  # the attention's kernels, for Small's and Large's widest PSAs (C' 128 and 256)
+        s, c, r, s_p, r_p, block_c = _triton_attention._sizes(4, PyramidSqueezeAttention(chs).se)
+        consts = dict(S=s, C=c, R=r, S_P=s_p, R_P=r_p, BLOCK_C=block_c)
+        for kernel in (_triton_attention._gate_kernel, _triton_attention._gate_grad_kernel):
+            report, _, shared = _build(kernel, 'fp32', consts, 4, types={'inv_hw': 'fp32'})
+            built = resources(report, shared, 4)
+            assert built['spill_bytes'] == 0 and built['blocks_per_sm'] >= 1, (kernel, chs, built)
     for name in ('grad_input', 'mma grad_input'):  # a strided conv's input gradient, by phases
         kernel, _, transposed = KERNELS[name]
         shape = (64, 16, 1) if name.startswith('mma') else (16, 4, 4)

@@ -11,7 +11,8 @@ Branches are concatenated in paper order (branch 0 first). The official code con
 reversed; converting its weights is a permutation of the channels that follow PSA.
 
 How the branch convs are computed (forms and memory layouts per device) is a backend,
-`_branch_conv`, apart from the layer.
+`_branch_conv`, apart from the layer; so is the attention's Triton form, `_triton_attention`, which
+runs with the branches' Triton kernels.
 """
 from typing import Optional, Sequence, Tuple, Type, Union
 
@@ -21,6 +22,7 @@ from torch import nn
 from timm.layers import SEModule, get_act_layer, get_padding
 
 from ._branch_conv import BRANCH_FORMS, BranchConv2d, BranchConvs
+from ._branch_plans import TRITON_FORMS, plain_eager, triton_in_auto, triton_runs_on_cuda
 
 __all__ = ['PyramidSqueezeAttention', 'SEWeight', 'default_groups', 'default_kernel_sizes']
 
@@ -43,9 +45,11 @@ class SEWeight(SEModule):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_se = x.mean((2, 3), keepdim=True)
-        x_se = self.fc2(self.act(self.bn(self.fc1(x_se))))
-        return self.gate(x_se)
+        return self.gate_of_pooled(x.mean((2, 3), keepdim=True))
+
+    def gate_of_pooled(self, x_se: torch.Tensor) -> torch.Tensor:
+        """The gate of an input already average-pooled to (N, C, 1, 1): PSA pools every scale at once."""
+        return self.gate(self.fc2(self.act(self.bn(self.fc1(x_se)))))
 
 
 class PyramidSqueezeAttention(nn.Module):
@@ -93,6 +97,7 @@ class PyramidSqueezeAttention(nn.Module):
 
         self.num_scales = num_scales
         self.split_chs = out_chs // num_scales
+        self.branch_form = branch_form
         self.kernel_sizes = kernel_sizes
         self.groups = groups
         self.convs = BranchConvs([
@@ -119,10 +124,12 @@ class PyramidSqueezeAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.convs(x)  # the S branch outputs, concatenated: (B, S * C', H, W)
+        if not torch.jit.is_scripting() and self._attention_on_triton(x):
+            return self._attention_by_triton(x)
         B, _, H, W = x.shape
         x = x.reshape(B, self.num_scales, self.split_chs, H, W)
         # one SEWeight for all scales, then a softmax across the scales
-        x_attn = self.se(x.mean((3, 4)).reshape(B * self.num_scales, self.split_chs, 1, 1))
+        x_attn = self.se.gate_of_pooled(x.mean((3, 4)).reshape(B * self.num_scales, self.split_chs, 1, 1))
         x_attn = x_attn.reshape(B, self.num_scales, self.split_chs, 1, 1).softmax(dim=1)
         # CUDA autocast computes the softmax in fp32: reweighting in fp32 would promote the whole
         # output, and the BN and activation after it, to fp32 (twice the memory and traffic)
@@ -130,6 +137,23 @@ class PyramidSqueezeAttention(nn.Module):
         # x is this module's own buffer (the concat): reweight it in place when autograd is off
         x = x.mul_(x_attn) if not torch.is_grad_enabled() else x * x_attn
         return x.reshape(B, self.num_scales * self.split_chs, H, W)
+
+    @torch.jit.unused
+    def _attention_on_triton(self, x: torch.Tensor) -> bool:
+        """Whether the attention runs on the Triton backend (`_triton_attention`): with the branches' Triton
+        kernels (their forms, or 'auto' with TIMM_EPSANET_TRITON=1), in plain eager mode on CUDA."""
+        form = self.branch_form
+        if not plain_eager(x) or x.device.type != 'cuda':  # FX proxies, fake tensors and the like: first
+            return False
+        if not (form in TRITON_FORMS or (form == 'auto' and triton_in_auto())) or not triton_runs_on_cuda():
+            return False
+        from . import _triton_attention  # imported only where it runs: it needs triton
+        return _triton_attention.fusable(self.se)
+
+    @torch.jit.unused
+    def _attention_by_triton(self, x: torch.Tensor) -> torch.Tensor:
+        from . import _triton_attention
+        return _triton_attention.psa_attention(x, self.num_scales, self.se)
 
 
 def _check_config(
