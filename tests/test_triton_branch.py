@@ -254,6 +254,30 @@ def check_attention(case) -> dict:
             psa.named_parameters(), plain.parameters(), reference.parameters())})
 
 
+def check_double_backward() -> dict:
+    """Whether a second derivative through the fused branches, and through the attention's kernels,
+    is refused (their gradients are kernels, not differentiable ops): the error's message, or None."""
+    from timm_epsanet.psa import PyramidSqueezeAttention
+
+    psa = PyramidSqueezeAttention(32, groups=(8, 8, 8, 8), branch_form='triton_spc')
+    plans = [conv.plan_for('cuda', True) for conv in psa.convs]
+    on_triton = PyramidSqueezeAttention._attention_on_triton
+    PyramidSqueezeAttention._attention_on_triton = lambda self, x: True  # as on CUDA
+    refused = {}
+    try:
+        for name, forward in (('branches', lambda x: psa.convs.run_plans(x, plans)), ('attention', psa)):
+            x = torch.randn(2, 32, 5, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
+            (grad,) = torch.autograd.grad(forward(x).square().sum(), x, create_graph=True)
+            try:
+                grad.sum().backward()
+                refused[name] = None
+            except RuntimeError as e:
+                refused[name] = str(e)
+    finally:
+        PyramidSqueezeAttention._attention_on_triton = on_triton
+    return refused
+
+
 def check_prep() -> dict:
     """The fused kernels' weight preparation in one launch (`branch_tiles`) against the custom
     ops' (`_weight_pointers` of `block_diagonal_weight`), both directions, on Small's stage 1
@@ -383,6 +407,7 @@ def interpreter_results() -> dict:
                 spc_nchw_kernels=check_spc_case(SPC_NCHW_CASE, kernel_layout='nchw'),
                 spc_inference=check_spc_inference(),
                 prep=check_prep(),
+                double_backward=check_double_backward(),
                 attention={str(i): check_attention(case) for i, case in enumerate(ATTENTION_CASES)},
                 ops=check_ops(), compile={form: check_compile(form) for form in FORMS},
                 spc_compile=check_spc_compile(),
@@ -469,6 +494,14 @@ def test_attention_kernels_equal_the_plain_attention(interpreted, index):
     assert len(result['grad_params']) >= 6, result
     for name, (err, plain_err) in result['grad_params'].items():
         assert err <= 10 * max(tol, plain_err), (name, result)
+
+
+def test_second_derivatives_through_the_kernels_are_refused(interpreted):
+    """The kernels' gradients are not differentiable: a second derivative (create_graph=True) through
+    the fused branches or the attention's kernels fails loudly instead of returning wrong values."""
+    refused = interpreted['double_backward']
+    assert set(refused) == {'branches', 'attention'}, refused
+    assert all(message and 'once_differentiable' in message for message in refused.values()), refused
 
 
 def test_one_launch_weight_preparation_equals_the_custom_ops(interpreted):

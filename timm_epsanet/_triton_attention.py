@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 from timm.layers import activations
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from ._triton_branch import _check_device
 
@@ -177,6 +178,7 @@ class _PsaAttention(torch.autograd.Function):
         return x * attn
 
     @staticmethod
+    @once_differentiable  # the kernels' gradients are not differentiable: double backward raises
     def backward(ctx, grad):
         x, pooled, attn = ctx.saved_tensors
         se = ctx.se

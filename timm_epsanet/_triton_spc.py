@@ -33,6 +33,7 @@ from typing import List, Optional, Sequence
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from ._branch_forms import block_diagonal_weight
 from ._branch_plans import in_layout, layout_of, plain_eager
@@ -664,6 +665,7 @@ class _SpcConvGrouped(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # the kernels' gradients are not differentiable: double backward raises
     def backward(ctx, grad):
         x, *weights = ctx.saved_tensors
         merged, merges, stride, dilation = ctx.conv_args
