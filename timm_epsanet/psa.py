@@ -142,7 +142,8 @@ class PyramidSqueezeAttention(nn.Module):
     def _attention_on_triton(self, x: torch.Tensor) -> bool:
         """Whether the attention runs on the Triton backend (`_triton_attention`): with the branches' Triton
         kernels (their forms, or 'auto' with TIMM_EPSANET_TRITON=1), in plain eager mode on CUDA."""
-        form = self.branch_form  # first what costs nothing: the CPU default returns here
+        # first what costs nothing: the CPU default returns here (a PSA pickled before it had a form: 'auto')
+        form = getattr(self, 'branch_form', 'auto')
         if not (form in TRITON_FORMS or (form == 'auto' and triton_in_auto())):
             return False
         if not plain_eager(x) or x.device.type != 'cuda' or not triton_runs_on_cuda():  # FX proxies: no device
