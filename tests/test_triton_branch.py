@@ -572,7 +572,7 @@ def test_kernels_compile_for_hopper_without_spills(tmp_path):
     from timm_epsanet import _triton_attention
     from timm_epsanet.psa import PyramidSqueezeAttention
     for chs in (512, 1024):  # the attention's kernels, for Small's and Large's widest PSAs (C' 128 and 256)
-        s, c, r, s_p, r_p, block_c = _triton_attention._sizes(4, PyramidSqueezeAttention(chs).se)
+        s, c, r, s_p, r_p, block_c = _triton_attention._sizes(4, PyramidSqueezeAttention(chs).se.fc1.weight)
         consts = dict(S=s, C=c, R=r, S_P=s_p, R_P=r_p, BLOCK_C=block_c)
         for kernel in (_triton_attention._gate_kernel, _triton_attention._gate_grad_kernel):
             report, _, shared = _build(kernel, 'fp32', consts, 4, types={'inv_hw': 'fp32'})

@@ -170,8 +170,8 @@ class BranchConv2d(nn.Conv2d):
 
     @torch.jit.unused
     def _triton_forward(self, x: torch.Tensor, tensor_cores: bool) -> torch.Tensor:
-        if tensor_cores and self.is_same_conv() and plain_eager(x):
-            return _tensor_core_branches(x, [self])  # as fused branches are run: one autograd node, no custom op
+        if tensor_cores and self.is_same_conv():
+            return _tensor_core_branches(x, [self])  # as fused branches are run (in eager mode: no custom op)
         from . import _triton_branch  # imported only where it runs: it needs triton
         if tensor_cores:
             x, weight, groups = self.mma_inputs(x)

@@ -140,29 +140,28 @@ def fusable(se: nn.Module) -> bool:
             and type(se.gate) in (nn.Sigmoid, activations.Sigmoid))
 
 
-def _sizes(num_scales: int, se: nn.Module) -> Tuple[int, int, int, int, int, int]:
-    """S, C, R and the kernels' blocks: scales and hidden features padded to a power of two, and
-    channel blocks of a (scales x hidden x channels) product tile of about 4K values."""
-    chs, hidden = se.fc1.in_channels, se.fc1.out_channels
+def _sizes(num_scales: int, w1: torch.Tensor) -> Tuple[int, int, int, int, int, int]:
+    """S, C, R (from fc1's weight, R x C x 1 x 1) and the kernels' blocks: scales and hidden
+    features padded to a power of two, and channel blocks of a (scales x hidden x channels)
+    product tile of about 4K values."""
+    hidden, chs = w1.shape[:2]
     s_p, r_p = max(2, triton.next_power_of_2(num_scales)), max(2, triton.next_power_of_2(hidden))
     block_c = max(2, min(triton.next_power_of_2(chs), 4096 // (s_p * r_p)))
     return num_scales, chs, hidden, s_p, r_p, block_c
 
 
-def _weights(se: nn.Module):
-    """SEWeight's parameters, and the strides of fc1's weight along (R, C) and fc2's along (C, R): the
-    kernels read the 1x1 conv weights in place, in either memory format."""
-    w1, w2 = se.fc1.weight, se.fc2.weight
-    return (w1, se.fc1.bias, w2, se.fc2.bias), (w1.stride(0), w1.stride(1), w2.stride(0), w2.stride(1))
+def _strides(w1: torch.Tensor, w2: torch.Tensor) -> Tuple[int, int, int, int]:
+    """fc1's weight's strides along (R, C) and fc2's along (C, R): the kernels read the 1x1 conv
+    weights in place, in either memory format."""
+    return w1.stride(0), w1.stride(1), w2.stride(0), w2.stride(1)
 
 
-def _attention(pooled: torch.Tensor, num_scales: int, se: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+def _attention(pooled, num_scales, w1, b1, w2, b2, dtype: torch.dtype) -> torch.Tensor:
     """The attention of every image, (B, S*C, 1, 1) in `dtype`, from its pooled features (fp32)."""
-    (w1, b1, w2, b2), strides = _weights(se)
     attn = torch.empty(pooled.shape, dtype=dtype, device=pooled.device)
-    sizes = _sizes(num_scales, se)
-    _gate_kernel[(pooled.shape[0],)](pooled, w1, b1, w2, b2, attn, *strides, S=sizes[0], C=sizes[1], R=sizes[2],
-                                     S_P=sizes[3], R_P=sizes[4], BLOCK_C=sizes[5])
+    s, c, r, s_p, r_p, block_c = _sizes(num_scales, w1)
+    _gate_kernel[(pooled.shape[0],)](pooled, w1, b1, w2, b2, attn, *_strides(w1, w2), S=s, C=c, R=r, S_P=s_p,
+                                     R_P=r_p, BLOCK_C=block_c)
     return attn
 
 
@@ -170,30 +169,28 @@ class _PsaAttention(torch.autograd.Function):
     """x times its attention, differentiable in x and SEWeight's four parameters."""
 
     @staticmethod
-    def forward(ctx, x, num_scales, se, w1, b1, w2, b2):
+    def forward(ctx, x, num_scales, w1, b1, w2, b2):
         pooled = x.mean((2, 3), keepdim=True, dtype=torch.float32)
-        attn = _attention(pooled, num_scales, se, x.dtype)
-        ctx.save_for_backward(x, pooled, attn)
-        ctx.num_scales, ctx.se = num_scales, se
+        attn = _attention(pooled, num_scales, w1, b1, w2, b2, x.dtype)
+        ctx.save_for_backward(x, pooled, attn, w1, b1, w2, b2)
+        ctx.num_scales = num_scales
         return x * attn
 
     @staticmethod
     @once_differentiable  # the kernels' gradients are not differentiable: double backward raises
     def backward(ctx, grad):
-        x, pooled, attn = ctx.saved_tensors
-        se = ctx.se
-        (w1, b1, w2, b2), strides = _weights(se)
+        x, pooled, attn, *params = ctx.saved_tensors
+        w1, b1, w2, b2 = params
         grad_attn = (grad * x).sum((2, 3), dtype=torch.float32)
         grad_pooled = torch.empty(pooled.shape, dtype=grad.dtype, device=grad.device)  # over the pixels
-        sizes = _sizes(ctx.num_scales, se)
-        s, c, r = sizes[:3]
+        s, c, r, s_p, r_p, block_c = _sizes(ctx.num_scales, w1)
         parts = torch.empty((x.shape[0], 2 * r * c + r + c), dtype=torch.float32, device=x.device)
         _gate_grad_kernel[(x.shape[0],)](
-            pooled, w1, b1, w2, b2, grad_attn, grad_pooled, parts, *strides, 1.0 / (x.shape[2] * x.shape[3]),
-            S=s, C=c, R=r, S_P=sizes[3], R_P=sizes[4], BLOCK_C=sizes[5])
+            pooled, w1, b1, w2, b2, grad_attn, grad_pooled, parts, *_strides(w1, w2), 1.0 / (x.shape[2] * x.shape[3]),
+            S=s, C=c, R=r, S_P=s_p, R_P=r_p, BLOCK_C=block_c)
         grad_x = torch.addcmul(grad_pooled, grad, attn)  # the mean's share, spread over the pixels, + the product's
-        grads = [g.view(p.shape) for g, p in zip(parts.sum(0).split([r * c, r, c * r, c]), (w1, b1, w2, b2))]
-        return (grad_x, None, None, *(g if g.dtype == p.dtype else g.to(p.dtype) for g, p in zip(grads, (w1, b1, w2, b2))))
+        grads = [g.view(p.shape) for g, p in zip(parts.sum(0).split([r * c, r, c * r, c]), params)]
+        return (grad_x, None, *(g if g.dtype == p.dtype else g.to(p.dtype) for g, p in zip(grads, params)))
 
 
 def psa_attention(x: torch.Tensor, num_scales: int, se: nn.Module) -> torch.Tensor:
@@ -201,7 +198,8 @@ def psa_attention(x: torch.Tensor, num_scales: int, se: nn.Module) -> torch.Tens
     softmax across the S scales of SEWeight `se` of each scale's pooled features (`fusable`).
     Without autograd x is reweighted in place."""
     _check_device(x)
+    params = (se.fc1.weight, se.fc1.bias, se.fc2.weight, se.fc2.bias)
     if not torch.is_grad_enabled():
         pooled = x.mean((2, 3), keepdim=True, dtype=torch.float32)
-        return x.mul_(_attention(pooled, num_scales, se, x.dtype))
-    return _PsaAttention.apply(x, num_scales, se, se.fc1.weight, se.fc1.bias, se.fc2.weight, se.fc2.bias)
+        return x.mul_(_attention(pooled, num_scales, *params, x.dtype))
+    return _PsaAttention.apply(x, num_scales, *params)

@@ -471,8 +471,13 @@ def _launch_weight_grad(x, grad, weight, stride, padding, dilation, groups, conf
     out_chs, in_per_group, k_h, k_w = weight.shape
     part = _weight_grad_part(x, grad, (k_h, k_w), groups, in_per_group, out_chs // groups, stride, padding, dilation,
                              config, tensor_cores)
-    grad_w = part.sum(0).permute(2, 4, 3, 0, 1).reshape(out_chs, in_per_group, k_h, k_w)
-    return grad_w.to(weight.dtype).contiguous()
+    return weight_grad_of_part(part, weight)
+
+
+def weight_grad_of_part(part: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`weight`'s gradient, in its shape and dtype, from the partial sums (chunks, KH, KW, groups,
+    in_per_group, outs) of a weight-gradient kernel."""
+    return part.sum(0).permute(2, 4, 3, 0, 1).reshape(weight.shape).to(weight.dtype).contiguous()
 
 
 def _weight_grad_part(x, grad, kernel_size, groups, in_per_group, outs, stride, padding, dilation, config=None,

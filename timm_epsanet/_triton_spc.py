@@ -39,7 +39,7 @@ from ._branch_forms import block_diagonal_weight
 from ._branch_plans import in_layout, layout_of, plain_eager
 from ._triton_branch import (
     _check_device, _dst_pixels, _empty_like_layout, _grad_input_op, _group_block, _launch_conv_tiles, _out_size,
-    _precision, _tile_pixels, _weight_grad_part, branch_conv, mma_config_for, weight_grad_chunks,
+    _precision, _tile_pixels, _weight_grad_part, branch_conv, mma_config_for, weight_grad_chunks, weight_grad_of_part,
 )
 
 __all__ = ['fusable', 'spc_conv', 'spc_conv_grouped']
@@ -518,8 +518,7 @@ def _launch_weight_grad(x, grad, weights, stride, dilation, groups, config=None)
     """Each (merged) branch's weight gradient, from the branches' concatenated output gradient."""
     outs, ins = weights[0].shape[0] // groups, weights[0].shape[1]
     parts = _weight_grad_parts(x, grad, [w.shape[-1] for w in weights], groups, ins, outs, stride, dilation, config)
-    return [part.sum(0).permute(2, 4, 3, 0, 1).reshape(w.shape).to(w.dtype).contiguous()
-            for part, w in zip(parts, weights)]
+    return [weight_grad_of_part(part, w) for part, w in zip(parts, weights)]
 
 
 def _weight_grad_parts(x, grad, kernel_sizes, groups, ins, outs, stride, dilation, config=None) -> List[torch.Tensor]:
