@@ -3,8 +3,9 @@
 # compiled first (in parallel, into Triton's cache), correctness of the fused kernels and of every
 # branch form, the model table beside the peers (AMP fp16, channels-last, eager, batch 128, inference
 # and training with peak memory), where the step's time goes (device busy against wall time, the
-# top kernels), whole-PSA timings (the fused kernels against cuDNN), torch.compile with the Triton
-# kernels, branch tuning's first-use cost, then bf16 and batch 256.
+# top kernels), whole-PSA timings (the fused kernels against cuDNN), the fused kernels' loads
+# pipelined or through L1, torch.compile with the Triton kernels, branch tuning's first-use cost, then
+# bf16 and batch 256.
 # Stages run in order of importance, each under its own time limit (sized from the first H200 run,
 # 2026-11-28, where every stage of the earlier plan ran out of time), each writing as it goes, so a
 # stage cut short still leaves what it measured. STAGES picks stages; 'branches' (every branch in
@@ -29,7 +30,7 @@ EPSANETS="epsanet50_small epsanet50_large epsanet101_small"
 # the Triton kernels unfused, last: the first rows a stage cut short loses
 OTHER_FORMS="epsanet50_small@dense epsanet50_small@grouped"
 UNFUSED_FORMS="epsanet50_small@triton_mma epsanet50_small@triton"
-DEFAULT_STAGES="warm checks amp_fp16_b128 profile psa compile tuning amp_bf16_b128 amp_fp16_b256"
+DEFAULT_STAGES="warm checks amp_fp16_b128 profile psa tiles_spc compile tuning amp_bf16_b128 amp_fp16_b256"
 if [ "${1:-}" = --dry-run ]; then
     DEFAULT_STAGES="$DEFAULT_STAGES branches tiles"
     export TRITON_INTERPRET=1
@@ -91,7 +92,7 @@ EOF
 # every Triton kernel the stages below run, compiled first on 12 processes into Triton's cache
 stage warm 45 $PYTHON benchmarks/triton_warmup.py $WARM_ARGS
 # the fused kernels on every PSA first (18 checks took 50 s in the first run), every form last
-stage checks 45 $PYTHON benchmarks/cuda_checks.py fused attention cpu grads forms --device $DEVICE $TINY
+stage checks 40 $PYTHON benchmarks/cuda_checks.py fused attention cpu grads forms --device $DEVICE $TINY
 # the targets: AMP fp16, channels-last, eager; peers first, every ratio needs resnet50
 stage amp_fp16_b128 145 $PYTHON benchmarks/benchmark.py $BENCH_ARGS --batch-size $B128 --precisions amp \
     --layouts channels_last --models $PEERS $OTHER_FORMS $EPSANETS $UNFUSED_FORMS --out "$OUT_DIR/amp_fp16_b128"
@@ -103,6 +104,11 @@ stage profile 60 $PYTHON benchmarks/step_profile.py --batch-size $B128 \
 # each PSA's branches together: the fused kernels against the same kernels one branch at a time, and cuDNN
 stage psa 30 $PYTHON benchmarks/psa_branches.py --whole-psa --device $DEVICE $AMP $BRANCH_ARGS \
     --layouts channels_last --forms grouped dense triton_mma triton_spc --json "$OUT_DIR/psa.json"
+# the fused kernels per PSA stage on their default tile (loads pipelined, past L1) and with the loads'
+# pipeline 1 deep (through L1) or 2: the first H200 run's fused kernels read every tap's tile from L2
+# at about its bandwidth; each new tile compiles here (about a second a kernel)
+stage tiles_spc 15 $PYTHON benchmarks/triton_tiles.py $TILE_ARGS --kernels spc --stages 1 2 --max-tiles 3 \
+    --json "$OUT_DIR/tiles_spc.json"
 stage compile 40 $PYTHON benchmarks/cuda_checks.py compile --device $DEVICE $TINY
 # branch tuning (training first): the untuned rules are today's default (TIMM_EPSANET_TRITON=0), the
 # tuner tries every form, the Triton kernels included, compiling them anew (an empty Triton cache)
@@ -113,7 +119,7 @@ stage tuning 35 env TIMM_EPSANET_TRITON=0 TRITON_CACHE_DIR="$OUT_DIR/triton_cach
 # the other precision and batch size: resnet50 and Small only (each new shape costs cuDNN's benchmark)
 stage amp_bf16_b128 25 $PYTHON benchmarks/benchmark.py $BENCH_ARGS --batch-size $B128 --precisions amp_bf16 \
     --layouts channels_last --models resnet50 ${EPSANETS%% *} --out "$OUT_DIR/amp_bf16_b128"
-stage amp_fp16_b256 20 $PYTHON benchmarks/benchmark.py $BENCH_ARGS --batch-size $B256 --precisions amp \
+stage amp_fp16_b256 15 $PYTHON benchmarks/benchmark.py $BENCH_ARGS --batch-size $B256 --precisions amp \
     --layouts channels_last --modes infer --models resnet50 ${EPSANETS%% *} --out "$OUT_DIR/amp_fp16_b256"
 # not by default: the cuDNN forms and the Triton kernels of every branch in both layouts (the
 # depthwise and volumetric forms are CPU forms, 3-7x slower than the grouped conv on CUDA:

@@ -10,7 +10,11 @@ multiply-adds (FFMA) or the tensor-core products (HGMMA / HMMA) do the work. `is
 fraction of the unit's peak rate the loop could reach if nothing else stalled it: FFMA /
 instructions on CUDA cores; the products' multiply-adds per issue cycle over the tensor cores'
 rate on tensor cores (1.00: the loop issues faster than its unit multiplies). It is an upper
-bound, not a speed: a GPU measures that (`triton_tiles.py`, `psa_branches.py`).
+bound, not a speed: a GPU measures that (`triton_tiles.py`, `psa_branches.py`). `tap loads`
+says where that loop's loads of the shifted tiles come from: Triton's software pipeline (its
+default, `--num-stages 3`) turns them into asynchronous copies to shared memory that bypass L1
+(LDGSTS...BYPASS), so each tap reads L2 again; unpipelined (`--num-stages 1`) they are plain loads
+(LDG), which L1 caches, and consecutive taps' tiles mostly overlap.
 
 The kernels are built at fp16 for the stride-1 branches of epsanet50_small that they run: the
 CUDA-core kernels ('triton') for 2-8 outputs per group as the groups are, the tensor-core kernels
@@ -19,6 +23,7 @@ CUDA-core kernels ('triton') for 2-8 outputs per group as the groups are, the te
     python benchmarks/triton_sass.py                       # a markdown table
     python benchmarks/triton_sass.py --json /tmp/sass.json
     python benchmarks/triton_sass.py --layout nchw         # as NCHW tensors specialize them
+    python benchmarks/triton_sass.py --num-stages 1        # the loads unpipelined, through L1
 """
 import argparse
 import inspect
@@ -59,7 +64,8 @@ KERNELS = {  # name: (kernel, tensor cores, transposed: None for the weight grad
 
 
 def build_sm90(kernel, dtype: str, c_in: int, c_out: int, groups: int, transposed, width: int = 56,
-               kernel_width: int = 9, config=None, phased: bool = False, layout: str = 'channels_last'):
+               kernel_width: int = 9, config=None, phased: bool = False, layout: str = 'channels_last',
+               num_stages: int = None):
     """Build `kernel` for sm_90a as a launch of EPSANet's shapes in `layout` specializes it
     (`_build`), weight-gradient tiles for an output `width` wide and a kernel `kernel_width` wide,
     the input gradient by phases where `phased` (a strided conv's); returns (config, ptxas report,
@@ -68,6 +74,7 @@ def build_sm90(kernel, dtype: str, c_in: int, c_out: int, groups: int, transpose
     mma = 'PRECISION' in names
     c_red, c_written = (c_out, c_in) if transposed else (c_in, c_out)
     cfg = config or (tb.mma_config_for(c_red, c_written, kernel_width) if mma else tb.config_for(groups, c_red, c_written))
+    cfg = cfg._replace(num_stages=num_stages or cfg.num_stages)
     consts = dict(BLOCK_R=cfg.block_r, BLOCK_O=cfg.block_o)
     if transposed is None:  # as `_launch_weight_grad` tiles the pixels
         block_w = min(triton.next_power_of_2(width), cfg.block_p)
@@ -79,7 +86,7 @@ def build_sm90(kernel, dtype: str, c_in: int, c_out: int, groups: int, transpose
     consts.update(dict(PRECISION='tf32') if mma else dict(BLOCK_G=cfg.block_g))
     consts.update(dict(C_IN=c_in, C_OUT=c_out) if transposed is None else
                   dict(C_RED=c_red, C_OUT=c_written, TRANSPOSED=transposed, PHASED=phased))
-    return (cfg, *_build(kernel, dtype, consts, cfg.num_warps, layout))
+    return (cfg, *_build(kernel, dtype, consts, cfg.num_warps, layout, num_stages=cfg.num_stages))
 
 
 SPC_KERNELS = {'forward': tsp._spc_mma_kernel, 'grad_input': tsp._spc_grad_input_mma_kernel,
@@ -87,12 +94,13 @@ SPC_KERNELS = {'forward': tsp._spc_mma_kernel, 'grad_input': tsp._spc_grad_input
 
 
 def build_spc_sm90(kind: str, dtype: str, kernel_sizes, c_in: int, c_out: int, width: int = 56, config=None,
-                   layout: str = 'channels_last'):
+                   layout: str = 'channels_last', num_stages: int = None):
     """Build the fused kernel of `_triton_spc` of `kind` ('forward', 'grad_input', 'grad_weight')
     for branches of `kernel_sizes` over groups of `c_in` -> `c_out` channels, as `build_sm90`
     builds the others."""
     c_red, c_written = (c_out, c_in) if kind == 'grad_input' else (c_in, c_out)
     cfg = config or tb.mma_config_for(c_red, c_written)
+    cfg = cfg._replace(num_stages=num_stages or cfg.num_stages)
     radii = tsp._radii(kernel_sizes)
     consts = dict(R0=radii[0], R1=radii[1], R2=radii[2], R3=radii[3], R_MAX=max(radii), PRECISION='tf32',
                   BLOCK_R=cfg.block_r, BLOCK_O=cfg.block_o)
@@ -101,10 +109,11 @@ def build_spc_sm90(kind: str, dtype: str, kernel_sizes, c_in: int, c_out: int, w
         consts.update(C_IN=c_in, C_OUT=c_out, BLOCK_H=cfg.block_p // block_w, BLOCK_W=block_w)
     else:
         consts.update(C_RED=c_red, C_OUT=c_written, BLOCK_P=cfg.block_p)
-    return (cfg, *_build(SPC_KERNELS[kind], dtype, consts, cfg.num_warps, layout))
+    return (cfg, *_build(SPC_KERNELS[kind], dtype, consts, cfg.num_warps, layout, num_stages=cfg.num_stages))
 
 
-def _build(kernel, dtype: str, consts: dict, num_warps: int, layout: str = 'channels_last', types=None):
+def _build(kernel, dtype: str, consts: dict, num_warps: int, layout: str = 'channels_last', types=None,
+           num_stages: int = 3):
     """(ptxas report, SASS, shared memory bytes per block) of `kernel` built for sm_90a with
     `consts`, its tensors' strides specialized as Triton specializes a launch in `layout` on
     EPSANet's shapes: channels-last, channel strides of 1 and the others multiples of 16; NCHW,
@@ -120,7 +129,8 @@ def _build(kernel, dtype: str, consts: dict, num_warps: int, layout: str = 'chan
     aligned = {(names.index(name),): [['tt.divisibility', 16]] for name in names if name not in consts and (
         name.endswith('_ptr') or re.fullmatch(aligned_strides, name))}
     source = ASTSource(kernel, signature, {(names.index(k),): v for k, v in consts.items()}, aligned)
-    compiled = triton.compile(source, target=GPUTarget('cuda', 90, 32), options=dict(num_warps=num_warps))
+    compiled = triton.compile(source, target=GPUTarget('cuda', 90, 32),
+                              options=dict(num_warps=num_warps, num_stages=num_stages))
     with tempfile.TemporaryDirectory() as tmp:
         ptx, cubin = Path(tmp) / 'k.ptx', Path(tmp) / 'k.cubin'
         ptx.write_text(compiled.asm['ptx'])
@@ -157,7 +167,8 @@ def multiplying_loops(sass: str):
 
 
 def loop_stats(body, num_warps: int) -> dict:
-    """A loop's instructions, FFMAs and tensor-core products, and the issue bound on its unit's peak."""
+    """A loop's instructions, FFMAs and tensor-core products, the issue bound on its unit's peak,
+    and where its global loads come from ('L2': asynchronous copies past L1; 'L1': plain loads)."""
     ffma = sum(op.split('.')[0] == 'FFMA' for op in body)
     mma_macs = 0
     for op in body:
@@ -167,7 +178,10 @@ def loop_stats(body, num_warps: int) -> dict:
             mma_macs += m * n * k * (num_warps // 4 if shape.group(1) else num_warps)
     cycles = len(body) * num_warps / ISSUE_PER_CYCLE
     bound = mma_macs / cycles / TENSOR_CORE_MACS_PER_CYCLE if mma_macs else ffma / len(body)
-    return dict(instructions=len(body), ffma=ffma, mma_macs=mma_macs, issue_bound=round(min(bound, 1.0), 3))
+    bypass = any(op.startswith('LDGSTS') and 'BYPASS' in op for op in body)
+    loads = 'L2' if bypass else 'L1' if any(op.split('.')[0] in ('LDG', 'LDGSTS') for op in body) else None
+    return dict(instructions=len(body), ffma=ffma, mma_macs=mma_macs, issue_bound=round(min(bound, 1.0), 3),
+                tap_loads=loads)
 
 
 def innermost_loop(sass: str, num_warps: int) -> dict:
@@ -182,21 +196,22 @@ def fused_loop(sass: str, num_warps: int) -> dict:
     return dict(max(loops, key=lambda loop: loop['mma_macs']), loops=loops)
 
 
-def rows(dtype: str = 'fp16', stages=(1, 2, 3, 4), layout: str = 'channels_last'):
+def rows(dtype: str = 'fp16', stages=(1, 2, 3, 4), layout: str = 'channels_last', num_stages: int = None):
     for stage in stages:
         width, branches = SMALL_BRANCHES[stage]
-        yield from stage_rows(dtype, stage, width, branches, layout)
-        yield from fused_rows(dtype, stage, width, branches, layout)
+        yield from stage_rows(dtype, stage, width, branches, layout, num_stages)
+        yield from fused_rows(dtype, stage, width, branches, layout, num_stages)
 
 
-def fused_rows(dtype, stage, width, branches, layout):
+def fused_rows(dtype, stage, width, branches, layout, num_stages=None):
     """The fused kernels ('triton_spc') for the branches of a stage that share merged groups."""
     merged = [(c_in * m, c_out * m, groups // m) for c_in, c_out, groups in branches
               for m in [regroup_factor(groups, c_out, min_outs=16)]]
     fused = [k for k, shape in zip((5, 7, 9), merged) if shape == merged[-1]]
     c_in, c_out, groups = merged[-1]
     for kind in SPC_KERNELS:
-        cfg, report, sass, shared = build_spc_sm90(kind, dtype, fused, c_in, c_out, width, layout=layout)
+        cfg, report, sass, shared = build_spc_sm90(kind, dtype, fused, c_in, c_out, width, layout=layout,
+                                                   num_stages=num_stages)
         yield dict(stage=stage, branch=f"kernels {', '.join(map(str, fused))}", kernel=f'spc {kind}',
                    built=f'{c_in}->{c_out} x{groups}', tile=list(cfg), **resources(report, shared, cfg.num_warps),
                    **fused_loop(sass, cfg.num_warps))
@@ -214,7 +229,7 @@ def resources(report: str, shared: int, num_warps: int) -> dict:
     return dict(registers=registers, spill_bytes=spills, shared_bytes=shared, blocks_per_sm=blocks)
 
 
-def stage_rows(dtype, stage, width, branches, layout):
+def stage_rows(dtype, stage, width, branches, layout, num_stages=None):
     for (c_in, c_out, groups), kernel_width in zip(branches, (5, 7, 9)):
         merge = regroup_factor(groups, c_out, min_outs=16)
         for name, (kernel, mma, transposed) in KERNELS.items():
@@ -224,7 +239,8 @@ def stage_rows(dtype, stage, width, branches, layout):
                 shape = (c_in, c_out, groups)
             else:
                 continue  # the CUDA-core kernels are written for up to 8 outputs per group
-            cfg, report, sass, shared = build_sm90(kernel, dtype, *shape, transposed, width, kernel_width, layout=layout)
+            cfg, report, sass, shared = build_sm90(kernel, dtype, *shape, transposed, width, kernel_width, layout=layout,
+                                                   num_stages=num_stages)
             yield dict(stage=stage, branch=f'{c_in}->{c_out} x{groups}', kernel=name, built=f'{shape[0]}->{shape[1]} x{shape[2]}',
                        tile=list(cfg), **resources(report, shared, cfg.num_warps), **innermost_loop(sass, cfg.num_warps))
 
@@ -235,22 +251,25 @@ def main(argv=None):
     parser.add_argument('--stages', nargs='+', type=int, default=[1, 2, 3, 4], choices=[1, 2, 3, 4])
     parser.add_argument('--layout', default='channels_last', choices=['channels_last', 'nchw'],
                         help="the tensors' layout the kernels are specialized for")
+    parser.add_argument('--num-stages', type=int, default=None,
+                        help="the loads' software-pipeline depth (default: the kernels' tiles', Triton's 3)")
     parser.add_argument('--json', type=Path, help='also write the rows here')
     args = parser.parse_args(argv)
-    print(f'triton {triton.__version__}, sm_90a, {args.dtype}, {args.layout}, epsanet50_small stride-1 branches '
-          '(inputs->outputs per group x groups)\n')
+    stages_note = f', num_stages={args.num_stages}' if args.num_stages else ''
+    print(f'triton {triton.__version__}, sm_90a, {args.dtype}, {args.layout}{stages_note}, epsanet50_small stride-1 '
+          'branches (inputs->outputs per group x groups)\n')
     print('| stage | branch | kernel | built as | registers | spills (B) | shared (KB) | blocks / SM | loop instructions | FFMA '
-          '| MMA MACs | issue bound |')
-    print('|---|---|---|---|---|---|---|---|---|---|---|---|')
+          '| MMA MACs | issue bound | tap loads |')
+    print('|---|---|---|---|---|---|---|---|---|---|---|---|---|')
     found = []
-    for row in rows(args.dtype, args.stages, args.layout):
+    for row in rows(args.dtype, args.stages, args.layout, args.num_stages):
         found.append(row)
         print(f"| {row['stage']} | {row['branch']} | {row['kernel']} | {row['built']} | {row['registers']} | "
               f"{row['spill_bytes']} | {row['shared_bytes'] / 1024:.0f} | {row['blocks_per_sm']} | {row['instructions']} | "
-              f"{row['ffma']} | {row['mma_macs']} | {row['issue_bound']:.2f} |", flush=True)
+              f"{row['ffma']} | {row['mma_macs']} | {row['issue_bound']:.2f} | {row['tap_loads']} |", flush=True)
     if args.json:
-        args.json.write_text(json.dumps(dict(triton=triton.__version__, dtype=args.dtype, layout=args.layout, rows=found),
-                                        indent=1))
+        args.json.write_text(json.dumps(dict(triton=triton.__version__, dtype=args.dtype, layout=args.layout,
+                                             num_stages=args.num_stages, rows=found), indent=1))
 
 
 if __name__ == '__main__':

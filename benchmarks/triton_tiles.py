@@ -43,9 +43,14 @@ def triton_shapes(variants, stages=(1, 2, 3, 4), size=None):
 
 
 def neighbour_tiles(default, kind='forward', tensor_cores=False):
-    """`default` first, then the tiles one step away from it (the tensor-core weight gradient's
-    taps per program first: the step most likely to matter there)."""
+    """`default` first, then the tiles one step away from it. On tensor cores the loads' pipeline
+    depth first (1: loads through L1, see `Config`; 2: less shared memory, more blocks per
+    multiprocessor), then the weight gradient's taps per program: the steps most likely to matter.
+    Each tap re-reads a tile that mostly overlaps the last one, and on the H200 the fused kernels'
+    time matched reading every tap's tile from L2 at about its bandwidth (benchmarks/README.md)."""
     tiles = [default]
+    if tensor_cores:  # the CUDA-core kernels feed no `tl.dot`: Triton pipelines none of their loads
+        tiles += [default._replace(num_stages=s) for s in (1, 2) if s != default.num_stages]
     if kind == 'grad_weight' and tensor_cores and default.block_t > 1:  # taps per program: half, twice within 256 rows
         tiles += [default._replace(block_t=t) for t in (default.block_t // 2, default.block_t * 2)
                   if 1 <= t and t * default.block_r <= 256]
@@ -182,7 +187,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     print(f'{device}, batch {args.batch_size}, {args.dtype}, channels-last; ms per kernel call')
-    print('| variant | stage | chs | size | k | groups | kernels | kernel | tile (P, G, R, O, warps, T) | ms | x default | equal |')
+    print('| variant | stage | chs | size | k | groups | kernels | kernel | tile (P, G, R, O, warps, T, stages) | ms | x default | equal |')
     print('|---|---|---|---|---|---|---|---|---|---|---|---|')
     rows = []
     psas = [dict(psa, size=args.size or psa['size']) for psa in psa_stages(args.variants) if psa['stage'] in args.stages]

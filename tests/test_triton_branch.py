@@ -400,6 +400,37 @@ def check_wide_weight_grad() -> dict:
     return errors
 
 
+def check_pipeline_depth() -> dict:
+    """The load-pipeline depth each tensor-core kernel is launched with on a tile of `num_stages=1`,
+    as the tile sweep's neighbour passes it to the launch functions: kernel name -> depths seen."""
+    from timm_epsanet import _triton_branch as tb
+    from timm_epsanet import _triton_spc as tsp
+    interpreted_function = type(tb._conv_mma_kernel)
+    run, seen = interpreted_function.run, {}
+
+    def recording(self, *args, **kwargs):
+        seen.setdefault(self.fn.__name__, set()).add(kwargs.get('num_stages'))
+        return run(self, *args, **kwargs)
+
+    channels_last = dict(memory_format=torch.channels_last)
+    tile = tb.Config(16, 1, 16, 16, num_stages=1)
+    interpreted_function.run = recording
+    try:
+        x, w = torch.randn(1, 16, 4, 4).contiguous(**channels_last), torch.randn(16, 4, 3, 3)
+        grad = torch.randn(1, 16, 4, 4).contiguous(**channels_last)
+        tb._launch_conv(x, w, torch.empty_like(grad), 4, (1, 1), (1, 1), (1, 1), False, tile, tensor_cores=True)
+        tb._launch_conv(grad, w, torch.empty_like(x), 4, (1, 1), (1, 1), (1, 1), True, tile, tensor_cores=True)
+        tb._launch_weight_grad(x, grad, w, (1, 1), (1, 1), (1, 1), 4, tile, tensor_cores=True)
+        weights = [torch.randn(16, 16, k, k) for k in (3, 5)]  # two branches of one group fused
+        grad = torch.randn(1, 32, 4, 4).contiguous(**channels_last)
+        tsp._launch(x, weights, torch.empty_like(grad), (1, 1), (1, 1), 1, False, tile)
+        tsp._launch(grad, weights, torch.empty_like(x), (1, 1), (1, 1), 1, True, tile)
+        tsp._launch_weight_grad(x, grad, weights, (1, 1), (1, 1), 1, tile)
+    finally:
+        interpreted_function.run = run
+    return {name: sorted(depths, key=str) for name, depths in seen.items()}
+
+
 def interpreter_results() -> dict:
     torch.manual_seed(0)
     return dict(cases={case_id(case, form): check_case(case, form) for form in FORMS for case in CASES},
@@ -411,7 +442,8 @@ def interpreter_results() -> dict:
                 attention={str(i): check_attention(case) for i, case in enumerate(ATTENTION_CASES)},
                 ops=check_ops(), compile={form: check_compile(form) for form in FORMS},
                 spc_compile=check_spc_compile(),
-                wide_weight_grad=check_wide_weight_grad())
+                wide_weight_grad=check_wide_weight_grad(),
+                pipeline_depth=check_pipeline_depth())
 
 
 @pytest.fixture(scope='module')
@@ -524,6 +556,15 @@ def test_weight_grad_tiles_of_part_of_a_row(interpreted):
     assert set(errors) == {'cuda_cores', 'mma', 'mma, 4 taps'} and all(e <= 1e-5 for e in errors.values()), errors
 
 
+def test_a_tiles_load_pipeline_depth_reaches_every_tensor_core_launch(interpreted):
+    """A tile's `num_stages` (the tile sweep times 1 and 2 beside Triton's default 3) is what each
+    tensor-core kernel, alone and fused, is launched with: else the sweep would time the default
+    under another name."""
+    assert interpreted['pipeline_depth'] == {name: [1] for name in (
+        '_conv_mma_kernel', '_weight_grad_mma_kernel', '_spc_mma_kernel', '_spc_grad_input_mma_kernel',
+        '_spc_weight_grad_mma_kernel')}, interpreted['pipeline_depth']
+
+
 @pytest.mark.parametrize('form', ALL_FORMS)
 def test_compile_sees_one_op_without_graph_break(interpreted, form):
     """A branch is one op in torch.compile's graph; so are a PSA's fused branches ('triton_spc')."""
@@ -536,7 +577,8 @@ def test_kernels_compile_for_hopper_without_spills(tmp_path):
     """benchmarks/triton_sass.py as a user runs it: every kernel of Small's stage-1 branches builds
     for sm_90 (no GPU needed: triton's own ptxas and cuobjdump) without spilling registers, with
     the shared memory a Hopper block may have, and its innermost loop multiplies on the unit it is written for: tensor cores (Hopper's
-    warpgroup MMA) for the tensor-core kernels, fused ones included, FFMA on CUDA cores for the others."""
+    warpgroup MMA) for the tensor-core kernels, fused ones included, FFMA on CUDA cores for the others.
+    The fused kernels also build with their loads unpipelined, which then go through L1."""
     pytest.importorskip('triton')
     import triton
     if not (Path(triton.__file__).parent / 'backends' / 'nvidia' / 'bin' / 'cuobjdump').exists():
@@ -555,11 +597,18 @@ def test_kernels_compile_for_hopper_without_spills(tmp_path):
         tensor_cores = row['kernel'].startswith(('mma', 'spc'))
         assert (row['mma_macs'] > 0) == tensor_cores and (row['ffma'] > 0) != tensor_cores, row
         assert 0 < row['issue_bound'] <= 1, row
+        # the tensor-core kernels' tap loads, pipelined by default: asynchronous copies past L1
+        assert row['tap_loads'] == ('L2' if tensor_cores else 'L1'), row
     sys.path.insert(0, str(ROOT / 'benchmarks'))
     try:
-        from triton_sass import KERNELS, build_sm90, resources
+        from triton_sass import KERNELS, build_spc_sm90, build_sm90, fused_loop, resources
     finally:
         sys.path.remove(str(ROOT / 'benchmarks'))
+    for kind in ('forward', 'grad_input', 'grad_weight'):  # the tile sweep's first neighbour: loads through L1
+        cfg, report, sass, shared = build_spc_sm90(kind, 'fp16', (3, 5, 7, 9), 64, 16, num_stages=1)
+        built = resources(report, shared, cfg.num_warps)
+        assert built['spill_bytes'] == 0 and built['blocks_per_sm'] >= 1, (kind, built)
+        assert fused_loop(sass, cfg.num_warps)['tap_loads'] == 'L1', kind
     from timm_epsanet import _triton_spc
     from triton_sass import _build
     prep = dict(K0=3, K1=5, K2=7, K3=9, M0=1, M1=4, M2=8, M3=16, C_IN=64, C_OUT=16, BLOCK=_triton_spc.PREP_BLOCK)

@@ -318,13 +318,18 @@ def _pow2(n: int) -> int:
 
 class Config(NamedTuple):
     """A kernel's tile: pixels x (groups x reduction channels) x written channels, and warps; for
-    the tensor-core weight gradient also taps per program (adjacent taps of a kernel row)."""
+    the tensor-core weight gradient also taps per program (adjacent taps of a kernel row). And the
+    depth of the software pipeline Triton builds for the loads that feed `tl.dot` (its default, 3):
+    pipelined loads are asynchronous copies straight into shared memory, which bypass the L1 cache,
+    so every tap's shifted tile, though it mostly overlaps the previous tap's, is read from L2 again.
+    At 1 the loads are plain, waited for, and cached in L1."""
     block_p: int
     block_g: int
     block_r: int
     block_o: int
     num_warps: int = 4
     block_t: int = 1
+    num_stages: int = 3
 
 
 def config_for(groups: int, c_red: int, c_out: int) -> Config:
@@ -389,7 +394,7 @@ def _launch_conv_tiles(src, w_t, dst, stride, padding, dilation, transposed, con
     k_h, k_w, groups, c_red, c_out = w_t.shape
     if config is None:
         config = mma_config_for(c_red, c_out) if tensor_cores else config_for(groups, c_red, c_out)
-    block_p, block_g, block_r, block_o, num_warps = config[:5]
+    block_p, block_g, block_r, block_o = config.block_p, config.block_g, config.block_r, config.block_o
     n, _, h_dst, w_dst = dst.shape
     # a strided input gradient by phases of the stride: each program's pixels reached by the same taps
     phased = transposed and max(stride) > 1 and tuple(dilation) == (1, 1)
@@ -403,11 +408,13 @@ def _launch_conv_tiles(src, w_t, dst, stride, padding, dilation, transposed, con
     if tensor_cores:
         _conv_mma_kernel[grid](
             *args, C_RED=c_red, C_OUT=c_out, TRANSPOSED=transposed, PHASED=phased, PRECISION=_precision(src),
-            BLOCK_P=block_p, BLOCK_R=block_r, BLOCK_O=block_o, num_warps=num_warps)
+            BLOCK_P=block_p, BLOCK_R=block_r, BLOCK_O=block_o, num_warps=config.num_warps,
+            num_stages=config.num_stages)
     else:
         _conv_kernel[grid](
             *args, C_RED=c_red, C_OUT=c_out, TRANSPOSED=transposed, PHASED=phased,
-            BLOCK_P=block_p, BLOCK_G=block_g, BLOCK_R=block_r, BLOCK_O=block_o, num_warps=num_warps)
+            BLOCK_P=block_p, BLOCK_G=block_g, BLOCK_R=block_r, BLOCK_O=block_o, num_warps=config.num_warps,
+            num_stages=config.num_stages)
     return dst
 
 
@@ -487,8 +494,8 @@ def _weight_grad_part(x, grad, kernel_size, groups, in_per_group, outs, stride, 
     k_h, k_w = kernel_size
     if config is None:
         config = mma_config_for(in_per_group, outs, k_w) if tensor_cores else config_for(groups, in_per_group, outs)
-    block_p, block_g, block_r, block_o, num_warps, block_t = config
-    block_t = block_t if tensor_cores else 1
+    block_p, block_g, block_r, block_o = config.block_p, config.block_g, config.block_r, config.block_o
+    block_t = config.block_t if tensor_cores else 1
     blocks = triton.cdiv(groups, block_g) * triton.cdiv(in_per_group, block_r) * triton.cdiv(outs, block_o)
     taps = k_h * triton.cdiv(k_w, block_t)  # programs per chunk and block: one per block_t taps of a row
     block_h, block_w, tiles_per_chunk, chunks = weight_grad_chunks(x.device, grad.shape, block_p, blocks * taps)
@@ -504,11 +511,13 @@ def _weight_grad_part(x, grad, kernel_size, groups, in_per_group, outs, stride, 
     if tensor_cores:
         _weight_grad_mma_kernel[grid](
             *tensors, k_h, k_w, *conv, C_IN=in_per_group, C_OUT=outs, PRECISION=_precision(x),
-            BLOCK_H=block_h, BLOCK_W=block_w, BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_O=block_o, num_warps=num_warps)
+            BLOCK_H=block_h, BLOCK_W=block_w, BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_O=block_o,
+            num_warps=config.num_warps, num_stages=config.num_stages)
     else:
         _weight_grad_kernel[grid](
             *tensors, k_w, *conv, C_IN=in_per_group, C_OUT=outs, BLOCK_H=block_h, BLOCK_W=block_w,
-            BLOCK_G=block_g, BLOCK_R=block_r, BLOCK_O=block_o, num_warps=num_warps)
+            BLOCK_G=block_g, BLOCK_R=block_r, BLOCK_O=block_o, num_warps=config.num_warps,
+            num_stages=config.num_stages)
     return part
 
 

@@ -510,7 +510,7 @@ def _launch_tiles(src, tiles, dst, stride, dilation, transposed, config=None):
         y.shape[3], s[0], s[2], s[3], s[1], d[0], d[2], d[3], d[1], stride[0], stride[1], dilation[0], dilation[1],
         groups, R0=radii[0], R1=radii[1], R2=radii[2], R3=radii[3], R_MAX=max(radii), C_RED=c_red, C_OUT=c_out,
         PRECISION=_precision(src), BLOCK_P=config.block_p, BLOCK_R=config.block_r, BLOCK_O=config.block_o,
-        num_warps=config.num_warps)
+        num_warps=config.num_warps, num_stages=config.num_stages)
     return dst
 
 
@@ -539,7 +539,7 @@ def _weight_grad_parts(x, grad, kernel_sizes, groups, ins, outs, stride, dilatio
         stride[0], stride[1], dilation[0], dilation[1], groups, tiles_per_chunk,
         R0=radii[0], R1=radii[1], R2=radii[2], R3=radii[3], R_MAX=max(radii), C_IN=ins, C_OUT=outs,
         PRECISION=_precision(x), BLOCK_H=block_h, BLOCK_W=block_w, BLOCK_R=config.block_r, BLOCK_O=config.block_o,
-        num_warps=config.num_warps)
+        num_warps=config.num_warps, num_stages=config.num_stages)
     return parts
 
 
