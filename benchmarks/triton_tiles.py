@@ -42,15 +42,18 @@ def triton_shapes(variants, stages=(1, 2, 3, 4), size=None):
     return sorted(found, key=lambda s: -s['size'] ** 2 * s['chs'] ** 2 // s['groups'] * s['kernel'] ** 2)
 
 
-def neighbour_tiles(default, kind='forward', tensor_cores=False):
+def neighbour_tiles(default, kind='forward', tensor_cores=False, fused=False):
     """`default` first, then the tiles one step away from it. On tensor cores the loads' pipeline
     depth first (1: loads through L1, see `Config`; 2: less shared memory, more blocks per
-    multiprocessor), then the weight gradient's taps per program: the steps most likely to matter.
-    Each tap re-reads a tile that mostly overlaps the last one, and on the H200 the fused kernels'
-    time matched reading every tap's tile from L2 at about its bandwidth (benchmarks/README.md)."""
+    multiprocessor), then the fused weight gradient's branches in one product or one each, and
+    the weight gradient's taps per program: the steps most likely to matter. Each tap re-reads a
+    tile that mostly overlaps the last one, and on the H200 the fused forward's time matched
+    reading every tap's tile from L2 at about its bandwidth (benchmarks/README.md)."""
     tiles = [default]
     if tensor_cores:  # the CUDA-core kernels feed no `tl.dot`: Triton pipelines none of their loads
         tiles += [default._replace(num_stages=s) for s in (1, 2) if s != default.num_stages]
+    if fused and kind == 'grad_weight':
+        tiles.append(default._replace(stack_branches=not default.stack_branches))
     if kind == 'grad_weight' and tensor_cores and default.block_t > 1:  # taps per program: half, twice within 256 rows
         tiles += [default._replace(block_t=t) for t in (default.block_t // 2, default.block_t * 2)
                   if 1 <= t and t * default.block_r <= 256]
@@ -127,7 +130,7 @@ def timed_tiles(run, default, kind, tensor_cores, args, device, row):
     and the sweep goes on; if the default cannot launch, its neighbours are not compared."""
     from triton.runtime.errors import OutOfResources
     default_ms, reference, rows = None, None, []
-    for tile in neighbour_tiles(default, kind, tensor_cores)[:args.max_tiles]:
+    for tile in neighbour_tiles(default, kind, tensor_cores, row.get('kernels') == 'spc')[:args.max_tiles]:
         result = dict(row, batch_size=args.batch_size, dtype=args.dtype, kernel_kind=kind, tile=list(tile),
                       default=tile == default, ms=None, x_default=None, equal=None, error=None)
         rows.append(result)
@@ -187,7 +190,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     print(f'{device}, batch {args.batch_size}, {args.dtype}, channels-last; ms per kernel call')
-    print('| variant | stage | chs | size | k | groups | kernels | kernel | tile (P, G, R, O, warps, T, stages) | ms | x default | equal |')
+    print('| variant | stage | chs | size | k | groups | kernels | kernel | tile (P, G, R, O, warps, T, stages, stacked) | ms | x default | equal |')
     print('|---|---|---|---|---|---|---|---|---|---|---|---|')
     rows = []
     psas = [dict(psa, size=args.size or psa['size']) for psa in psa_stages(args.variants) if psa['stage'] in args.stages]

@@ -400,6 +400,27 @@ def check_wide_weight_grad() -> dict:
     return errors
 
 
+def check_stacked_weight_grad() -> dict:
+    """The fused weight gradient with the branches that reach a tap in one product
+    (`Config.stack_branches`) against float64: four branches of one group, and three (as wide as
+    four, the fourth masked) of two groups at stride 2."""
+    import torch.nn.functional as F
+    from timm_epsanet import _triton_spc as tsp
+    from timm_epsanet._triton_branch import mma_config_for
+    errors = {}
+    for name, kernels, groups, stride in (('4 branches', (3, 5, 7, 9), 1, 1), ('3 branches, stride 2', (5, 7, 9), 2, 2)):
+        x = torch.randn(1, 16 * groups, 6, 7).contiguous(memory_format=torch.channels_last)
+        weights = [torch.randn(16 * groups, 16, k, k) / k for k in kernels]
+        ref = [w.double().requires_grad_() for w in weights]
+        ys = [F.conv2d(x.double(), w, None, stride, w.shape[-1] // 2, 1, groups) for w in ref]
+        grad = torch.randn(1, 16 * groups * len(kernels), *ys[0].shape[2:]).contiguous(memory_format=torch.channels_last)
+        torch.autograd.backward(ys, list(grad.double().split(16 * groups, 1)))
+        config = mma_config_for(16, 16)._replace(block_p=16, stack_branches=True)  # one each: SPC_CASES
+        got = tsp._launch_weight_grad(x, grad, weights, (stride, stride), (1, 1), groups, config)
+        errors[name] = max(rel_err(g, w.grad) for g, w in zip(got, ref))
+    return errors
+
+
 def check_pipeline_depth() -> dict:
     """The load-pipeline depth each tensor-core kernel is launched with on a tile of `num_stages=1`,
     as the tile sweep's neighbour passes it to the launch functions: kernel name -> depths seen."""
@@ -443,7 +464,8 @@ def interpreter_results() -> dict:
                 ops=check_ops(), compile={form: check_compile(form) for form in FORMS},
                 spc_compile=check_spc_compile(),
                 wide_weight_grad=check_wide_weight_grad(),
-                pipeline_depth=check_pipeline_depth())
+                pipeline_depth=check_pipeline_depth(),
+                stacked_weight_grad=check_stacked_weight_grad())
 
 
 @pytest.fixture(scope='module')
@@ -556,6 +578,13 @@ def test_weight_grad_tiles_of_part_of_a_row(interpreted):
     assert set(errors) == {'cuda_cores', 'mma', 'mma, 4 taps'} and all(e <= 1e-5 for e in errors.values()), errors
 
 
+def test_fused_weight_gradient_in_one_product_equals_the_convs(interpreted):
+    """The branches that reach a tap multiplied as one product (the tile sweep's alternative to one
+    product per branch) give every branch's weight gradient, those of a masked fourth excluded."""
+    errors = interpreted['stacked_weight_grad']
+    assert len(errors) == 2 and all(e <= 1e-5 for e in errors.values()), errors
+
+
 def test_a_tiles_load_pipeline_depth_reaches_every_tensor_core_launch(interpreted):
     """A tile's `num_stages` (the tile sweep times 1 and 2 beside Triton's default 3) is what each
     tensor-core kernel, alone and fused, is launched with: else the sweep would time the default
@@ -609,6 +638,13 @@ def test_kernels_compile_for_hopper_without_spills(tmp_path):
         built = resources(report, shared, cfg.num_warps)
         assert built['spill_bytes'] == 0 and built['blocks_per_sm'] >= 1, (kind, built)
         assert fused_loop(sass, cfg.num_warps)['tap_loads'] == 'L1', kind
+    # and its weight gradient with the branches reaching a tap in one product, as wide as all four
+    from timm_epsanet._triton_branch import mma_config_for
+    cfg = mma_config_for(64, 16)._replace(stack_branches=True)
+    cfg, report, sass, shared = build_spc_sm90('grad_weight', 'fp16', (3, 5, 7, 9), 64, 16, config=cfg)
+    built = resources(report, shared, cfg.num_warps)
+    assert built['spill_bytes'] == 0 and built['blocks_per_sm'] >= 1, built
+    assert 'HGMMA.64x64x16' in sass, 'one product of the 4 x 16 outputs of the taps all branches reach'
     from timm_epsanet import _triton_spc
     from triton_sass import _build
     prep = dict(K0=3, K1=5, K2=7, K3=9, M0=1, M1=4, M2=8, M3=16, C_IN=64, C_OUT=16, BLOCK=_triton_spc.PREP_BLOCK)

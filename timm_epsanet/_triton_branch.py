@@ -322,7 +322,10 @@ class Config(NamedTuple):
     depth of the software pipeline Triton builds for the loads that feed `tl.dot` (its default, 3):
     pipelined loads are asynchronous copies straight into shared memory, which bypass the L1 cache,
     so every tap's shifted tile, though it mostly overlaps the previous tap's, is read from L2 again.
-    At 1 the loads are plain, waited for, and cached in L1."""
+    At 1 the loads are plain, waited for, and cached in L1. The fused weight gradient
+    (`_triton_spc`) multiplies each shifted input tile by the output gradient of each branch that
+    reaches the tap, one narrow product per branch, or (`stack_branches`) by theirs side by side,
+    one product as wide as all of them (3 branches as wide as 4)."""
     block_p: int
     block_g: int
     block_r: int
@@ -330,6 +333,7 @@ class Config(NamedTuple):
     num_warps: int = 4
     block_t: int = 1
     num_stages: int = 3
+    stack_branches: bool = False
 
 
 def config_for(groups: int, c_red: int, c_out: int) -> Config:

@@ -265,6 +265,72 @@ def _spc_weight_grad_tap(
         _store_tap_part(p3_ptr, acc3, R3, dh, dw, chunk, g, r, r_ok, o, o_ok, G, C_IN, C_OUT)
 
 
+@triton.jit
+def _spc_weight_grad_stacked_tap(
+        x_ptr, gy_ptr, p0_ptr, p1_ptr, p2_ptr, p3_ptr, dh, dw, chunk, g, r, r_ok, o0,
+        N, H, W, H_out, W_out, x_n, x_h, x_w, x_c, y_n, y_h, y_w, y_c, stride_h, stride_w, dil_h, dil_w,
+        G, TILES_PER_CHUNK,
+        FIRST: tl.constexpr, NB: tl.constexpr, R0: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr,
+        R3: tl.constexpr, C_IN: tl.constexpr, C_OUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_H: tl.constexpr,
+        BLOCK_W: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr,
+):
+    """`_spc_weight_grad_tap` as one product: the output gradients of the NB - FIRST branches that
+    reach the tap side by side (BLOCK_O columns each; 3 branches take the columns of 4, the last
+    masked), so each shifted input tile meets them all in one `tl.dot` that many times wider,
+    instead of one narrow product per branch."""
+    SPAN: tl.constexpr = 1 if NB - FIRST == 1 else 2 if NB - FIRST == 2 else 4
+    j = tl.arange(0, SPAN * BLOCK_O)
+    b = FIRST + j // BLOCK_O  # each column's branch
+    o = o0 + j % BLOCK_O  # and its output channel in the group
+    col_ok = (b < NB) & (o < C_OUT)
+    cols = b * (G * C_OUT * y_c) + (g * C_OUT + o) * y_c  # the branches' output gradients are concatenated
+    acc = tl.zeros((BLOCK_R, SPAN * BLOCK_O), dtype=tl.float32)
+    n_tiles = N * tl.cdiv(H_out, BLOCK_H) * tl.cdiv(W_out, BLOCK_W)
+    for t in range(chunk * TILES_PER_CHUNK, tl.minimum((chunk + 1) * TILES_PER_CHUNK, n_tiles)):
+        n, oh, ow, p_ok = _tile_pixels(t, H_out, W_out, BLOCK_H, BLOCK_W)
+        ih = oh * stride_h + dh * dil_h
+        iw = ow * stride_w + dw * dil_w
+        x_ok = p_ok & _inside(ih, H) & _inside(iw, W)
+        xv = tl.load(x_ptr + (n * x_n + ih * x_h + iw * x_w)[:, None] + ((g * C_IN + r) * x_c)[None, :],
+                     mask=x_ok[:, None] & r_ok[None, :], other=0.0)
+        gv = tl.load(gy_ptr + (n * y_n + oh * y_h + ow * y_w)[:, None] + cols[None, :],
+                     mask=p_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(tl.trans(xv), gv, acc, input_precision=PRECISION)
+    # each branch's columns into its partial sums (a column of no branch, or of a branch that does not
+    # reach the tap, is masked in all four)
+    if FIRST <= 0 and R0 >= 0:
+        _store_tap_part(p0_ptr, acc, R0, dh, dw, chunk, g, r, r_ok, o, col_ok & (b == 0), G, C_IN, C_OUT)
+    if FIRST <= 1 and R1 >= 0:
+        _store_tap_part(p1_ptr, acc, R1, dh, dw, chunk, g, r, r_ok, o, col_ok & (b == 1), G, C_IN, C_OUT)
+    if FIRST <= 2 and R2 >= 0:
+        _store_tap_part(p2_ptr, acc, R2, dh, dw, chunk, g, r, r_ok, o, col_ok & (b == 2), G, C_IN, C_OUT)
+    if FIRST <= 3 and R3 >= 0:
+        _store_tap_part(p3_ptr, acc, R3, dh, dw, chunk, g, r, r_ok, o, col_ok & (b == 3), G, C_IN, C_OUT)
+
+
+@triton.jit
+def _spc_weight_grad_case(
+        x_ptr, gy_ptr, p0_ptr, p1_ptr, p2_ptr, p3_ptr, dh, dw, chunk, g, r, r_ok, o0, o, o_ok,
+        N, H, W, H_out, W_out, x_n, x_h, x_w, x_c, y_n, y_h, y_w, y_c, stride_h, stride_w, dil_h, dil_w,
+        G, TILES_PER_CHUNK,
+        FIRST: tl.constexpr, NB: tl.constexpr, STACKED: tl.constexpr, R0: tl.constexpr, R1: tl.constexpr,
+        R2: tl.constexpr, R3: tl.constexpr, C_IN: tl.constexpr, C_OUT: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr,
+):
+    """One tap's partial weight gradients for the branches from FIRST on, stacked into one product
+    or one product per branch (`Config.stack_branches`)."""
+    if STACKED:
+        _spc_weight_grad_stacked_tap(
+            x_ptr, gy_ptr, p0_ptr, p1_ptr, p2_ptr, p3_ptr, dh, dw, chunk, g, r, r_ok, o0, N, H, W, H_out, W_out,
+            x_n, x_h, x_w, x_c, y_n, y_h, y_w, y_c, stride_h, stride_w, dil_h, dil_w, G, TILES_PER_CHUNK,
+            FIRST, NB, R0, R1, R2, R3, C_IN, C_OUT, PRECISION, BLOCK_H, BLOCK_W, BLOCK_R, BLOCK_O)
+    else:
+        _spc_weight_grad_tap(
+            x_ptr, gy_ptr, p0_ptr, p1_ptr, p2_ptr, p3_ptr, dh, dw, chunk, g, r, r_ok, o, o_ok, N, H, W, H_out, W_out,
+            x_n, x_h, x_w, x_c, y_n, y_h, y_w, y_c, stride_h, stride_w, dil_h, dil_w, G, TILES_PER_CHUNK,
+            FIRST, R0, R1, R2, R3, C_IN, C_OUT, PRECISION, BLOCK_H, BLOCK_W, BLOCK_R, BLOCK_O)
+
+
 @triton.jit(do_not_specialize=['N', 'H', 'W', 'H_out', 'W_out', 'TILES_PER_CHUNK'])
 def _spc_weight_grad_mma_kernel(
         x_ptr, gy_ptr, p0_ptr, p1_ptr, p2_ptr, p3_ptr,
@@ -274,14 +340,14 @@ def _spc_weight_grad_mma_kernel(
         stride_h, stride_w, dil_h, dil_w,
         G, TILES_PER_CHUNK,
         R0: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr, R_MAX: tl.constexpr,
-        C_IN: tl.constexpr, C_OUT: tl.constexpr, PRECISION: tl.constexpr,
+        NB: tl.constexpr, C_IN: tl.constexpr, C_OUT: tl.constexpr, PRECISION: tl.constexpr, STACKED: tl.constexpr,
         BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr,
 ):
     """The weight gradients of `_spc_mma_kernel`, as partial sums per chunk of pixel tiles (added
     afterwards in fp32): part_b[chunk, tap, g, i, o] = sum over the chunk's output pixels p of
     x[p*stride + (dh, dw)*dil, g*C_IN + i] * gy[p, b*G*C_OUT + g*C_OUT + o]. Each program: one
-    tap offset of the largest kernel, one group (and block of its channels), one chunk; the
-    branches whose kernels reach the tap share its input tiles."""
+    tap offset of the largest kernel, one group (and block of its channels), one chunk; those of
+    the NB branches whose kernels reach the tap share its input tiles."""
     tap = tl.program_id(0)  # fastest: the programs running together read the same chunk, once from memory
     pid_c = tl.program_id(1)
     chunk = tl.program_id(2)
@@ -292,30 +358,31 @@ def _spc_weight_grad_mma_kernel(
     n_oblocks = tl.cdiv(C_OUT, BLOCK_O)
     g = pid_c // (n_rblocks * n_oblocks)
     r = ((pid_c // n_oblocks) % n_rblocks) * BLOCK_R + tl.arange(0, BLOCK_R)
-    o = (pid_c % n_oblocks) * BLOCK_O + tl.arange(0, BLOCK_O)
+    o0 = (pid_c % n_oblocks) * BLOCK_O
+    o = o0 + tl.arange(0, BLOCK_O)
     r_ok = r < C_IN
     o_ok = o < C_OUT
     # which branches reach the tap is one scalar test per program; each case is a loop of its own
     if ring <= R0:
-        _spc_weight_grad_tap(
-            x_ptr, gy_ptr, p0_ptr, p1_ptr, p2_ptr, p3_ptr, dh, dw, chunk, g, r, r_ok, o, o_ok, N, H, W, H_out, W_out,
-            x_n, x_h, x_w, x_c, y_n, y_h, y_w, y_c, stride_h, stride_w, dil_h, dil_w, G, TILES_PER_CHUNK,
-            0, R0, R1, R2, R3, C_IN, C_OUT, PRECISION, BLOCK_H, BLOCK_W, BLOCK_R, BLOCK_O)
+        _spc_weight_grad_case(
+            x_ptr, gy_ptr, p0_ptr, p1_ptr, p2_ptr, p3_ptr, dh, dw, chunk, g, r, r_ok, o0, o, o_ok, N, H, W, H_out,
+            W_out, x_n, x_h, x_w, x_c, y_n, y_h, y_w, y_c, stride_h, stride_w, dil_h, dil_w, G, TILES_PER_CHUNK,
+            0, NB, STACKED, R0, R1, R2, R3, C_IN, C_OUT, PRECISION, BLOCK_H, BLOCK_W, BLOCK_R, BLOCK_O)
     elif ring <= R1:
-        _spc_weight_grad_tap(
-            x_ptr, gy_ptr, p0_ptr, p1_ptr, p2_ptr, p3_ptr, dh, dw, chunk, g, r, r_ok, o, o_ok, N, H, W, H_out, W_out,
-            x_n, x_h, x_w, x_c, y_n, y_h, y_w, y_c, stride_h, stride_w, dil_h, dil_w, G, TILES_PER_CHUNK,
-            1, R0, R1, R2, R3, C_IN, C_OUT, PRECISION, BLOCK_H, BLOCK_W, BLOCK_R, BLOCK_O)
+        _spc_weight_grad_case(
+            x_ptr, gy_ptr, p0_ptr, p1_ptr, p2_ptr, p3_ptr, dh, dw, chunk, g, r, r_ok, o0, o, o_ok, N, H, W, H_out,
+            W_out, x_n, x_h, x_w, x_c, y_n, y_h, y_w, y_c, stride_h, stride_w, dil_h, dil_w, G, TILES_PER_CHUNK,
+            1, NB, STACKED, R0, R1, R2, R3, C_IN, C_OUT, PRECISION, BLOCK_H, BLOCK_W, BLOCK_R, BLOCK_O)
     elif ring <= R2:
-        _spc_weight_grad_tap(
-            x_ptr, gy_ptr, p0_ptr, p1_ptr, p2_ptr, p3_ptr, dh, dw, chunk, g, r, r_ok, o, o_ok, N, H, W, H_out, W_out,
-            x_n, x_h, x_w, x_c, y_n, y_h, y_w, y_c, stride_h, stride_w, dil_h, dil_w, G, TILES_PER_CHUNK,
-            2, R0, R1, R2, R3, C_IN, C_OUT, PRECISION, BLOCK_H, BLOCK_W, BLOCK_R, BLOCK_O)
+        _spc_weight_grad_case(
+            x_ptr, gy_ptr, p0_ptr, p1_ptr, p2_ptr, p3_ptr, dh, dw, chunk, g, r, r_ok, o0, o, o_ok, N, H, W, H_out,
+            W_out, x_n, x_h, x_w, x_c, y_n, y_h, y_w, y_c, stride_h, stride_w, dil_h, dil_w, G, TILES_PER_CHUNK,
+            2, NB, STACKED, R0, R1, R2, R3, C_IN, C_OUT, PRECISION, BLOCK_H, BLOCK_W, BLOCK_R, BLOCK_O)
     else:
-        _spc_weight_grad_tap(
-            x_ptr, gy_ptr, p0_ptr, p1_ptr, p2_ptr, p3_ptr, dh, dw, chunk, g, r, r_ok, o, o_ok, N, H, W, H_out, W_out,
-            x_n, x_h, x_w, x_c, y_n, y_h, y_w, y_c, stride_h, stride_w, dil_h, dil_w, G, TILES_PER_CHUNK,
-            3, R0, R1, R2, R3, C_IN, C_OUT, PRECISION, BLOCK_H, BLOCK_W, BLOCK_R, BLOCK_O)
+        _spc_weight_grad_case(
+            x_ptr, gy_ptr, p0_ptr, p1_ptr, p2_ptr, p3_ptr, dh, dw, chunk, g, r, r_ok, o0, o, o_ok, N, H, W, H_out,
+            W_out, x_n, x_h, x_w, x_c, y_n, y_h, y_w, y_c, stride_h, stride_w, dil_h, dil_w, G, TILES_PER_CHUNK,
+            3, NB, STACKED, R0, R1, R2, R3, C_IN, C_OUT, PRECISION, BLOCK_H, BLOCK_W, BLOCK_R, BLOCK_O)
 
 
 @triton.jit
@@ -537,8 +604,9 @@ def _weight_grad_parts(x, grad, kernel_sizes, groups, ins, outs, stride, dilatio
         x, grad, *_pad(parts), grad.shape[0], x.shape[2], x.shape[3],
         grad.shape[2], grad.shape[3], s[0], s[2], s[3], s[1], d[0], d[2], d[3], d[1],
         stride[0], stride[1], dilation[0], dilation[1], groups, tiles_per_chunk,
-        R0=radii[0], R1=radii[1], R2=radii[2], R3=radii[3], R_MAX=max(radii), C_IN=ins, C_OUT=outs,
-        PRECISION=_precision(x), BLOCK_H=block_h, BLOCK_W=block_w, BLOCK_R=config.block_r, BLOCK_O=config.block_o,
+        R0=radii[0], R1=radii[1], R2=radii[2], R3=radii[3], R_MAX=max(radii), NB=len(kernel_sizes), C_IN=ins,
+        C_OUT=outs, PRECISION=_precision(x), STACKED=config.stack_branches, BLOCK_H=block_h, BLOCK_W=block_w,
+        BLOCK_R=config.block_r, BLOCK_O=config.block_o,
         num_warps=config.num_warps, num_stages=config.num_stages)
     return parts
 
