@@ -221,6 +221,20 @@ def _store_tap_part(part_ptr, acc, RADIUS: tl.constexpr, dh, dw, chunk, g, r, r_
 
 
 @triton.jit
+def _shifted_input_tile(x_ptr, t, dh, dw, g, r, r_ok, H, W, H_out, W_out, x_n, x_h, x_w, x_c, stride_h, stride_w,
+                        dil_h, dil_w, C_IN: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Output pixel tile t (`_tile_pixels`) and the input its pixels read at tap offset (dh, dw), as
+    the weight gradient's left operand (channels x pixels): (tile, image, rows, columns, pixel exists)."""
+    n, oh, ow, p_ok = _tile_pixels(t, H_out, W_out, BLOCK_H, BLOCK_W)
+    ih = oh * stride_h + dh * dil_h
+    iw = ow * stride_w + dw * dil_w
+    x_ok = p_ok & _inside(ih, H) & _inside(iw, W)
+    xv = tl.load(x_ptr + (n * x_n + ih * x_h + iw * x_w)[:, None] + ((g * C_IN + r) * x_c)[None, :],
+                 mask=x_ok[:, None] & r_ok[None, :], other=0.0)
+    return tl.trans(xv), n, oh, ow, p_ok
+
+
+@triton.jit
 def _spc_weight_grad_tap(
         x_ptr, gy_ptr, p0_ptr, p1_ptr, p2_ptr, p3_ptr, dh, dw, chunk, g, r, r_ok, o, o_ok,
         N, H, W, H_out, W_out, x_n, x_h, x_w, x_c, y_n, y_h, y_w, y_c, stride_h, stride_w, dil_h, dil_w,
@@ -239,13 +253,8 @@ def _spc_weight_grad_tap(
     branch = G * C_OUT * y_c  # channel offset from one branch's output gradients to the next's
     n_tiles = N * tl.cdiv(H_out, BLOCK_H) * tl.cdiv(W_out, BLOCK_W)
     for t in range(chunk * TILES_PER_CHUNK, tl.minimum((chunk + 1) * TILES_PER_CHUNK, n_tiles)):
-        n, oh, ow, p_ok = _tile_pixels(t, H_out, W_out, BLOCK_H, BLOCK_W)
-        ih = oh * stride_h + dh * dil_h
-        iw = ow * stride_w + dw * dil_w
-        x_ok = p_ok & _inside(ih, H) & _inside(iw, W)
-        xv = tl.load(x_ptr + (n * x_n + ih * x_h + iw * x_w)[:, None] + ((g * C_IN + r) * x_c)[None, :],
-                     mask=x_ok[:, None] & r_ok[None, :], other=0.0)
-        xt = tl.trans(xv)
+        xt, n, oh, ow, p_ok = _shifted_input_tile(x_ptr, t, dh, dw, g, r, r_ok, H, W, H_out, W_out, x_n, x_h, x_w,
+                                                  x_c, stride_h, stride_w, dil_h, dil_w, C_IN, BLOCK_H, BLOCK_W)
         pix = n * y_n + oh * y_h + ow * y_w
         if FIRST <= 0 and R0 >= 0:
             acc0 = _weight_grad_share(acc0, xt, gy_ptr, pix, p_ok, g, o, o_ok, y_c, C_OUT, PRECISION)
@@ -287,15 +296,11 @@ def _spc_weight_grad_stacked_tap(
     acc = tl.zeros((BLOCK_R, SPAN * BLOCK_O), dtype=tl.float32)
     n_tiles = N * tl.cdiv(H_out, BLOCK_H) * tl.cdiv(W_out, BLOCK_W)
     for t in range(chunk * TILES_PER_CHUNK, tl.minimum((chunk + 1) * TILES_PER_CHUNK, n_tiles)):
-        n, oh, ow, p_ok = _tile_pixels(t, H_out, W_out, BLOCK_H, BLOCK_W)
-        ih = oh * stride_h + dh * dil_h
-        iw = ow * stride_w + dw * dil_w
-        x_ok = p_ok & _inside(ih, H) & _inside(iw, W)
-        xv = tl.load(x_ptr + (n * x_n + ih * x_h + iw * x_w)[:, None] + ((g * C_IN + r) * x_c)[None, :],
-                     mask=x_ok[:, None] & r_ok[None, :], other=0.0)
+        xt, n, oh, ow, p_ok = _shifted_input_tile(x_ptr, t, dh, dw, g, r, r_ok, H, W, H_out, W_out, x_n, x_h, x_w,
+                                                  x_c, stride_h, stride_w, dil_h, dil_w, C_IN, BLOCK_H, BLOCK_W)
         gv = tl.load(gy_ptr + (n * y_n + oh * y_h + ow * y_w)[:, None] + cols[None, :],
                      mask=p_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot(tl.trans(xv), gv, acc, input_precision=PRECISION)
+        acc = tl.dot(xt, gv, acc, input_precision=PRECISION)
     # each branch's columns into its partial sums (a column of no branch, or of a branch that does not
     # reach the tap, is masked in all four)
     if FIRST <= 0 and R0 >= 0:
