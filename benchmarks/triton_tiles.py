@@ -5,12 +5,14 @@ each kernel's tile (pixels x groups x reduction channels x written channels, and
 GPU; which tile is fastest depends on the GPU. For every grouped PSA branch shape (2+ inputs per
 group), this times the forward, input-gradient and weight-gradient kernels of each family asked
 for (`--kernels`: the tensor-core kernels on the groups 'triton_mma' merges; the CUDA-core ones
-where a group has at most 8 outputs) on the default tile and on its neighbours (half and twice
-the pixels, half the groups, other warp counts, half and twice the taps per program of the
-tensor-core weight gradient), checks that each tile computes what the default does, and writes
-one JSON row per (branch, kernel, tile) as it goes. Largest branches first, so a run cut short by
-a time limit keeps the ones that matter most. The fused kernels of 'triton_spc' (`--kernels
-spc`, first by default) are timed the same way per PSA stage, on the branches that fuse there.
+where a group has at most 8 outputs) on the default tile and on its neighbours (the tensor-core
+kernels' loads pipelined 1 or 2 deep instead of 3, the fused weight gradient's branches in one
+product, half and twice the pixels, half the groups, other warp counts, half and twice the taps
+per program of the tensor-core weight gradient), checks that each tile computes what the default
+does, and writes one JSON row per (branch, kernel, tile) as it goes. Largest branches first, so a
+run cut short by a time limit keeps the ones that matter most. The fused kernels of 'triton_spc'
+(`--kernels spc`, first by default) are timed the same way per PSA stage, on the branches that
+fuse there.
 
     python benchmarks/triton_tiles.py --device cuda --batch-size 128 --json /tmp/tiles.json
     TRITON_INTERPRET=1 python benchmarks/triton_tiles.py --device cpu --batch-size 1 --stages 1 --size 4 --max-shapes 1 --iters 1 --warmup 0
