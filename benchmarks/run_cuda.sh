@@ -55,6 +55,9 @@ else
     PROFILE_ARGS=""
 fi
 STAGES=${STAGES:-$DEFAULT_STAGES}
+# NCHW branches run only in the per-branch timings: compiled first only when those run (the warm
+# stage ran out of its limit in the first run)
+case " $STAGES " in *" branches "*) WARM_LAYOUTS="channels_last nchw" ;; *) WARM_LAYOUTS=channels_last ;; esac
 mkdir -p "$OUT_DIR"
 
 stage() {  # stage NAME SECONDS COMMAND...: run under a time limit, copy its result to COPY_DIR
@@ -90,7 +93,7 @@ print(f'Machine: {gpu}, torch {torch.__version__}, cuDNN {torch.backends.cudnn.v
       f'triton {triton_version}, timm {timm.__version__}')
 EOF
 # every Triton kernel the stages below run, compiled first on 12 processes into Triton's cache
-stage warm 45 $PYTHON benchmarks/triton_warmup.py $WARM_ARGS
+stage warm 45 $PYTHON benchmarks/triton_warmup.py $WARM_ARGS --layouts $WARM_LAYOUTS
 # the fused kernels on every PSA first (18 checks took 50 s in the first run), every form last
 stage checks 40 $PYTHON benchmarks/cuda_checks.py fused attention cpu grads forms --device $DEVICE $TINY
 # the targets: AMP fp16, channels-last, eager; peers first, every ratio needs resnet50
