@@ -46,16 +46,16 @@ def triton_shapes(variants, stages=(1, 2, 3, 4), size=None):
 
 def neighbour_tiles(default, kind='forward', tensor_cores=False, fused=False):
     """`default` first, then the tiles one step away from it. On tensor cores the loads' pipeline
-    depth first (1: loads through L1, see `Config`; 2: less shared memory, more blocks per
-    multiprocessor), then the fused weight gradient's branches in one product or one each, and
+    depth 1 first (loads through L1, see `Config`), then the fused weight gradient's branches in
+    one product or one each, the depth 2 (less shared memory, more blocks per multiprocessor), and
     the weight gradient's taps per program: the steps most likely to matter. Each tap re-reads a
     tile that mostly overlaps the last one, and on the H200 the fused forward's time matched
     reading every tap's tile from L2 at about its bandwidth (benchmarks/README.md)."""
     tiles = [default]
     if tensor_cores:  # the CUDA-core kernels feed no `tl.dot`: Triton pipelines none of their loads
         tiles += [default._replace(num_stages=s) for s in (1, 2) if s != default.num_stages]
-    if fused and kind == 'grad_weight':
-        tiles.append(default._replace(stack_branches=not default.stack_branches))
+    if fused and kind == 'grad_weight':  # after the loads through L1, before the depth of 2
+        tiles.insert(2, default._replace(stack_branches=not default.stack_branches))
     if kind == 'grad_weight' and tensor_cores and default.block_t > 1:  # taps per program: half, twice within 256 rows
         tiles += [default._replace(block_t=t) for t in (default.block_t // 2, default.block_t * 2)
                   if 1 <= t and t * default.block_r <= 256]
