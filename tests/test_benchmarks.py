@@ -319,6 +319,29 @@ def test_cuda_run_fits_in_8_minutes():
     assert [name for name in limits if name in default][:4] == ['warm', 'checks', 'amp_fp16_b128', 'profile']
 
 
+def test_cuda_run_times_the_fused_kernels_candidate_tiles():
+    """run_cuda.sh's default tiles_spc stage reaches, within the tiles it lets each fused kernel
+    time, the candidates it exists for: every kernel's loads through L1 (unpipelined), and the
+    weight gradient's branches in one product."""
+    script = (BENCHMARKS / 'run_cuda.sh').read_text()
+    default = next(line for line in script.splitlines() if line.startswith('DEFAULT_STAGES=')).split('"')[1].split()
+    start = script.index('\nstage tiles_spc ')
+    command = script[start:script.index('\nstage ', start + 1)]  # its two lines
+    assert 'tiles_spc' in default and '--kernels spc' in command
+    max_tiles = int(command.split('--max-tiles')[1].split()[0])
+    from timm_epsanet._triton_branch import mma_config_for
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import triton_tiles
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    for kind in ('forward', 'grad_input', 'grad_weight'):
+        default_tile = mma_config_for(64, 16)._replace(block_t=1)  # as measure_fused times them
+        tiles = triton_tiles.neighbour_tiles(default_tile, kind, tensor_cores=True, fused=True)[:max_tiles]
+        assert tiles[0] == default_tile and any(t.num_stages == 1 for t in tiles), (kind, tiles)
+        assert any(t.stack_branches for t in tiles) == (kind == 'grad_weight'), (kind, tiles)
+
+
 def test_cuda_checks_cover_every_grouped_branch_and_psa():
     """The full case lists of cuda_checks.py (built on the GPU only, so no CPU dry run reaches them):
     every grouped branch of Small and Large at stride 1, 2 and dilation 2, and every PSA."""
