@@ -18,7 +18,10 @@ import os
 import platform
 import statistics
 import tempfile
+import threading
+import time
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 import timm
@@ -48,6 +51,26 @@ def read_plans(cache: str) -> dict:
     return json.loads(files[0].read_text())['plans'] if files else {}
 
 
+@contextmanager
+def progress(cache: str, known: dict, label: str, every: float):
+    """Print, every `every` seconds, how many new PSA plans the cache holds: a first tuned call cut
+    short by a time limit (run_cuda.sh's stages) still says how far it got, and how fast."""
+    stop, start = threading.Event(), time.perf_counter()
+
+    def report():
+        while not stop.wait(every):
+            tuned = len(set(read_plans(cache)) - set(known))
+            print(f'{label}: {tuned} PSA plans tuned after {time.perf_counter() - start:.1f} s', flush=True)
+
+    reporter = threading.Thread(target=report, daemon=True)
+    reporter.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        reporter.join()
+
+
 def machine_description(device: torch.device, threads: int) -> dict:
     machine = dict(device=_branch_tuning.device_name(device), torch=torch.__version__, python=platform.python_version())
     if device.type == 'cuda':
@@ -73,6 +96,8 @@ def main(argv=None):
     parser.add_argument('--modes', nargs='+', default=['infer', 'train'], choices=['infer', 'train'])
     parser.add_argument('--layouts', nargs='+', default=list(LAYOUTS), choices=list(LAYOUTS))
     parser.add_argument('--json', type=Path, default=None)
+    parser.add_argument('--progress-every', type=float, default=5.0,
+                        help='seconds between reports of the plans tuned so far during a first tuned call')
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == 'cuda':
@@ -96,7 +121,8 @@ def main(argv=None):
             off_first = step(model, x, train, amp_dtype)
             timm_epsanet.set_branch_tuning(True, cache_dir=cache)
             known = read_plans(cache)
-            first = step(model, x, train, amp_dtype)  # measures every PSA shape of this configuration
+            with progress(cache, known, f'{mode} {layout}', args.progress_every):
+                first = step(model, x, train, amp_dtype)  # measures every PSA shape of this configuration
             print(f'{mode} {layout}: first tuned call {first:.2f} s', flush=True)
             times = {False: [off_first], True: []}
             for r in range(args.rounds):

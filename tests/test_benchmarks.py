@@ -25,7 +25,8 @@ def run_script(name, *args):
     """A benchmark script as a user runs it: `python benchmarks/<name>.py ...` (one thread: tiny
     shapes, and no OpenMP threads spinning against the other tests' on a loaded machine)."""
     env = dict(os.environ, OMP_NUM_THREADS='1')
-    subprocess.run([sys.executable, str(BENCHMARKS / name), *args], check=True, capture_output=True, text=True, env=env)
+    return subprocess.run([sys.executable, str(BENCHMARKS / name), *args], check=True, capture_output=True, text=True,
+                          env=env).stdout
 
 
 def write_run(path, machine, rows, repeats=1, date='2026-01-01'):
@@ -292,10 +293,15 @@ def test_benchmark_run_records_page_faults_and_malloc_keep(tmp_path):
 def test_branch_tuning_script_measures_first_use_and_tuned_throughput(tmp_path):
     """branch_tuning.py as the CUDA run calls it (--device, --amp, batch), on CPU with tiny shapes:
     a row per configuration with its first-use cost, both throughputs and the forms of the plans
-    it measured, in the autocast dtype, on the machine named."""
+    it measured, in the autocast dtype, on the machine named; and, while the first tuned call runs,
+    how many plans it has tuned so far (a GPU stage's time limit may cut that call short)."""
     out = tmp_path / 'tuning.json'
-    run_script('branch_tuning.py', '--device', 'cpu', '--amp', '--batch-size', '2', '--img-size', '32', '--rounds', '1',
-               '--modes', 'infer', '--layouts', 'channels_last', '--threads', '1', '--json', str(out))
+    printed = run_script('branch_tuning.py', '--device', 'cpu', '--amp', '--batch-size', '2', '--img-size', '32',
+                         '--rounds', '1', '--modes', 'infer', '--layouts', 'channels_last', '--threads', '1',
+                         '--progress-every', '0.05', '--json', str(out))
+    reports = [line for line in printed.splitlines() if line.startswith('infer channels_last: ') and 'plans tuned after' in line]
+    counts = [int(line.split(': ')[1].split()[0]) for line in reports]
+    assert reports and counts == sorted(counts), printed  # the plans so far, growing
     result = json.loads(out.read_text())
     assert result['machine']['device'] == device_name(torch.device('cpu'))  # the CPU model, as the plan cache names it
     (row,) = result['rows']
@@ -304,6 +310,7 @@ def test_branch_tuning_script_measures_first_use_and_tuned_throughput(tmp_path):
     plans = result['plans']
     assert plans and all(key.startswith('infer|bfloat16|') for key in plans)
     assert sum(row['forms'].values()) == sum(len(plan) for plan in plans.values())
+    assert counts[-1] <= len(plans)
 
 
 def test_cuda_run_fits_in_8_minutes():
