@@ -24,6 +24,7 @@ Prints one line per check and exits non-zero if any fails. TF32 is off throughou
 """
 import argparse
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -263,7 +264,13 @@ def check_compile(device, tiny, check):
               explained.graph_break_count == 0 and (ops > 0 or not cuda))
         torch._dynamo.reset()
         compiled = torch.compile(m)
-        eager, comp = m(x), compiled(x)
+        start = time.perf_counter()
+        comp = compiled(x)
+        if cuda:
+            torch.cuda.synchronize()
+        # said as soon as known: the timings below may not fit in a GPU stage's time limit
+        check(f'torch.compile first call (compiling the model): {time.perf_counter() - start:.0f} s', True)
+        eager = m(x)
         err = rel_err(comp, eager)
         check(f'torch.compile logits == eager (AMP, channels_last): {err:.1e}', err <= 1e-2)
         for name, fn in (('eager', m), ('compiled', compiled)):
