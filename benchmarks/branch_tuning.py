@@ -10,7 +10,7 @@ every configuration (a run cut short keeps what it measured).
     python benchmarks/branch_tuning.py --device cuda --amp --batch-size 128 --layouts channels_last
 
 Untuned is 'auto' as the environment sets it (on CUDA, TIMM_EPSANET_TRITON); the tuner tries the
-Triton kernels wherever they run, whatever that switch says.
+Triton kernels only where that switch runs them (their compiles would make first use cost minutes).
 """
 import argparse
 import json
@@ -74,7 +74,7 @@ def progress(cache: str, known: dict, label: str, every: float):
 def machine_description(device: torch.device, threads: int) -> dict:
     machine = dict(device=_branch_tuning.device_name(device), torch=torch.__version__, python=platform.python_version())
     if device.type == 'cuda':
-        machine.update(cudnn=torch.backends.cudnn.version(), triton_candidates=_branch_plans.triton_runs_on_cuda(),
+        machine.update(cudnn=torch.backends.cudnn.version(), triton_candidates=_branch_tuning.triton_candidates(device.type),
                        triton_in_auto=_branch_plans.triton_in_auto())
         if _branch_plans.TRITON_INSTALLED:
             import triton

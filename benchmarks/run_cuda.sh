@@ -4,8 +4,8 @@
 # branch form, the model table beside the peers (AMP fp16, channels-last, eager, batch 128, inference
 # and training with peak memory), where the step's time goes (device busy against wall time, the
 # top kernels), whole-PSA timings (the fused kernels against cuDNN), the fused kernels' loads
-# pipelined or through L1, torch.compile with the Triton kernels, branch tuning's first-use cost, then
-# bf16 and batch 256.
+# pipelined or through L1, torch.compile with the Triton kernels, branch tuning's first-use cost and
+# plans without and with the Triton kernels, then bf16 and batch 256.
 # Stages run in order of importance, each under its own time limit (sized from the first H200 run,
 # 2026-11-28, where every stage of the earlier plan ran out of time), each writing as it goes, so a
 # stage cut short still leaves what it measured. STAGES picks stages; 'branches' (every branch in
@@ -19,7 +19,8 @@
 # The EPSANet rows run 'auto' with the Triton kernels (TIMM_EPSANET_TRITON=1, opt-in until measured:
 # the tensor-core kernels, the branches that share input slices fused, 'triton_spc'); @dense /
 # @grouped are the cuDNN forms 'auto' uses without them, @triton_mma the tensor-core kernels one
-# branch at a time, @triton the CUDA-core kernels.
+# branch at a time (the CUDA-core kernels, @triton, ran at 0.30x resnet50 in the first H200 run, the
+# slowest form: no longer a row, which leaves its time to the tuning stages).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}  # the GPU image: python3 holds torch
@@ -27,10 +28,10 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TIMM_EPSA
 PEERS="resnet50 seresnet50 resnext50_32x4d res2net50_26w_4s skresnet50"
 EPSANETS="epsanet50_small epsanet50_large epsanet101_small"
 # the cuDNN forms of the CUDA default without triton (dense at inference, grouped in training), and
-# the Triton kernels unfused, last: the first rows a stage cut short loses
+# the tensor-core kernels unfused, last: the first row a stage cut short loses
 OTHER_FORMS="epsanet50_small@dense epsanet50_small@grouped"
-UNFUSED_FORMS="epsanet50_small@triton_mma epsanet50_small@triton"
-DEFAULT_STAGES="warm checks amp_fp16_b128 profile psa tiles_spc compile tuning amp_bf16_b128 amp_fp16_b256"
+UNFUSED_FORMS=epsanet50_small@triton_mma
+DEFAULT_STAGES="warm checks amp_fp16_b128 profile psa tiles_spc compile tuning tuning_triton amp_bf16_b128 amp_fp16_b256"
 if [ "${1:-}" = --dry-run ]; then
     DEFAULT_STAGES="$DEFAULT_STAGES branches tiles"
     export TRITON_INTERPRET=1
@@ -55,9 +56,12 @@ else
     PROFILE_ARGS=""
 fi
 STAGES=${STAGES:-$DEFAULT_STAGES}
-# NCHW branches run only in the per-branch timings: compiled first only when those run (the warm
-# stage ran out of its limit in the first run)
-case " $STAGES " in *" branches "*) WARM_LAYOUTS="channels_last nchw" ;; *) WARM_LAYOUTS=channels_last ;; esac
+# NCHW branches and the CUDA-core kernels run only in the per-branch timings: compiled first only
+# when those run (the warm stage ran out of its limit in the first run)
+case " $STAGES " in
+    *" branches "*) WARM_LAYOUTS="channels_last nchw" WARM_FORMS="triton_mma triton" ;;
+    *) WARM_LAYOUTS=channels_last WARM_FORMS=triton_mma ;;
+esac
 mkdir -p "$OUT_DIR"
 
 stage() {  # stage NAME SECONDS COMMAND...: run under a time limit, copy its result to COPY_DIR
@@ -93,11 +97,11 @@ print(f'Machine: {gpu}, torch {torch.__version__}, cuDNN {torch.backends.cudnn.v
       f'triton {triton_version}, timm {timm.__version__}')
 EOF
 # every Triton kernel the stages below run, compiled first on 12 processes into Triton's cache
-stage warm 45 $PYTHON benchmarks/triton_warmup.py $WARM_ARGS --layouts $WARM_LAYOUTS
+stage warm 45 $PYTHON benchmarks/triton_warmup.py $WARM_ARGS --layouts $WARM_LAYOUTS --forms $WARM_FORMS
 # the fused kernels on every PSA first (18 checks took 50 s in the first run), every form last
 stage checks 40 $PYTHON benchmarks/cuda_checks.py fused attention cpu grads forms --device $DEVICE $TINY
 # the targets: AMP fp16, channels-last, eager; peers first, every ratio needs resnet50
-stage amp_fp16_b128 145 $PYTHON benchmarks/benchmark.py $BENCH_ARGS --batch-size $B128 --precisions amp \
+stage amp_fp16_b128 135 $PYTHON benchmarks/benchmark.py $BENCH_ARGS --batch-size $B128 --precisions amp \
     --layouts channels_last --models $PEERS $OTHER_FORMS $EPSANETS $UNFUSED_FORMS --out "$OUT_DIR/amp_fp16_b128"
 # device busy against wall time per step, and inference as one CUDA graph: whether faster kernels or
 # fewer launches pay; Small with the Triton kernels, then in the default cuDNN forms
@@ -114,12 +118,14 @@ stage psa 30 $PYTHON benchmarks/psa_branches.py --whole-psa --device $DEVICE $AM
 stage tiles_spc 20 $PYTHON benchmarks/triton_tiles.py $TILE_ARGS --kernels spc --stages 1 2 --max-tiles 3 \
     --json "$OUT_DIR/tiles_spc.json"
 stage compile 35 $PYTHON benchmarks/cuda_checks.py compile --device $DEVICE $TINY
-# branch tuning (training first): the untuned rules are today's default (TIMM_EPSANET_TRITON=0), the
-# tuner tries every form, the Triton kernels included, compiling them anew (an empty Triton cache)
-rm -rf "$OUT_DIR/triton_cache_tuning"
-stage tuning 35 env TIMM_EPSANET_TRITON=0 TRITON_CACHE_DIR="$OUT_DIR/triton_cache_tuning" \
-    $PYTHON benchmarks/branch_tuning.py --device $DEVICE $AMP $TUNE_ARGS --modes train infer \
-    --layouts channels_last --json "$OUT_DIR/tuning.json"
+# branch tuning (training first) against the rules, as users get it: without the Triton kernels
+# (TIMM_EPSANET_TRITON=0, the default) the cuDNN forms only, whose first use should cost seconds;
+# then with them (the rules' plan fused everywhere; the kernels compiled by the warm stage), the
+# plans that mix fused kernels and cuDNN forms per PSA
+stage tuning 25 env TIMM_EPSANET_TRITON=0 $PYTHON benchmarks/branch_tuning.py --device $DEVICE $AMP $TUNE_ARGS \
+    --modes train infer --layouts channels_last --json "$OUT_DIR/tuning.json"
+stage tuning_triton 20 $PYTHON benchmarks/branch_tuning.py --device $DEVICE $AMP $TUNE_ARGS \
+    --modes train infer --layouts channels_last --json "$OUT_DIR/tuning_triton.json"
 # the other precision and batch size: resnet50 and Small only (each new shape costs cuDNN's benchmark)
 stage amp_bf16_b128 25 $PYTHON benchmarks/benchmark.py $BENCH_ARGS --batch-size $B128 --precisions amp_bf16 \
     --layouts channels_last --models resnet50 ${EPSANETS%% *} --out "$OUT_DIR/amp_bf16_b128"

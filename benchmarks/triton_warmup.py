@@ -32,11 +32,12 @@ LAUNCHES = [('triton_mma', 'float16', 'channels_last', (1, 2)), ('triton_mma', '
 FUSED_LAUNCHES = [('float16', 'channels_last', (1, 2)), ('bfloat16', 'channels_last', (1, 2))]
 
 
-def launches(size=None, layouts=('channels_last', 'nchw')):
+def launches(size=None, layouts=('channels_last', 'nchw'), forms=('triton_mma', 'triton')):
     """(chs, kernel, groups, stride, output size, form, dtype, layout) of every branch conv to run
-    in `layouts` (NCHW: only the per-branch timings run it, a stage run_cuda.sh leaves out by default)."""
+    in `layouts` and `forms` (NCHW and the CUDA-core kernels: only the per-branch timings run them,
+    a stage run_cuda.sh leaves out by default)."""
     found = []
-    for form, dtype, layout, strides in (launch for launch in LAUNCHES if launch[2] in layouts):
+    for form, dtype, layout, strides in (launch for launch in LAUNCHES if launch[2] in layouts and launch[0] in forms):
         for psa in psa_stages(['small', 'large']):
             for k, groups in zip(PSA_KERNELS, psa['groups']):
                 if groups == 1 or psa['chs'] == groups:
@@ -90,8 +91,11 @@ def main(argv=None):
     parser.add_argument('--size', type=int, default=None, help='every branch at this output resolution (CPU checks)')
     parser.add_argument('--layouts', nargs='+', default=['channels_last', 'nchw'], choices=['channels_last', 'nchw'],
                         help="the single branches' layouts (the models and fused PSAs run channels-last)")
+    parser.add_argument('--forms', nargs='+', default=['triton_mma', 'triton'], choices=['triton_mma', 'triton'],
+                        help="the single branches' Triton forms: tensor-core kernels, CUDA-core kernels")
     args = parser.parse_args(argv)
-    todo = fused_launches(args.size)[:args.max_launches] + launches(args.size, args.layouts)[:args.max_launches]
+    todo = (fused_launches(args.size)[:args.max_launches]
+            + launches(args.size, args.layouts, args.forms)[:args.max_launches])
     start = time.perf_counter()
     with multiprocessing.get_context('spawn').Pool(args.processes) as pool:
         done = sum(pool.starmap(run, [(args.device, todo[i::args.processes]) for i in range(args.processes)]))

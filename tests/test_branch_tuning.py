@@ -414,7 +414,7 @@ def test_measure_interleaves_and_skips_the_warm_up():
 def cuda_candidates_on_cpu(monkeypatch, triton: bool):
     """The candidates a CUDA device gets (the Triton kernels where `triton`), offered for CPU tensors."""
     candidates = _branch_tuning.candidates
-    monkeypatch.setattr(_branch_tuning, 'triton_runs_on_cuda', lambda: triton)
+    monkeypatch.setattr(_branch_tuning, 'triton_in_auto', lambda: triton)
     monkeypatch.setattr(_branch_tuning, 'candidates', lambda conv, device_type: candidates(conv, 'cuda'))
 
 
@@ -424,7 +424,7 @@ def test_cuda_candidates_add_the_wider_forms_and_the_triton_kernels(monkeypatch,
     layouts, and where they run the tensor-core kernels in channels-last only (each kernel tried is
     a compile: not in NCHW, where they are several times slower, nor the CUDA-core kernels); the
     CPU's candidates stay as they were."""
-    monkeypatch.setattr(_branch_tuning, 'triton_runs_on_cuda', lambda: triton)
+    monkeypatch.setattr(_branch_tuning, 'triton_in_auto', lambda: triton)
     layouts = {'nchw', 'channels_last'}
     cpu = {('grouped', 'nchw'), ('grouped', 'channels_last'), ('depthwise', 'channels_last'), ('volumetric', 'nchw')}
     kernels = {('triton_mma', 'channels_last')} if triton else set()
@@ -577,26 +577,38 @@ def test_a_wrong_fused_plan_is_never_timed(tuning, monkeypatch, training):
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_a_cached_triton_plan_is_measured_anew_where_triton_cannot_run(tuning, monkeypatch):
-    """A plan file written where the Triton kernels ran, read by a process where they cannot
-    (triton removed): that entry is measured again rather than failing the forward."""
+@pytest.mark.parametrize('case', ['triton removed', 'kernels switched off', 'written before the switch counted'])
+def test_a_cached_triton_plan_runs_only_where_its_kernels_were_candidates_and_run(tuning, monkeypatch, case):
+    """A plan of Triton kernels in the cache is measured anew, rather than run or failing the
+    forward: read where triton cannot run; or by a process without TIMM_EPSANET_TRITON=1, whose
+    plans are kept apart (the tuner tries the kernels only with it: they compile on first use); or
+    from an entry that does not say the kernels were candidates."""
     psa, plain = psa_pair()
     x = torch.randn(2, CHS, 8, 8)
+    writer_had_kernels = case != 'written before the switch counted'
+    monkeypatch.setattr(_branch_tuning, 'triton_candidates', lambda device_type: writer_had_kernels)
     fake_timer(monkeypatch)
     with torch.no_grad():
         psa(x)
     path = _branch_tuning.cache_path(x.device)
     data = json.loads(path.read_text())
     (key,) = data['plans']
-    data['plans'][key] = [['grouped', 'nchw'], ['triton', 'channels_last']] + [['triton_mma', 'channels_last']] * 2
+    assert (_branch_tuning.TRITON_KEY in key) == writer_had_kernels
+    triton_plan = [['grouped', 'nchw'], ['triton', 'channels_last']] + [['triton_mma', 'channels_last']] * 2
+    data['plans'][key] = triton_plan
     path.write_text(json.dumps(data))
     _branch_tuning._state.tables.clear()  # a new process
-    monkeypatch.setattr(_branch_tuning, 'triton_runs_on_cuda', lambda: False)
+    monkeypatch.setattr(_branch_tuning, 'triton_runs_on_cuda', lambda: case != 'triton removed')
+    monkeypatch.setattr(_branch_tuning, 'triton_candidates', lambda device_type: case == 'triton removed')
     timed = fake_timer(monkeypatch)
     with torch.no_grad():
         torch.testing.assert_close(psa(x), plain(x), rtol=1e-5, atol=1e-5)
     assert len(timed) == 1
-    assert all(form not in ('triton', 'triton_mma') for form, _ in json.loads(path.read_text())['plans'][key])
+    plans = json.loads(path.read_text())['plans']
+    measured = [plan for plan in plans.values() if plan != triton_plan]
+    assert len(measured) == 1 and all(form not in ('triton', 'triton_mma') for form, _ in measured[0])
+    # switched off: the entry measured with the kernels stays for the processes that run them
+    assert (triton_plan in plans.values()) == (case == 'kernels switched off')
 
 
 class GradOneBf16UlpOff(torch.autograd.Function):

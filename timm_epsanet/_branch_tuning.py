@@ -39,7 +39,9 @@ import torch
 import torch.fx
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from ._branch_plans import TRITON_FORMS, Plan, in_layout, kernel_layout, layout_of, triton_runs_on_cuda
+from ._branch_plans import (
+    TRITON_FORMS, Plan, in_layout, kernel_layout, layout_of, triton_in_auto, triton_runs_on_cuda,
+)
 
 try:
     import fcntl
@@ -62,6 +64,8 @@ CONFIRM_REPEATS = 3
 # largest difference from the grouped conv, relative to its largest output, a candidate may show
 TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6}
 LOW_PRECISION_TOLERANCE = 3e-2
+# in the key of a plan measured with the Triton kernels among the candidates
+TRITON_KEY = 'kernels=triton|'
 
 
 def _env_flag(value: Optional[str]) -> bool:
@@ -159,12 +163,12 @@ def candidates(conv: torch.nn.Conv2d, device_type: str) -> List[Plan]:
     """The (form, layout) plans tried for one branch.
 
     On CUDA also the forms of more MACs on wider groups (dense; regrouped, where it differs from
-    both grouped and dense), which pay on GPUs and never on CPUs, in both layouts, and where
-    triton runs the tensor-core kernels in the layout they are written for (`kernel_layout`).
-    Each Triton kernel tried is compiled on first use (seconds each), so candidates that cannot
-    win are left out: the kernels in NCHW, and the CUDA-core kernels ('triton'), whose
-    multiply-adds at the CUDA cores' peak take about 4x as long as the tensor-core kernels' at
-    theirs (`cuda_branch_form`).
+    both grouped and dense), which pay on GPUs and never on CPUs, in both layouts, and with the
+    Triton kernels switched on (`triton_candidates`) the tensor-core kernels in the layout they are
+    written for (`kernel_layout`). Each Triton kernel tried is compiled on first use (seconds
+    each), so candidates that cannot win are left out: the kernels in NCHW, and the CUDA-core
+    kernels ('triton'), whose multiply-adds at the CUDA cores' peak take about 4x as long as the
+    tensor-core kernels' at theirs (`cuda_branch_form`).
     """
     if not reformulable(conv):
         return [('grouped', layout) for layout in LAYOUTS]
@@ -174,9 +178,17 @@ def candidates(conv: torch.nn.Conv2d, device_type: str) -> List[Plan]:
         if 1 < conv.regroup < conv.groups:
             forms.append('regrouped')
         plans += [(form, layout) for form in forms for layout in LAYOUTS]
-        if triton_runs_on_cuda():  # a branch alone: 'triton_spc' fuses branches, and alone is 'triton_mma'
+        if triton_candidates(device_type):  # a branch alone: 'triton_spc' fuses branches, and alone is 'triton_mma'
             plans.append(('triton_mma', kernel_layout('triton_mma')))
     return plans
+
+
+def triton_candidates(device_type: str) -> bool:
+    """Whether the tuner tries the Triton kernels: on CUDA where 'auto' runs them
+    (TIMM_EPSANET_TRITON=1 and triton runs). Each kernel a candidate needs compiles on its first
+    use, which makes a model's first tuned step cost minutes on an empty Triton cache; so they are
+    tried only where the user has taken them on, and tuning the cuDNN forms alone costs seconds."""
+    return device_type == 'cuda' and triton_in_auto()
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -189,16 +201,17 @@ def entry_key(convs: Sequence[torch.nn.Conv2d], x: torch.Tensor, training: bool)
     """What a plan depends on, besides the device: mode (training with or without the input's
     gradient: a frozen layer before the PSA skips it, and `tune` times what runs), compute dtype,
     caller layout, CPU threads, input size (batch and each side rounded up to a power of two), and
-    every branch's conv."""
+    every branch's conv; on CUDA whether the Triton kernels are candidates (and the rules' plan)."""
     B, C, H, W = x.shape
     mode = ('train' if x.requires_grad else 'train_frozen_input') if training else 'infer'
     threads = f'threads={torch.get_num_threads()}|' if x.device.type == 'cpu' else ''
+    kernels = TRITON_KEY if triton_candidates(x.device.type) else ''
     branches = ';'.join(
         f'k{c.kernel_size[0]}x{c.kernel_size[1]},g{c.groups},{c.in_channels}->{c.out_channels},'
         f's{c.stride[0]}x{c.stride[1]},p{c.padding[0]}x{c.padding[1]},d{c.dilation[0]}x{c.dilation[1]}'
         for c in convs)
     return (f'{mode}|{str(compute_dtype(x)).replace("torch.", "")}|{layout_of(x)}|'
-            f'{threads}n{_bucket(B)}|{_bucket(H)}x{_bucket(W)}|{branches}')
+            f'{threads}{kernels}n{_bucket(B)}|{_bucket(H)}x{_bucket(W)}|{branches}')
 
 
 def _bucket(n: int) -> int:
@@ -294,7 +307,8 @@ def _parse(data, header: Tuple[str, ...]) -> Dict[str, List[Plan]]:
         if not isinstance(key, str) or not plan or any(
                 len(choice) != 2 or choice[0] not in BRANCH_FORMS[1:] or choice[1] not in LAYOUTS for choice in plan):
             raise ValueError(f'invalid plan {plan!r} for {key!r}')
-        if triton or all(form not in TRITON_FORMS for form, _ in plan):  # else written where the kernels ran: measure anew
+        # a plan of Triton kernels only where they run and were candidates: else measure anew
+        if all(form not in TRITON_FORMS for form, _ in plan) or (triton and TRITON_KEY in key):
             plans[key] = plan
     return plans
 
