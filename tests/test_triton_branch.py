@@ -742,6 +742,25 @@ def test_fused_runs_of_the_variants(variant):
         assert runs == [[[0, 1, 2, 3]]] * blocks[0] + [[[1, 2, 3]]] * sum(blocks[1:3]) + [[[2, 3]]] * blocks[3]
 
 
+def test_fused_runs_follow_the_plan_of_each_call():
+    """The fused runs are kept per plan (every eager call asks): a PSA whose plan changes between
+    calls (branch tuning, a layout the caller switches) fuses what each call's plan says."""
+    pytest.importorskip('triton')
+    from timm_epsanet.psa import PyramidSqueezeAttention
+
+    convs = PyramidSqueezeAttention(64).convs  # Small's stage 1: all four fuse
+    fused = [('triton_spc', 'channels_last')] * 4
+    one_nchw = fused[:1] + [('triton_spc', 'nchw')] + fused[2:]
+    calls = [(fused, ['channels_last'] * 4, [[0, 1, 2, 3]]),
+             (fused[:2] + [('grouped', 'channels_last')] * 2, ['channels_last'] * 4, [[0, 1]]),
+             (one_nchw, ['channels_last', 'nchw', 'channels_last', 'channels_last'], [[0, 2, 3]]),
+             ([('grouped', 'channels_last')] * 4, ['channels_last'] * 4, [])]
+    for _ in range(2):  # each plan again, after the others
+        for plans, layouts, expected in calls:
+            assert convs.spc_runs(plans, layouts) == expected
+    convs.spc_runs(fused, ['channels_last'] * 4)[0].append(9)  # what a caller does with the answer stays its own
+    assert convs.spc_runs(fused, ['channels_last'] * 4) == [[0, 1, 2, 3]]
+
 def test_auto_takes_triton_only_when_asked(monkeypatch):
     """Unmeasured on a GPU, the kernels are opt-in for 'auto': off unless TIMM_EPSANET_TRITON=1,
     and never where triton cannot run on CUDA."""

@@ -314,9 +314,21 @@ class BranchConvs(nn.ModuleList):
         branch indices in ascending kernel size: those that read the same input (layout) with the
         same `spc_key`, 2 to 4 per run. A dense branch (one group, planned 'grouped') that reads
         the same slices joins them (Small's kernel-3 branch at stage 1): its taps are the centre's,
-        whose input tiles the others read anyway."""
+        whose input tiles the others read anyway. Kept per plan: every eager call asks, and the
+        answer depends only on the plan and the branches' shapes (under torch.compile, found anew:
+        a graph holds no such state)."""
         if all(form != 'triton_spc' for form, _ in plans):
             return []
+        if torch.compiler.is_compiling():
+            return self._find_spc_runs(plans, layouts)
+        kept = self.__dict__.setdefault('_spc_runs_kept', {})  # not a module attribute: not in state_dict
+        key = (tuple(map(tuple, plans)), tuple(layouts))
+        if key not in kept:
+            kept[key] = tuple(tuple(run) for run in self._find_spc_runs(plans, layouts))
+        return [list(run) for run in kept[key]]
+
+    @torch.jit.unused
+    def _find_spc_runs(self, plans: List[Plan], layouts: List[str]) -> List[List[int]]:
         by_key: Dict[str, List[int]] = {}
         fused_keys = set()
         for i, (conv, (form, _), layout) in enumerate(zip(self, plans, layouts)):

@@ -27,6 +27,7 @@ Private to the package, imported only where a branch runs in the 'triton' or 'tr
 (`_branch_conv`); needs triton, and a CUDA device (or TRITON_INTERPRET=1, which runs the kernels
 on CPU tensors).
 """
+import functools
 import os
 from typing import List, NamedTuple, Sequence, Tuple
 
@@ -312,8 +313,15 @@ def _weight_grad_mma_kernel(
     tl.store(dst, acc, mask=j_ok[:, None] & o_ok[None, :])
 
 
+# Host-side sizes in plain Python: `triton.cdiv` and `triton.next_power_of_2` are constexpr
+# functions, whose call from the host costs microseconds, and every launch computes several.
 def _pow2(n: int) -> int:
-    return triton.next_power_of_2(max(1, n))
+    """The smallest power of two >= n (1 for n < 1)."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 class Config(NamedTuple):
@@ -336,6 +344,7 @@ class Config(NamedTuple):
     stack_branches: bool = False
 
 
+@functools.lru_cache(maxsize=None)  # a pure function of a few ints, asked at every launch
 def config_for(groups: int, c_red: int, c_out: int) -> Config:
     """The tile for a conv of `groups` groups, each reducing `c_red` channels into `c_out`: up to
     16 written channels, 32 (groups x reduction channels), and pixels for an fp32 accumulator of
@@ -349,6 +358,7 @@ def config_for(groups: int, c_red: int, c_out: int) -> Config:
     return Config(block_p, block_g, block_r, block_o)
 
 
+@functools.lru_cache(maxsize=None)
 def mma_config_for(c_red: int, c_out: int, kernel_width: int = 1) -> Config:
     """The tile of the tensor-core kernels for one group reducing `c_red` channels into `c_out`:
     16 to 64 of each (`tl.dot` takes 16 or more on every side; narrower groups are masked) and 128
@@ -403,8 +413,8 @@ def _launch_conv_tiles(src, w_t, dst, stride, padding, dilation, transposed, con
     # a strided input gradient by phases of the stride: each program's pixels reached by the same taps
     phased = transposed and max(stride) > 1 and tuple(dilation) == (1, 1)
     phases = stride[0] * stride[1] if phased else 1
-    pixels = n * triton.cdiv(h_dst, stride[0]) * triton.cdiv(w_dst, stride[1]) if phased else n * h_dst * w_dst
-    grid = (triton.cdiv(pixels, block_p), triton.cdiv(groups, block_g) * triton.cdiv(c_out, block_o), phases)
+    pixels = n * _cdiv(h_dst, stride[0]) * _cdiv(w_dst, stride[1]) if phased else n * h_dst * w_dst
+    grid = (_cdiv(pixels, block_p), _cdiv(groups, block_g) * _cdiv(c_out, block_o), phases)
     s, d = src.stride(), dst.stride()
     args = (src, w_t, dst, n, src.shape[2], src.shape[3], h_dst, w_dst,
             s[0], s[2], s[3], s[1], d[0], d[2], d[3], d[1],
@@ -468,13 +478,13 @@ def weight_grad_chunks(device: torch.device, grad_shape, block_p: int, programs:
     tiles, enough for about 4 programs per multiprocessor (`programs` per chunk), each of 4 tiles
     or more. Returns (BLOCK_H, BLOCK_W, tiles per chunk, chunks)."""
     n, _, h_out, w_out = grad_shape
-    block_w = min(triton.next_power_of_2(w_out), block_p)
+    block_w = min(_pow2(w_out), block_p)
     block_h = block_p // block_w
-    tiles = n * triton.cdiv(h_out, block_h) * triton.cdiv(w_out, block_w)
+    tiles = n * _cdiv(h_out, block_h) * _cdiv(w_out, block_w)
     sms = 4 if device.type != 'cuda' else torch.cuda.get_device_properties(device).multi_processor_count
-    chunks = max(1, min(triton.cdiv(tiles, 4), triton.cdiv(4 * sms, programs)))
-    tiles_per_chunk = triton.cdiv(tiles, chunks)
-    return block_h, block_w, tiles_per_chunk, triton.cdiv(tiles, tiles_per_chunk)
+    chunks = max(1, min(_cdiv(tiles, 4), _cdiv(4 * sms, programs)))
+    tiles_per_chunk = _cdiv(tiles, chunks)
+    return block_h, block_w, tiles_per_chunk, _cdiv(tiles, tiles_per_chunk)
 
 
 def _launch_weight_grad(x, grad, weight, stride, padding, dilation, groups, config=None, tensor_cores=False):
@@ -500,8 +510,8 @@ def _weight_grad_part(x, grad, kernel_size, groups, in_per_group, outs, stride, 
         config = mma_config_for(in_per_group, outs, k_w) if tensor_cores else config_for(groups, in_per_group, outs)
     block_p, block_g, block_r, block_o = config.block_p, config.block_g, config.block_r, config.block_o
     block_t = config.block_t if tensor_cores else 1
-    blocks = triton.cdiv(groups, block_g) * triton.cdiv(in_per_group, block_r) * triton.cdiv(outs, block_o)
-    taps = k_h * triton.cdiv(k_w, block_t)  # programs per chunk and block: one per block_t taps of a row
+    blocks = _cdiv(groups, block_g) * _cdiv(in_per_group, block_r) * _cdiv(outs, block_o)
+    taps = k_h * _cdiv(k_w, block_t)  # programs per chunk and block: one per block_t taps of a row
     block_h, block_w, tiles_per_chunk, chunks = weight_grad_chunks(x.device, grad.shape, block_p, blocks * taps)
     part = torch.empty((chunks, k_h, k_w, groups, in_per_group, outs), dtype=torch.float32, device=x.device)
     s, d = x.stride(), grad.stride()

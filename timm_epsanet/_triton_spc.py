@@ -39,7 +39,7 @@ from torch.autograd.function import once_differentiable
 from ._branch_forms import block_diagonal_weight
 from ._branch_plans import in_layout, layout_of, plain_eager
 from ._triton_branch import (
-    _check_device, _dst_pixels, _empty_like_layout, _grad_input_op, _group_block, _launch_conv_tiles, _out_size,
+    _cdiv, _check_device, _dst_pixels, _empty_like_layout, _grad_input_op, _group_block, _launch_conv_tiles, _out_size,
     _precision, _tile_pixels, _weight_grad_part, branch_conv, mma_config_for, weight_grad_chunks, weight_grad_of_part,
 )
 
@@ -537,7 +537,7 @@ def branch_tiles(weights, merges, merged, dtype, transposed) -> List[torch.Tenso
     tiles = [torch.empty((w.shape[-2], w.shape[-1], merged, red, written), dtype=dtype, device=w.device)
              for w in weights]
     kernels, merges = _pad([w.shape[-1] for w in weights]), _pad(list(merges))
-    grid = (triton.cdiv(max(t.numel() for t in tiles), PREP_BLOCK), len(weights))
+    grid = (_cdiv(max(t.numel() for t in tiles), PREP_BLOCK), len(weights))
     _tiles_kernel[grid](
         *_pad(list(weights)), *_pad(tiles), *(v for w in _pad(list(weights)) for v in w.stride()), merged,
         K0=kernels[0], K1=kernels[1], K2=kernels[2], K3=kernels[3], M0=merges[0], M1=merges[1], M2=merges[2],
@@ -552,7 +552,7 @@ def _branch_weight_grads(parts, weights, merges) -> List[torch.Tensor]:
     chunks, _, _, merged, c_in, c_out = parts[0].shape
     grads = [torch.empty(w.shape, dtype=w.dtype, device=w.device) for w in weights]
     kernels, merges = _pad([w.shape[-1] for w in weights]), _pad(list(merges))
-    grid = (triton.cdiv(max(g.numel() for g in grads), PREP_BLOCK), len(weights))
+    grid = (_cdiv(max(g.numel() for g in grads), PREP_BLOCK), len(weights))
     _weight_grads_kernel[grid](
         *_pad(list(parts)), *_pad(grads), merged, chunks, K0=kernels[0], K1=kernels[1], K2=kernels[2],
         K3=kernels[3], M0=merges[0], M1=merges[1], M2=merges[2], M3=merges[3], C_IN=c_in, C_OUT=c_out,
@@ -575,7 +575,7 @@ def _launch_tiles(src, tiles, dst, stride, dilation, transposed, config=None):
     n, _, h_dst, w_dst = dst.shape
     x = dst if transposed else src  # the conv's input and output sizes
     y = src if transposed else dst
-    grid = (triton.cdiv(n * h_dst * w_dst, config.block_p), groups * triton.cdiv(c_out, config.block_o))
+    grid = (_cdiv(n * h_dst * w_dst, config.block_p), groups * _cdiv(c_out, config.block_o))
     s, d = src.stride(), dst.stride()
     kernel = _spc_grad_input_mma_kernel if transposed else _spc_mma_kernel
     kernel[grid](
@@ -601,7 +601,7 @@ def _weight_grad_parts(x, grad, kernel_sizes, groups, ins, outs, stride, dilatio
     config = config or mma_config_for(ins, outs)
     radii = _radii(kernel_sizes)
     taps = (2 * max(radii) + 1) ** 2
-    blocks = groups * triton.cdiv(ins, config.block_r) * triton.cdiv(outs, config.block_o)
+    blocks = groups * _cdiv(ins, config.block_r) * _cdiv(outs, config.block_o)
     block_h, block_w, tiles_per_chunk, chunks = weight_grad_chunks(x.device, grad.shape, config.block_p, blocks * taps)
     parts = [torch.empty((chunks, k, k, groups, ins, outs), dtype=torch.float32, device=x.device) for k in kernel_sizes]
     s, d = x.stride(), grad.stride()
