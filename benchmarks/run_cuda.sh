@@ -111,11 +111,12 @@ stage profile 60 $PYTHON benchmarks/step_profile.py --batch-size $B128 \
 # each PSA's branches together: the fused kernels against the same kernels one branch at a time, and cuDNN
 stage psa 30 $PYTHON benchmarks/psa_branches.py --whole-psa --device $DEVICE $AMP $BRANCH_ARGS \
     --layouts channels_last --forms grouped dense triton_mma triton_spc --json "$OUT_DIR/psa.json"
-# the fused kernels per PSA stage on their default tile (loads pipelined, past L1) and with the loads
-# unpipelined (through L1), then the forward and input gradient pipelined 2 deep and the weight
-# gradient with its branches in one product: the first H200 run's fused forward read every tap's
-# tile from L2 at about its bandwidth; each new tile compiles here (about a second a kernel)
-stage tiles_spc 20 $PYTHON benchmarks/triton_tiles.py $TILE_ARGS --kernels spc --stages 1 2 --max-tiles 3 \
+# the fused kernels of stage 1's PSAs on their default tile (loads pipelined, past L1) and with the
+# loads unpipelined (through L1), then the forward and input gradient pipelined 2 deep and on half
+# the pixels, the weight gradient with its branches in one product and with its taps in pairs: the
+# first H200 run's fused forward read every tap's tile from L2 at about its bandwidth; each new tile
+# compiles here (about a second a kernel)
+stage tiles_spc 20 $PYTHON benchmarks/triton_tiles.py $TILE_ARGS --kernels spc --stages 1 --max-tiles 4 \
     --json "$OUT_DIR/tiles_spc.json"
 stage compile 35 $PYTHON benchmarks/cuda_checks.py compile --device $DEVICE $TINY
 # branch tuning (training first) against the rules, as users get it: without the Triton kernels

@@ -47,8 +47,9 @@ def triton_shapes(variants, stages=(1, 2, 3, 4), size=None):
 def neighbour_tiles(default, kind='forward', tensor_cores=False, fused=False):
     """`default` first, then the tiles one step away from it. On tensor cores the loads' pipeline
     depth 1 first (loads through L1, see `Config`), then the fused weight gradient's branches in
-    one product or one each, the depth 2 (less shared memory, more blocks per multiprocessor), and
-    the weight gradient's taps per program: the steps most likely to matter. Each tap re-reads a
+    one product or one each, and its taps in pairs (through L1), the depth 2 (less shared memory,
+    more blocks per multiprocessor), and the weight gradient's taps per program: the steps most
+    likely to matter. Each tap re-reads a
     tile that mostly overlaps the last one, and on the H200 the fused forward's time matched
     reading every tap's tile from L2 at about its bandwidth (benchmarks/README.md)."""
     tiles = [default]
@@ -56,6 +57,9 @@ def neighbour_tiles(default, kind='forward', tensor_cores=False, fused=False):
         tiles += [default._replace(num_stages=s) for s in (1, 2) if s != default.num_stages]
     if fused and kind == 'grad_weight':  # after the loads through L1, before the depth of 2
         tiles.insert(2, default._replace(stack_branches=not default.stack_branches))
+        # two taps per program, loads through L1: pipelined, a pair's shared memory leaves one block
+        # per multiprocessor (benchmarks/README.md)
+        tiles.insert(3, default._replace(pair_taps=True, num_stages=1))
     if kind == 'grad_weight' and tensor_cores and default.block_t > 1:  # taps per program: half, twice within 256 rows
         tiles += [default._replace(block_t=t) for t in (default.block_t // 2, default.block_t * 2)
                   if 1 <= t and t * default.block_r <= 256]
@@ -192,7 +196,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     print(f'{device}, batch {args.batch_size}, {args.dtype}, channels-last; ms per kernel call')
-    print('| variant | stage | chs | size | k | groups | kernels | kernel | tile (P, G, R, O, warps, T, stages, stacked) | ms | x default | equal |')
+    print('| variant | stage | chs | size | k | groups | kernels | kernel '
+          '| tile (P, G, R, O, warps, T, stages, stacked, pairs) | ms | x default | equal |')
     print('|---|---|---|---|---|---|---|---|---|---|---|---|')
     rows = []
     psas = [dict(psa, size=args.size or psa['size']) for psa in psa_stages(args.variants) if psa['stage'] in args.stages]

@@ -403,20 +403,29 @@ def check_wide_weight_grad() -> dict:
 def check_stacked_weight_grad() -> dict:
     """The fused weight gradient with the branches that reach a tap in one product
     (`Config.stack_branches`) against float64: four branches of one group, and three (as wide as
-    four, the fourth masked) of two groups at stride 2."""
+    four, the fourth masked) of two groups at stride 2. And with two taps per program
+    (`Config.pair_taps`): four branches; three at dilation 2 on an output 16 wide, so the pairs'
+    columns (one dilation more than the output's) take a second column of tiles; two at stride 2,
+    where pairs do not apply."""
     import torch.nn.functional as F
     from timm_epsanet import _triton_spc as tsp
     from timm_epsanet._triton_branch import mma_config_for
     errors = {}
-    for name, kernels, groups, stride in (('4 branches', (3, 5, 7, 9), 1, 1), ('3 branches, stride 2', (5, 7, 9), 2, 2)):
-        x = torch.randn(1, 16 * groups, 6, 7).contiguous(memory_format=torch.channels_last)
+    stacked = mma_config_for(16, 16)._replace(block_p=16, stack_branches=True)  # one each: SPC_CASES
+    paired = mma_config_for(16, 16)._replace(block_p=16, pair_taps=True)
+    for name, kernels, groups, stride, dilation, size, config in (
+            ('4 branches', (3, 5, 7, 9), 1, 1, 1, (6, 7), stacked),
+            ('3 branches, stride 2', (5, 7, 9), 2, 2, 1, (6, 7), stacked),
+            ('pairs, 4 branches', (3, 5, 7, 9), 1, 1, 1, (6, 7), paired),
+            ('pairs, 3 branches, dilation 2, 16 wide', (5, 7, 9), 2, 1, 2, (5, 16), paired),
+            ('pairs, 2 branches, stride 2', (7, 9), 1, 2, 1, (6, 7), paired)):
+        x = torch.randn(1, 16 * groups, *size).contiguous(memory_format=torch.channels_last)
         weights = [torch.randn(16 * groups, 16, k, k) / k for k in kernels]
         ref = [w.double().requires_grad_() for w in weights]
-        ys = [F.conv2d(x.double(), w, None, stride, w.shape[-1] // 2, 1, groups) for w in ref]
+        ys = [F.conv2d(x.double(), w, None, stride, dilation * (w.shape[-1] // 2), dilation, groups) for w in ref]
         grad = torch.randn(1, 16 * groups * len(kernels), *ys[0].shape[2:]).contiguous(memory_format=torch.channels_last)
         torch.autograd.backward(ys, list(grad.double().split(16 * groups, 1)))
-        config = mma_config_for(16, 16)._replace(block_p=16, stack_branches=True)  # one each: SPC_CASES
-        got = tsp._launch_weight_grad(x, grad, weights, (stride, stride), (1, 1), groups, config)
+        got = tsp._launch_weight_grad(x, grad, weights, (stride, stride), (dilation, dilation), groups, config)
         errors[name] = max(rel_err(g, w.grad) for g, w in zip(got, ref))
     return errors
 
@@ -579,10 +588,11 @@ def test_weight_grad_tiles_of_part_of_a_row(interpreted):
 
 
 def test_fused_weight_gradient_in_one_product_equals_the_convs(interpreted):
-    """The branches that reach a tap multiplied as one product (the tile sweep's alternative to one
-    product per branch) give every branch's weight gradient, those of a masked fourth excluded."""
+    """The branches that reach a tap multiplied as one product, and two taps per program (the tile
+    sweep's alternatives to one product per branch and tap) give every branch's weight gradient,
+    those of a masked fourth branch, or of a tap beyond a kernel's reach, excluded."""
     errors = interpreted['stacked_weight_grad']
-    assert len(errors) == 2 and all(e <= 1e-5 for e in errors.values()), errors
+    assert len(errors) == 5 and all(e <= 1e-5 for e in errors.values()), errors
 
 
 def test_a_tiles_load_pipeline_depth_reaches_every_tensor_core_launch(interpreted):
@@ -607,7 +617,8 @@ def test_kernels_compile_for_hopper_without_spills(tmp_path):
     for sm_90 (no GPU needed: triton's own ptxas and cuobjdump) without spilling registers, with
     the shared memory a Hopper block may have, and its innermost loop multiplies on the unit it is written for: tensor cores (Hopper's
     warpgroup MMA) for the tensor-core kernels, fused ones included, FFMA on CUDA cores for the others.
-    The fused kernels also build with their loads unpipelined, which then go through L1."""
+    The fused kernels also build with their loads unpipelined, which then go through L1, and the
+    fused weight gradient with its branches in one product, and with its taps in pairs."""
     pytest.importorskip('triton')
     import triton
     if not (Path(triton.__file__).parent / 'backends' / 'nvidia' / 'bin' / 'cuobjdump').exists():
@@ -645,6 +656,13 @@ def test_kernels_compile_for_hopper_without_spills(tmp_path):
     built = resources(report, shared, cfg.num_warps)
     assert built['spill_bytes'] == 0 and built['blocks_per_sm'] >= 1, built
     assert 'HGMMA.64x64x16' in sass, 'one product of the 4 x 16 outputs of the taps all branches reach'
+    # and with its taps in pairs through L1, as the tile sweep times it: two such products per input tile
+    cfg = mma_config_for(64, 16)._replace(pair_taps=True, num_stages=1)
+    cfg, report, sass, shared = build_spc_sm90('grad_weight', 'fp16', (3, 5, 7, 9), 64, 16, config=cfg)
+    built = resources(report, shared, cfg.num_warps)
+    assert built['spill_bytes'] == 0 and built['blocks_per_sm'] >= 2, built
+    loop = fused_loop(sass, cfg.num_warps)
+    assert loop['tap_loads'] == 'L1' and loop['mma_macs'] == 2 * 64 * 64 * 128, loop
     from timm_epsanet import _triton_spc
     from triton_sass import _build
     prep = dict(K0=3, K1=5, K2=7, K3=9, M0=1, M1=4, M2=8, M3=16, C_IN=64, C_OUT=16, BLOCK=_triton_spc.PREP_BLOCK)

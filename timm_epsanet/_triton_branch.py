@@ -333,7 +333,9 @@ class Config(NamedTuple):
     At 1 the loads are plain, waited for, and cached in L1. The fused weight gradient
     (`_triton_spc`) multiplies each shifted input tile by the output gradient of each branch that
     reaches the tap, one narrow product per branch, or (`stack_branches`) by theirs side by side,
-    one product as wide as all of them (3 branches as wide as 4)."""
+    one product as wide as all of them (3 branches as wide as 4); with `pair_taps`, at stride 1,
+    each program takes two adjacent taps of a row, stacked, and reads each input tile once for
+    both (the second tap's product pairs it with the output gradient one column over)."""
     block_p: int
     block_g: int
     block_r: int
@@ -342,6 +344,7 @@ class Config(NamedTuple):
     block_t: int = 1
     num_stages: int = 3
     stack_branches: bool = False
+    pair_taps: bool = False
 
 
 @functools.lru_cache(maxsize=None)  # a pure function of a few ints, asked at every launch

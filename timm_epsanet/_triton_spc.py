@@ -276,18 +276,42 @@ def _spc_weight_grad_tap(
 
 
 @triton.jit
+def _store_stacked_parts(p0_ptr, p1_ptr, p2_ptr, p3_ptr, acc, dh, dw, chunk, g, r, r_ok, o, col_ok, b, G,
+                         FIRST: tl.constexpr, R0: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr,
+                         R3: tl.constexpr, C_IN: tl.constexpr, C_OUT: tl.constexpr):
+    """Each branch's columns of a stacked product (`_spc_weight_grad_stacked_tap`) into its partial
+    sums at tap offset (dh, dw), where its kernel reaches that tap (a column of no branch, or of a
+    branch that does not reach the tap, is masked in all four)."""
+    ring = tl.maximum(tl.abs(dh), tl.abs(dw))
+    if FIRST <= 0 and R0 >= 0:
+        _store_tap_part(p0_ptr, acc, R0, dh, dw, chunk, g, r, r_ok, o, col_ok & (b == 0) & (ring <= R0), G, C_IN, C_OUT)
+    if FIRST <= 1 and R1 >= 0:
+        _store_tap_part(p1_ptr, acc, R1, dh, dw, chunk, g, r, r_ok, o, col_ok & (b == 1) & (ring <= R1), G, C_IN, C_OUT)
+    if FIRST <= 2 and R2 >= 0:
+        _store_tap_part(p2_ptr, acc, R2, dh, dw, chunk, g, r, r_ok, o, col_ok & (b == 2) & (ring <= R2), G, C_IN, C_OUT)
+    if FIRST <= 3 and R3 >= 0:
+        _store_tap_part(p3_ptr, acc, R3, dh, dw, chunk, g, r, r_ok, o, col_ok & (b == 3) & (ring <= R3), G, C_IN, C_OUT)
+
+
+@triton.jit
 def _spc_weight_grad_stacked_tap(
         x_ptr, gy_ptr, p0_ptr, p1_ptr, p2_ptr, p3_ptr, dh, dw, chunk, g, r, r_ok, o0,
         N, H, W, H_out, W_out, x_n, x_h, x_w, x_c, y_n, y_h, y_w, y_c, stride_h, stride_w, dil_h, dil_w,
         G, TILES_PER_CHUNK,
-        FIRST: tl.constexpr, NB: tl.constexpr, R0: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr,
-        R3: tl.constexpr, C_IN: tl.constexpr, C_OUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_H: tl.constexpr,
-        BLOCK_W: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr,
+        FIRST: tl.constexpr, NB: tl.constexpr, PAIR: tl.constexpr, R0: tl.constexpr, R1: tl.constexpr,
+        R2: tl.constexpr, R3: tl.constexpr, C_IN: tl.constexpr, C_OUT: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr,
 ):
     """`_spc_weight_grad_tap` as one product: the output gradients of the NB - FIRST branches that
     reach the tap side by side (BLOCK_O columns each; 3 branches take the columns of 4, the last
     masked), so each shifted input tile meets them all in one `tl.dot` that many times wider,
-    instead of one narrow product per branch."""
+    instead of one narrow product per branch.
+
+    PAIR (stride 1): also the tap one column to the right, (dh, dw + 1), from the same input tile.
+    Its products pair input pixel q + (dh, dw) with the output gradient of pixel q - (0, dil_w),
+    which is the pair the tap (dh, dw + 1) sums at output pixel q - (0, dil_w). So each input tile
+    is read once for two taps; q runs over dil_w more columns than the output has, and each tap's
+    output pixels are masked to the output."""
     SPAN: tl.constexpr = 1 if NB - FIRST == 1 else 2 if NB - FIRST == 2 else 4
     j = tl.arange(0, SPAN * BLOCK_O)
     b = FIRST + j // BLOCK_O  # each column's branch
@@ -295,23 +319,27 @@ def _spc_weight_grad_stacked_tap(
     col_ok = (b < NB) & (o < C_OUT)
     cols = b * (G * C_OUT * y_c) + (g * C_OUT + o) * y_c  # the branches' output gradients are concatenated
     acc = tl.zeros((BLOCK_R, SPAN * BLOCK_O), dtype=tl.float32)
-    n_tiles = N * tl.cdiv(H_out, BLOCK_H) * tl.cdiv(W_out, BLOCK_W)
+    acc_next = tl.zeros((BLOCK_R, SPAN * BLOCK_O) if PAIR else (1, 1), dtype=tl.float32)
+    W_q = W_out + dil_w if PAIR else W_out  # the columns q runs over
+    n_tiles = N * tl.cdiv(H_out, BLOCK_H) * tl.cdiv(W_q, BLOCK_W)
     for t in range(chunk * TILES_PER_CHUNK, tl.minimum((chunk + 1) * TILES_PER_CHUNK, n_tiles)):
-        xt, n, oh, ow, p_ok = _shifted_input_tile(x_ptr, t, dh, dw, g, r, r_ok, H, W, H_out, W_out, x_n, x_h, x_w,
+        xt, n, oh, ow, q_ok = _shifted_input_tile(x_ptr, t, dh, dw, g, r, r_ok, H, W, H_out, W_q, x_n, x_h, x_w,
                                                   x_c, stride_h, stride_w, dil_h, dil_w, C_IN, BLOCK_H, BLOCK_W)
-        gv = tl.load(gy_ptr + (n * y_n + oh * y_h + ow * y_w)[:, None] + cols[None, :],
-                     mask=p_ok[:, None] & col_ok[None, :], other=0.0)
+        pix = n * y_n + oh * y_h + ow * y_w
+        p_ok = q_ok
+        if PAIR:
+            p_ok = q_ok & (ow < W_out)
+        gv = tl.load(gy_ptr + pix[:, None] + cols[None, :], mask=p_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(xt, gv, acc, input_precision=PRECISION)
-    # each branch's columns into its partial sums (a column of no branch, or of a branch that does not
-    # reach the tap, is masked in all four)
-    if FIRST <= 0 and R0 >= 0:
-        _store_tap_part(p0_ptr, acc, R0, dh, dw, chunk, g, r, r_ok, o, col_ok & (b == 0), G, C_IN, C_OUT)
-    if FIRST <= 1 and R1 >= 0:
-        _store_tap_part(p1_ptr, acc, R1, dh, dw, chunk, g, r, r_ok, o, col_ok & (b == 1), G, C_IN, C_OUT)
-    if FIRST <= 2 and R2 >= 0:
-        _store_tap_part(p2_ptr, acc, R2, dh, dw, chunk, g, r, r_ok, o, col_ok & (b == 2), G, C_IN, C_OUT)
-    if FIRST <= 3 and R3 >= 0:
-        _store_tap_part(p3_ptr, acc, R3, dh, dw, chunk, g, r, r_ok, o, col_ok & (b == 3), G, C_IN, C_OUT)
+        if PAIR:
+            gv = tl.load(gy_ptr + (pix - dil_w * y_w)[:, None] + cols[None, :],
+                         mask=(q_ok & (ow >= dil_w))[:, None] & col_ok[None, :], other=0.0)
+            acc_next = tl.dot(xt, gv, acc_next, input_precision=PRECISION)
+    _store_stacked_parts(p0_ptr, p1_ptr, p2_ptr, p3_ptr, acc, dh, dw, chunk, g, r, r_ok, o, col_ok, b, G,
+                         FIRST, R0, R1, R2, R3, C_IN, C_OUT)
+    if PAIR:
+        _store_stacked_parts(p0_ptr, p1_ptr, p2_ptr, p3_ptr, acc_next, dh, dw + 1, chunk, g, r, r_ok, o, col_ok, b, G,
+                             FIRST, R0, R1, R2, R3, C_IN, C_OUT)
 
 
 @triton.jit
@@ -319,17 +347,18 @@ def _spc_weight_grad_case(
         x_ptr, gy_ptr, p0_ptr, p1_ptr, p2_ptr, p3_ptr, dh, dw, chunk, g, r, r_ok, o0, o, o_ok,
         N, H, W, H_out, W_out, x_n, x_h, x_w, x_c, y_n, y_h, y_w, y_c, stride_h, stride_w, dil_h, dil_w,
         G, TILES_PER_CHUNK,
-        FIRST: tl.constexpr, NB: tl.constexpr, STACKED: tl.constexpr, R0: tl.constexpr, R1: tl.constexpr,
-        R2: tl.constexpr, R3: tl.constexpr, C_IN: tl.constexpr, C_OUT: tl.constexpr, PRECISION: tl.constexpr,
-        BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr,
+        FIRST: tl.constexpr, NB: tl.constexpr, STACKED: tl.constexpr, PAIR: tl.constexpr, R0: tl.constexpr,
+        R1: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr, C_IN: tl.constexpr, C_OUT: tl.constexpr,
+        PRECISION: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_R: tl.constexpr,
+        BLOCK_O: tl.constexpr,
 ):
-    """One tap's partial weight gradients for the branches from FIRST on, stacked into one product
-    or one product per branch (`Config.stack_branches`)."""
-    if STACKED:
+    """One tap's (PAIR: two adjacent taps') partial weight gradients for the branches from FIRST on,
+    stacked into one product or one product per branch (`Config.stack_branches`; pairs stack)."""
+    if STACKED or PAIR:
         _spc_weight_grad_stacked_tap(
             x_ptr, gy_ptr, p0_ptr, p1_ptr, p2_ptr, p3_ptr, dh, dw, chunk, g, r, r_ok, o0, N, H, W, H_out, W_out,
             x_n, x_h, x_w, x_c, y_n, y_h, y_w, y_c, stride_h, stride_w, dil_h, dil_w, G, TILES_PER_CHUNK,
-            FIRST, NB, R0, R1, R2, R3, C_IN, C_OUT, PRECISION, BLOCK_H, BLOCK_W, BLOCK_R, BLOCK_O)
+            FIRST, NB, PAIR, R0, R1, R2, R3, C_IN, C_OUT, PRECISION, BLOCK_H, BLOCK_W, BLOCK_R, BLOCK_O)
     else:
         _spc_weight_grad_tap(
             x_ptr, gy_ptr, p0_ptr, p1_ptr, p2_ptr, p3_ptr, dh, dw, chunk, g, r, r_ok, o, o_ok, N, H, W, H_out, W_out,
@@ -347,19 +376,26 @@ def _spc_weight_grad_mma_kernel(
         G, TILES_PER_CHUNK,
         R0: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr, R_MAX: tl.constexpr,
         NB: tl.constexpr, C_IN: tl.constexpr, C_OUT: tl.constexpr, PRECISION: tl.constexpr, STACKED: tl.constexpr,
-        BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr,
+        PAIR: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_R: tl.constexpr,
+        BLOCK_O: tl.constexpr,
 ):
     """The weight gradients of `_spc_mma_kernel`, as partial sums per chunk of pixel tiles (added
     afterwards in fp32): part_b[chunk, tap, g, i, o] = sum over the chunk's output pixels p of
     x[p*stride + (dh, dw)*dil, g*C_IN + i] * gy[p, b*G*C_OUT + g*C_OUT + o]. Each program: one
-    tap offset of the largest kernel, one group (and block of its channels), one chunk; those of
-    the NB branches whose kernels reach the tap share its input tiles."""
+    tap offset of the largest kernel (PAIR, at stride 1: two adjacent ones of a row, the last of an
+    odd row beyond the kernel and never stored), one group (and block of its channels), one chunk;
+    those of the NB branches whose kernels reach the tap share its input tiles."""
     tap = tl.program_id(0)  # fastest: the programs running together read the same chunk, once from memory
     pid_c = tl.program_id(1)
     chunk = tl.program_id(2)
-    dh = tap // (2 * R_MAX + 1) - R_MAX
-    dw = tap % (2 * R_MAX + 1) - R_MAX
-    ring = tl.maximum(tl.abs(dh), tl.abs(dw))
+    if PAIR:
+        dh = tap // (R_MAX + 1) - R_MAX
+        dw = tap % (R_MAX + 1) * 2 - R_MAX
+        ring = tl.maximum(tl.abs(dh), tl.minimum(tl.abs(dw), tl.abs(dw + 1)))  # the nearer tap's
+    else:
+        dh = tap // (2 * R_MAX + 1) - R_MAX
+        dw = tap % (2 * R_MAX + 1) - R_MAX
+        ring = tl.maximum(tl.abs(dh), tl.abs(dw))
     n_rblocks = tl.cdiv(C_IN, BLOCK_R)
     n_oblocks = tl.cdiv(C_OUT, BLOCK_O)
     g = pid_c // (n_rblocks * n_oblocks)
@@ -373,22 +409,22 @@ def _spc_weight_grad_mma_kernel(
         _spc_weight_grad_case(
             x_ptr, gy_ptr, p0_ptr, p1_ptr, p2_ptr, p3_ptr, dh, dw, chunk, g, r, r_ok, o0, o, o_ok, N, H, W, H_out,
             W_out, x_n, x_h, x_w, x_c, y_n, y_h, y_w, y_c, stride_h, stride_w, dil_h, dil_w, G, TILES_PER_CHUNK,
-            0, NB, STACKED, R0, R1, R2, R3, C_IN, C_OUT, PRECISION, BLOCK_H, BLOCK_W, BLOCK_R, BLOCK_O)
+            0, NB, STACKED, PAIR, R0, R1, R2, R3, C_IN, C_OUT, PRECISION, BLOCK_H, BLOCK_W, BLOCK_R, BLOCK_O)
     elif ring <= R1:
         _spc_weight_grad_case(
             x_ptr, gy_ptr, p0_ptr, p1_ptr, p2_ptr, p3_ptr, dh, dw, chunk, g, r, r_ok, o0, o, o_ok, N, H, W, H_out,
             W_out, x_n, x_h, x_w, x_c, y_n, y_h, y_w, y_c, stride_h, stride_w, dil_h, dil_w, G, TILES_PER_CHUNK,
-            1, NB, STACKED, R0, R1, R2, R3, C_IN, C_OUT, PRECISION, BLOCK_H, BLOCK_W, BLOCK_R, BLOCK_O)
+            1, NB, STACKED, PAIR, R0, R1, R2, R3, C_IN, C_OUT, PRECISION, BLOCK_H, BLOCK_W, BLOCK_R, BLOCK_O)
     elif ring <= R2:
         _spc_weight_grad_case(
             x_ptr, gy_ptr, p0_ptr, p1_ptr, p2_ptr, p3_ptr, dh, dw, chunk, g, r, r_ok, o0, o, o_ok, N, H, W, H_out,
             W_out, x_n, x_h, x_w, x_c, y_n, y_h, y_w, y_c, stride_h, stride_w, dil_h, dil_w, G, TILES_PER_CHUNK,
-            2, NB, STACKED, R0, R1, R2, R3, C_IN, C_OUT, PRECISION, BLOCK_H, BLOCK_W, BLOCK_R, BLOCK_O)
+            2, NB, STACKED, PAIR, R0, R1, R2, R3, C_IN, C_OUT, PRECISION, BLOCK_H, BLOCK_W, BLOCK_R, BLOCK_O)
     else:
         _spc_weight_grad_case(
             x_ptr, gy_ptr, p0_ptr, p1_ptr, p2_ptr, p3_ptr, dh, dw, chunk, g, r, r_ok, o0, o, o_ok, N, H, W, H_out,
             W_out, x_n, x_h, x_w, x_c, y_n, y_h, y_w, y_c, stride_h, stride_w, dil_h, dil_w, G, TILES_PER_CHUNK,
-            3, NB, STACKED, R0, R1, R2, R3, C_IN, C_OUT, PRECISION, BLOCK_H, BLOCK_W, BLOCK_R, BLOCK_O)
+            3, NB, STACKED, PAIR, R0, R1, R2, R3, C_IN, C_OUT, PRECISION, BLOCK_H, BLOCK_W, BLOCK_R, BLOCK_O)
 
 
 @triton.jit
@@ -600,9 +636,13 @@ def _weight_grad_parts(x, grad, kernel_sizes, groups, ins, outs, stride, dilatio
     `mma_config_for`'s); groups, ins and outs per (merged) group."""
     config = config or mma_config_for(ins, outs)
     radii = _radii(kernel_sizes)
-    taps = (2 * max(radii) + 1) ** 2
+    k = 2 * max(radii) + 1
+    pair = config.pair_taps and tuple(stride) == (1, 1)
+    taps = k * _cdiv(k, 2) if pair else k * k  # programs per block and chunk: taps, or pairs of a row
     blocks = groups * _cdiv(ins, config.block_r) * _cdiv(outs, config.block_o)
-    block_h, block_w, tiles_per_chunk, chunks = weight_grad_chunks(x.device, grad.shape, config.block_p, blocks * taps)
+    n, c, h_out, w_out = grad.shape  # pairs run over dilation[1] more columns (`_spc_weight_grad_stacked_tap`)
+    block_h, block_w, tiles_per_chunk, chunks = weight_grad_chunks(
+        x.device, (n, c, h_out, w_out + dilation[1] * pair), config.block_p, blocks * taps)
     parts = [torch.empty((chunks, k, k, groups, ins, outs), dtype=torch.float32, device=x.device) for k in kernel_sizes]
     s, d = x.stride(), grad.stride()
     # taps vary fastest: the programs in flight share a chunk of x and of the output gradients
@@ -611,8 +651,8 @@ def _weight_grad_parts(x, grad, kernel_sizes, groups, ins, outs, stride, dilatio
         grad.shape[2], grad.shape[3], s[0], s[2], s[3], s[1], d[0], d[2], d[3], d[1],
         stride[0], stride[1], dilation[0], dilation[1], groups, tiles_per_chunk,
         R0=radii[0], R1=radii[1], R2=radii[2], R3=radii[3], R_MAX=max(radii), NB=len(kernel_sizes), C_IN=ins,
-        C_OUT=outs, PRECISION=_precision(x), STACKED=config.stack_branches, BLOCK_H=block_h, BLOCK_W=block_w,
-        BLOCK_R=config.block_r, BLOCK_O=config.block_o,
+        C_OUT=outs, PRECISION=_precision(x), STACKED=config.stack_branches, PAIR=pair, BLOCK_H=block_h,
+        BLOCK_W=block_w, BLOCK_R=config.block_r, BLOCK_O=config.block_o,
         num_warps=config.num_warps, num_stages=config.num_stages)
     return parts
 
