@@ -17,7 +17,8 @@ gradients. At stride > 1 that walk would mask most taps, so each branch runs `_t
 phased kernel and the shares are added. The weight gradients: one program per tap of the largest
 kernel reads each shifted input tile once for every branch that reaches the tap, and sums its
 products with each branch's output gradient (one product per branch, or one for all of them side
-by side: `Config.stack_branches`), per chunk of pixels (added afterwards in fp32).
+by side: `Config.stack_branches`; or, at stride 1, one program per two adjacent taps from one read
+of each input tile: `Config.pair_taps`), per chunk of pixels (added afterwards in fp32).
 
 Branches fuse when they are grouped convs of the same input with the same merged groups (input
 and output channels per group), stride and dilation, odd kernels in ascending order, and padding
