@@ -108,9 +108,11 @@ stage amp_fp16_b128 135 $PYTHON benchmarks/benchmark.py $BENCH_ARGS --batch-size
 stage profile 60 $PYTHON benchmarks/step_profile.py --batch-size $B128 \
     --models resnet50 epsanet50_small epsanet50_small@dense epsanet50_small@grouped \
     $PROFILE_ARGS --json "$OUT_DIR/profile.json"
-# each PSA's branches together: the fused kernels against the same kernels one branch at a time, and cuDNN
+# each PSA's branches together: the fused kernels against cuDNN's grouped and dense forms, Small's
+# four stages first (the first run reached stage 3 in 20 s; one branch at a time, 'triton_mma',
+# trained slower than both there and is the model table's @triton_mma row)
 stage psa 30 $PYTHON benchmarks/psa_branches.py --whole-psa --device $DEVICE $AMP $BRANCH_ARGS \
-    --layouts channels_last --forms grouped dense triton_mma triton_spc --json "$OUT_DIR/psa.json"
+    --layouts channels_last --forms grouped dense triton_spc --json "$OUT_DIR/psa.json"
 # the fused kernels of stage 1's PSAs on their default tile (loads pipelined, past L1) and with the
 # loads unpipelined (through L1), then the forward and input gradient pipelined 2 deep and on half
 # the pixels, the weight gradient with its branches in one product and with its taps in pairs: the
