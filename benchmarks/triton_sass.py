@@ -109,7 +109,7 @@ def build_spc_sm90(kind: str, dtype: str, kernel_sizes, c_in: int, c_out: int, w
         consts.update(C_IN=c_in, C_OUT=c_out, BLOCK_H=cfg.block_p // block_w, BLOCK_W=block_w, NB=len(kernel_sizes),
                       STACKED=cfg.stack_branches, PAIR=cfg.pair_taps)
     else:
-        consts.update(C_RED=c_red, C_OUT=c_written, BLOCK_P=cfg.block_p)
+        consts.update(C_RED=c_red, C_OUT=c_written, BLOCK_P=cfg.block_p, TILE_W=cfg.tile_w)
     return (cfg, *_build(SPC_KERNELS[kind], dtype, consts, cfg.num_warps, layout, num_stages=cfg.num_stages))
 
 

@@ -46,15 +46,18 @@ def triton_shapes(variants, stages=(1, 2, 3, 4), size=None):
 
 def neighbour_tiles(default, kind='forward', tensor_cores=False, fused=False):
     """`default` first, then the tiles one step away from it. On tensor cores the loads' pipeline
-    depth 1 first (loads through L1, see `Config`), then the fused weight gradient's branches in
-    one product or one each, and its taps in pairs (through L1), the depth 2 (less shared memory,
-    more blocks per multiprocessor), and the weight gradient's taps per program: the steps most
-    likely to matter. Each tap re-reads a
+    depth 1 first (loads through L1, see `Config`), then the fused forward and input gradient
+    through L1 on tiles of 16 x 8 pixels (whose copies one tap apart overlap more than a run of
+    128), the fused weight gradient's branches in one product or one each, and its taps in pairs
+    (through L1), the depth 2 (less shared memory, more blocks per multiprocessor), and the weight
+    gradient's taps per program: the steps most likely to matter. Each tap re-reads a
     tile that mostly overlaps the last one, and on the H200 the fused forward's time matched
     reading every tap's tile from L2 at about its bandwidth (benchmarks/README.md)."""
     tiles = [default]
     if tensor_cores:  # the CUDA-core kernels feed no `tl.dot`: Triton pipelines none of their loads
         tiles += [default._replace(num_stages=s) for s in (1, 2) if s != default.num_stages]
+    if fused and kind != 'grad_weight':  # after the loads through L1: with them, on tiles of 16 x 8 pixels
+        tiles.insert(2, default._replace(num_stages=1, tile_w=8))
     if fused and kind == 'grad_weight':  # after the loads through L1, before the depth of 2
         tiles.insert(2, default._replace(stack_branches=not default.stack_branches))
         # two taps per program, loads through L1: pipelined, a pair's shared memory leaves one block
@@ -197,7 +200,7 @@ def main(argv=None):
     device = torch.device(args.device)
     print(f'{device}, batch {args.batch_size}, {args.dtype}, channels-last; ms per kernel call')
     print('| variant | stage | chs | size | k | groups | kernels | kernel '
-          '| tile (P, G, R, O, warps, T, stages, stacked, pairs) | ms | x default | equal |')
+          '| tile (P, G, R, O, warps, T, stages, stacked, pairs, tile_w) | ms | x default | equal |')
     print('|---|---|---|---|---|---|---|---|---|---|---|---|')
     rows = []
     psas = [dict(psa, size=args.size or psa['size']) for psa in psa_stages(args.variants) if psa['stage'] in args.stages]

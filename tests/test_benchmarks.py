@@ -328,8 +328,9 @@ def test_cuda_run_fits_in_8_minutes():
 
 def test_cuda_run_times_the_fused_kernels_candidate_tiles():
     """run_cuda.sh's default tiles_spc stage reaches, within the tiles it lets each fused kernel
-    time, the candidates it exists for: every kernel's loads through L1 (unpipelined), and the
-    weight gradient's branches in one product and its taps in pairs."""
+    time, the candidates it exists for: every kernel's loads through L1 (unpipelined), the forward
+    and input gradient also on 2D pixel tiles, the weight gradient's branches in one product and
+    its taps in pairs."""
     script = (BENCHMARKS / 'run_cuda.sh').read_text()
     default = next(line for line in script.splitlines() if line.startswith('DEFAULT_STAGES=')).split('"')[1].split()
     start = script.index('\nstage tiles_spc ')
@@ -348,6 +349,7 @@ def test_cuda_run_times_the_fused_kernels_candidate_tiles():
         assert tiles[0] == default_tile and any(t.num_stages == 1 for t in tiles), (kind, tiles)
         assert any(t.stack_branches for t in tiles) == (kind == 'grad_weight'), (kind, tiles)
         assert any(t.pair_taps and t.num_stages == 1 for t in tiles) == (kind == 'grad_weight'), (kind, tiles)
+        assert any(t.tile_w and t.num_stages == 1 for t in tiles) == (kind != 'grad_weight'), (kind, tiles)
 
 
 def test_cuda_checks_cover_every_grouped_branch_and_psa():

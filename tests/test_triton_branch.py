@@ -430,6 +430,35 @@ def check_stacked_weight_grad() -> dict:
     return errors
 
 
+def check_fused_pixel_tiles() -> dict:
+    """The fused forward and input gradient on tiles of rows x columns (`Config.tile_w`) instead of
+    a run of consecutive pixels, against float64: tiles 2 x 8 on an output 7 x 9 (partial tiles
+    on both axes), 8 x 2 at stride 2, 2 x 8 at dilation 2."""
+    import torch.nn.functional as F
+    from timm_epsanet import _triton_spc as tsp
+    from timm_epsanet._triton_branch import mma_config_for
+    errors = {}
+    for name, kernels, groups, stride, dilation, size, tile_w in (
+            ('4 branches', (3, 5, 7, 9), 1, 1, 1, (7, 9), 8),
+            ('3 branches, stride 2', (5, 7, 9), 2, 2, 1, (9, 10), 2),
+            ('2 branches, dilation 2', (7, 9), 1, 1, 2, (6, 11), 8)):
+        x = torch.randn(1, 16 * groups, *size).contiguous(memory_format=torch.channels_last)
+        weights = [torch.randn(16 * groups, 16, k, k) / k for k in kernels]
+        x_ref = x.double().requires_grad_()
+        y_ref = torch.cat([F.conv2d(x_ref, w.double(), None, stride, dilation * (w.shape[-1] // 2), dilation, groups)
+                           for w in weights], 1)
+        config = mma_config_for(16, 16)._replace(block_p=16, tile_w=tile_w)
+        y = torch.empty(y_ref.shape).contiguous(memory_format=torch.channels_last)
+        y = tsp._launch(x, weights, y, (stride, stride), (dilation, dilation), groups, False, config=config)
+        errors[f'{name}, forward'] = rel_err(y, y_ref)
+        if stride == 1:  # the fused input gradient's stride
+            grad = torch.randn(y_ref.shape).contiguous(memory_format=torch.channels_last)
+            (gx_ref,) = torch.autograd.grad(y_ref, x_ref, grad.double())
+            gx = tsp._launch(grad, weights, torch.empty_like(x), (1, 1), (dilation, dilation), groups, True, config)
+            errors[f'{name}, input gradient'] = rel_err(gx, gx_ref)
+    return errors
+
+
 def check_pipeline_depth() -> dict:
     """The load-pipeline depth each tensor-core kernel is launched with on a tile of `num_stages=1`,
     as the tile sweep's neighbour passes it to the launch functions: kernel name -> depths seen."""
@@ -474,7 +503,8 @@ def interpreter_results() -> dict:
                 spc_compile=check_spc_compile(),
                 wide_weight_grad=check_wide_weight_grad(),
                 pipeline_depth=check_pipeline_depth(),
-                stacked_weight_grad=check_stacked_weight_grad())
+                stacked_weight_grad=check_stacked_weight_grad(),
+                fused_pixel_tiles=check_fused_pixel_tiles())
 
 
 @pytest.fixture(scope='module')
@@ -595,6 +625,13 @@ def test_fused_weight_gradient_in_one_product_equals_the_convs(interpreted):
     assert len(errors) == 5 and all(e <= 1e-5 for e in errors.values()), errors
 
 
+def test_fused_kernels_on_tiles_of_rows_and_columns_equal_the_convs(interpreted):
+    """The fused forward and input gradient on 2D pixel tiles (the tile sweep's alternative to a
+    run of consecutive pixels) cover every output pixel once, partial tiles masked."""
+    errors = interpreted['fused_pixel_tiles']
+    assert len(errors) == 5 and all(e <= 1e-5 for e in errors.values()), errors
+
+
 def test_a_tiles_load_pipeline_depth_reaches_every_tensor_core_launch(interpreted):
     """A tile's `num_stages` (the tile sweep times 1 and 2 beside Triton's default 3) is what each
     tensor-core kernel, alone and fused, is launched with: else the sweep would time the default
@@ -617,8 +654,9 @@ def test_kernels_compile_for_hopper_without_spills(tmp_path):
     for sm_90 (no GPU needed: triton's own ptxas and cuobjdump) without spilling registers, with
     the shared memory a Hopper block may have, and its innermost loop multiplies on the unit it is written for: tensor cores (Hopper's
     warpgroup MMA) for the tensor-core kernels, fused ones included, FFMA on CUDA cores for the others.
-    The fused kernels also build with their loads unpipelined, which then go through L1, and the
-    fused weight gradient with its branches in one product, and with its taps in pairs."""
+    The fused kernels also build with their loads unpipelined, which then go through L1, the
+    forward and input gradient so on 2D pixel tiles, and the fused weight gradient with its
+    branches in one product, and with its taps in pairs."""
     pytest.importorskip('triton')
     import triton
     if not (Path(triton.__file__).parent / 'backends' / 'nvidia' / 'bin' / 'cuobjdump').exists():
@@ -644,13 +682,19 @@ def test_kernels_compile_for_hopper_without_spills(tmp_path):
         from triton_sass import KERNELS, build_spc_sm90, build_sm90, fused_loop, resources
     finally:
         sys.path.remove(str(ROOT / 'benchmarks'))
+    from timm_epsanet._triton_branch import mma_config_for
     for kind in ('forward', 'grad_input', 'grad_weight'):  # the tile sweep's first neighbour: loads through L1
         cfg, report, sass, shared = build_spc_sm90(kind, 'fp16', (3, 5, 7, 9), 64, 16, num_stages=1)
         built = resources(report, shared, cfg.num_warps)
         assert built['spill_bytes'] == 0 and built['blocks_per_sm'] >= 1, (kind, built)
         assert fused_loop(sass, cfg.num_warps)['tap_loads'] == 'L1', kind
+        if kind != 'grad_weight':  # and on tiles of 16 x 8 pixels
+            cfg = cfg._replace(tile_w=8)
+            cfg, report, sass, shared = build_spc_sm90(kind, 'fp16', (3, 5, 7, 9), 64, 16, config=cfg)
+            built = resources(report, shared, cfg.num_warps)
+            assert built['spill_bytes'] == 0 and built['blocks_per_sm'] >= 1, (kind, built)
+            assert fused_loop(sass, cfg.num_warps)['tap_loads'] == 'L1', kind
     # and its weight gradient with the branches reaching a tap in one product, as wide as all four
-    from timm_epsanet._triton_branch import mma_config_for
     cfg = mma_config_for(64, 16)._replace(stack_branches=True)
     cfg, report, sass, shared = build_spc_sm90('grad_weight', 'fp16', (3, 5, 7, 9), 64, 16, config=cfg)
     built = resources(report, shared, cfg.num_warps)

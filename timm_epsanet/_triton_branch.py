@@ -335,7 +335,10 @@ class Config(NamedTuple):
     reaches the tap, one narrow product per branch, or (`stack_branches`) by theirs side by side,
     one product as wide as all of them (3 branches as wide as 4); with `pair_taps`, at stride 1,
     each program takes two adjacent taps of a row, stacked, and reads each input tile once for
-    both (the second tap's product pairs it with the output gradient one column over)."""
+    both (the second tap's product pairs it with the output gradient one column over). The fused
+    forward and input gradient take `block_p` consecutive pixels, or with `tile_w` a tile of
+    `block_p // tile_w` rows x `tile_w` columns, whose copies shifted by one tap overlap more
+    (for L1, where the loads go through it)."""
     block_p: int
     block_g: int
     block_r: int
@@ -345,6 +348,7 @@ class Config(NamedTuple):
     num_stages: int = 3
     stack_branches: bool = False
     pair_taps: bool = False
+    tile_w: int = 0
 
 
 @functools.lru_cache(maxsize=None)  # a pure function of a few ints, asked at every launch

@@ -78,6 +78,19 @@ def _tap_weight(w_ptr, RADIUS: tl.constexpr, dh, dw, g, red, red_ok, out, out_ok
                    mask=red_ok[:, None] & out_ok[None, :], other=0.0)
 
 
+@triton.jit
+def _fused_pixels(pid, N, H_dst, W_dst, BLOCK_P: tl.constexpr, TILE_W: tl.constexpr):
+    """The destination pixels of a fused program (image, row, column, exists): BLOCK_P consecutive
+    pixels (TILE_W 0), or BLOCK_P // TILE_W rows x TILE_W columns of one image (`Config.tile_w`),
+    whose shifted copies overlap more from one tap to the next: L1's reuse, where loads go
+    through it."""
+    if TILE_W == 0:
+        n, oh, ow, p_ok, _, _, _, _ = _dst_pixels(pid, N, H_dst, W_dst, 1, 1, 0, 0, BLOCK_P, False)
+    else:
+        n, oh, ow, p_ok = _tile_pixels(pid, H_dst, W_dst, BLOCK_P // TILE_W, TILE_W)
+    return n, oh, ow, p_ok
+
+
 # sizes are not specialized on (a batch of 2 compiles what a batch of 128 runs); strides are
 @triton.jit(do_not_specialize=['N', 'H', 'W', 'H_out', 'W_out'])
 def _spc_mma_kernel(
@@ -90,14 +103,14 @@ def _spc_mma_kernel(
         R0: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr,  # radii; -1: no branch
         R_MAX: tl.constexpr,
         C_RED: tl.constexpr, C_OUT: tl.constexpr, PRECISION: tl.constexpr,
-        BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr,
+        BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr, TILE_W: tl.constexpr,
 ):
     """y[p, b*G*C_OUT + g*C_OUT + o] = sum over the taps (dh, dw) of branch b's kernel and r of
     x[p*stride + (dh, dw)*dil, g*C_RED + r] * w_b[tap, g, r, o], for up to 4 branches b of radii
-    R0 <= R1 <= R2 <= R3. Each program: one tile of pixels, one group (input slice), BLOCK_O of its
-    written channels, all branches."""
+    R0 <= R1 <= R2 <= R3. Each program: one tile of pixels (`_fused_pixels`), one group (input
+    slice), BLOCK_O of its written channels, all branches."""
     g, o, o_ok = _group_block(C_OUT, BLOCK_O)
-    n, oh, ow, p_ok, _, _, _, _ = _dst_pixels(tl.program_id(0), N, H_out, W_out, 1, 1, 0, 0, BLOCK_P, False)
+    n, oh, ow, p_ok = _fused_pixels(tl.program_id(0), N, H_out, W_out, BLOCK_P, TILE_W)
     r_block = tl.arange(0, BLOCK_R)
     # each tap reads the centre's pixel shifted by a scalar: its address and bounds are one add each
     oh = oh * stride_h
@@ -164,14 +177,14 @@ def _spc_grad_input_mma_kernel(
         G,
         R0: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr, R_MAX: tl.constexpr,
         C_RED: tl.constexpr, C_OUT: tl.constexpr, PRECISION: tl.constexpr,
-        BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr,
+        BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr, TILE_W: tl.constexpr,
 ):
     """The input gradient of `_spc_mma_kernel` at stride 1: gx[p, g*C_OUT + i] = sum over branches b,
     their taps (dh, dw) and r of gy[p - (dh, dw)*dil, b*G*C_RED + g*C_RED + r] * w_b[tap, g, i, r]
     (reduced: a branch's outputs per group, C_RED; written: the group's inputs, C_OUT; the weights
     group-transposed: (KH, KW, G, C_RED, C_OUT)). One accumulator per program for all branches."""
     g, i, i_ok = _group_block(C_OUT, BLOCK_O)
-    n, ih, iw, p_ok, _, _, _, _ = _dst_pixels(tl.program_id(0), N, H, W, 1, 1, 0, 0, BLOCK_P, False)
+    n, ih, iw, p_ok = _fused_pixels(tl.program_id(0), N, H, W, BLOCK_P, TILE_W)
     r_block = tl.arange(0, BLOCK_R)
     branch = G * C_RED * y_c  # channel offset from one branch's output gradients to the next's
     centre = n * y_n + ih * y_h + iw * y_w
@@ -612,7 +625,11 @@ def _launch_tiles(src, tiles, dst, stride, dilation, transposed, config=None):
     n, _, h_dst, w_dst = dst.shape
     x = dst if transposed else src  # the conv's input and output sizes
     y = src if transposed else dst
-    grid = (_cdiv(n * h_dst * w_dst, config.block_p), groups * _cdiv(c_out, config.block_o))
+    if config.tile_w:  # tiles of block_p // tile_w rows x tile_w columns (`_fused_pixels`)
+        pixel_tiles = n * _cdiv(h_dst, config.block_p // config.tile_w) * _cdiv(w_dst, config.tile_w)
+    else:
+        pixel_tiles = _cdiv(n * h_dst * w_dst, config.block_p)
+    grid = (pixel_tiles, groups * _cdiv(c_out, config.block_o))
     s, d = src.stride(), dst.stride()
     kernel = _spc_grad_input_mma_kernel if transposed else _spc_mma_kernel
     kernel[grid](
@@ -620,7 +637,7 @@ def _launch_tiles(src, tiles, dst, stride, dilation, transposed, config=None):
         y.shape[3], s[0], s[2], s[3], s[1], d[0], d[2], d[3], d[1], stride[0], stride[1], dilation[0], dilation[1],
         groups, R0=radii[0], R1=radii[1], R2=radii[2], R3=radii[3], R_MAX=max(radii), C_RED=c_red, C_OUT=c_out,
         PRECISION=_precision(src), BLOCK_P=config.block_p, BLOCK_R=config.block_r, BLOCK_O=config.block_o,
-        num_warps=config.num_warps, num_stages=config.num_stages)
+        TILE_W=config.tile_w, num_warps=config.num_warps, num_stages=config.num_stages)
     return dst
 
 
