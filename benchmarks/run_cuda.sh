@@ -40,7 +40,8 @@ if [ "${1:-}" = --dry-run ]; then
     BENCH_ARGS="--device cpu --img-size 64 --iters 1 --warmup 1"
     B128=2 B256=4 BRANCH_ARGS="--batch-size 1 --iters 1 --variants small" AMP=  # CPU bf16 dense convs: minutes
     TUNE_ARGS="--batch-size 2 --img-size 32 --rounds 1 --threads 2"
-    TILE_ARGS="--device cpu --dtype float32 --batch-size 1 --stages 1 --size 4 --max-shapes 1 --max-tiles 2 --iters 1 --warmup 0"
+    TILE_SHAPES="--dtype float32 --size 4 --max-shapes 1"
+    TILE_ARGS="--device cpu $TILE_SHAPES --batch-size 1 --stages 1 --max-tiles 2 --iters 1 --warmup 0"
     WARM_ARGS="--device cpu --processes 1 --max-launches 1 --size 4"
     PROFILE_ARGS="--device cpu --img-size 32 --iters 1 --top 3"
     PEERS="resnet50" EPSANETS="epsanet50_small@triton_spc" OTHER_FORMS="epsanet50_small@dense"
@@ -51,11 +52,14 @@ else
     BENCH_ARGS="--device cuda --one-process --iters 20"
     B128=128 B256=256 BRANCH_ARGS="--batch-size 128 --iters 5" AMP=--amp
     TUNE_ARGS="--batch-size 128 --rounds 5"
+    TILE_SHAPES=""
     TILE_ARGS="--device cuda --batch-size 128 --iters 10"
     WARM_ARGS="--processes 12"
     PROFILE_ARGS=""
 fi
 STAGES=${STAGES:-$DEFAULT_STAGES}
+# the tiles_spc stage's sweep: the fused kernels of stage 1's PSAs, 4 tiles each (compiled by the warm stage)
+TILES_SPC="--kernels spc --stages 1 --max-tiles 4"
 # NCHW branches and the CUDA-core kernels run only in the per-branch timings: compiled first only
 # when those run (the warm stage ran out of its limit in the first run)
 case " $STAGES " in
@@ -96,8 +100,10 @@ else:
 print(f'Machine: {gpu}, torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}, '
       f'triton {triton_version}, timm {timm.__version__}')
 EOF
-# every Triton kernel the stages below run, compiled first on 12 processes into Triton's cache
-stage warm 45 $PYTHON benchmarks/triton_warmup.py $WARM_ARGS --layouts $WARM_LAYOUTS --forms $WARM_FORMS
+# every Triton kernel the stages below run, compiled first on 12 processes into Triton's cache, the
+# tiles_spc stage's too (that stage would otherwise compile its candidates one by one in its limit)
+stage warm 45 $PYTHON benchmarks/triton_warmup.py $WARM_ARGS --layouts $WARM_LAYOUTS --forms $WARM_FORMS \
+    --tiles "$TILE_SHAPES $TILES_SPC"
 # the fused kernels on every PSA first (18 checks took 50 s in the first run), every form last
 stage checks 40 $PYTHON benchmarks/cuda_checks.py fused attention cpu grads forms --device $DEVICE $TINY
 # the targets: AMP fp16, channels-last, eager; peers first, every ratio needs resnet50
@@ -114,12 +120,10 @@ stage profile 60 $PYTHON benchmarks/step_profile.py --batch-size $B128 \
 stage psa 30 $PYTHON benchmarks/psa_branches.py --whole-psa --device $DEVICE $AMP $BRANCH_ARGS \
     --layouts channels_last --forms grouped dense triton_spc --json "$OUT_DIR/psa.json"
 # the fused kernels of stage 1's PSAs on their default tile (loads pipelined, past L1) and with the
-# loads unpipelined (through L1), then the forward and input gradient pipelined 2 deep and on half
-# the pixels, the weight gradient with its branches in one product and with its taps in pairs: the
-# first H200 run's fused forward read every tap's tile from L2 at about its bandwidth; each new tile
-# compiles here (about a second a kernel)
-stage tiles_spc 20 $PYTHON benchmarks/triton_tiles.py $TILE_ARGS --kernels spc --stages 1 --max-tiles 4 \
-    --json "$OUT_DIR/tiles_spc.json"
+# loads unpipelined (through L1), then the forward and input gradient through L1 on 2D pixel tiles
+# and pipelined 2 deep, the weight gradient with its branches in one product and with its taps in
+# pairs: the first H200 run's fused forward read every tap's tile from L2 at about its bandwidth
+stage tiles_spc 20 $PYTHON benchmarks/triton_tiles.py $TILE_ARGS $TILES_SPC --json "$OUT_DIR/tiles_spc.json"
 stage compile 35 $PYTHON benchmarks/cuda_checks.py compile --device $DEVICE $TINY
 # branch tuning (training first) against the rules, as users get it: without the Triton kernels
 # (TIMM_EPSANET_TRITON=0, the default) the cuDNN forms only, whose first use should cost seconds;

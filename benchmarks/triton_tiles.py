@@ -124,7 +124,7 @@ def measure_fused(psa, args, device):
     ins, outs = weights[0].shape[1], weights[0].shape[0] // groups
     kernels = [convs[i].kernel_size[0] for i in run]
     rows = []
-    for kind in KINDS:
+    for kind in args.kinds:
         run_tile = fused_runner(kind, x, weights, grad / grad.numel() ** 0.5, groups)
         default = mma_config_for(outs, ins) if kind == 'grad_input' else mma_config_for(ins, outs)
         default = default._replace(block_t=1)  # the fused weight gradient takes one tap per program
@@ -174,7 +174,7 @@ def measure(shape, args, device):
             continue  # the fused kernels: `measure_fused`, per PSA
         merged = block_diagonal_weight(weight, groups, merge) if merge > 1 else weight
         in_per_group = chs // groups * merge
-        for kind in KINDS:
+        for kind in args.kinds:
             run = kernel_runner(kind, groups // merge, k, x, merged, grad, tensor_cores)
             default = default_tile(kind, groups // merge, in_per_group, outs * merge, k, tensor_cores)
             rows += timed_tiles(run, default, kind, tensor_cores, args, device, dict(shape, kernels=kernels, merge=merge))
@@ -191,6 +191,7 @@ def main(argv=None):
     parser.add_argument('--variants', nargs='+', default=['small'], choices=['small', 'large'])
     parser.add_argument('--kernels', nargs='+', default=list(KERNELS), choices=KERNELS,
                         help='the kernel families, in this order per branch')
+    parser.add_argument('--kinds', nargs='+', default=list(KINDS), choices=KINDS, help='the kernels of each family')
     parser.add_argument('--stages', nargs='+', type=int, default=[1, 2, 3, 4], choices=[1, 2, 3, 4])
     parser.add_argument('--size', type=int, default=None, help='every branch at this resolution (CPU checks)')
     parser.add_argument('--max-shapes', type=int, default=None)

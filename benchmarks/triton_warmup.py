@@ -14,7 +14,10 @@ spread over `--processes`.
     TRITON_INTERPRET=1 python benchmarks/triton_warmup.py --device cpu --processes 1 --max-launches 1 --size 4   # the code path
 """
 import argparse
+import contextlib
+import io
 import multiprocessing
+import shlex
 import time
 from functools import partial
 
@@ -59,10 +62,25 @@ def _fused_psa(psa, plans, x):
     return psa._attention_by_triton(psa.convs.run_plans(x, plans))
 
 
+def tile_launches(tile_args: str):
+    """One launch per kernel kind of `triton_tiles.py` with `tile_args` (its arguments, as
+    run_cuda.sh's tiles_spc stage passes them): each of its tiles run once on batch 2, which
+    compiles them, so that the stage times them instead of compiling them one by one."""
+    import triton_tiles
+    return [('tiles', kind, tile_args) for kind in triton_tiles.KINDS] if tile_args else []
+
+
 def run(device, batch):
     from timm_epsanet._branch_conv import BranchConv2d
     from timm_epsanet.psa import PyramidSqueezeAttention
     for launch in batch:
+        if launch[0] == 'tiles':
+            import triton_tiles
+            _, kind, tile_args = launch
+            with contextlib.redirect_stdout(io.StringIO()):  # its table: timings of batch 2, meaningless
+                triton_tiles.main(shlex.split(tile_args) + [
+                    '--kinds', kind, '--device', device, '--batch-size', '2', '--iters', '1', '--warmup', '0'])
+            continue
         if launch[0] == 'psa':
             _, chs, groups, stride, size, dtype, layout = launch
             module = PyramidSqueezeAttention(chs, stride=stride, groups=groups, branch_form='triton_spc')
@@ -93,14 +111,15 @@ def main(argv=None):
                         help="the single branches' layouts (the models and fused PSAs run channels-last)")
     parser.add_argument('--forms', nargs='+', default=['triton_mma', 'triton'], choices=['triton_mma', 'triton'],
                         help="the single branches' Triton forms: tensor-core kernels, CUDA-core kernels")
+    parser.add_argument('--tiles', default='', help="also the tiles of `triton_tiles.py` with these arguments")
     args = parser.parse_args(argv)
-    todo = (fused_launches(args.size)[:args.max_launches]
+    todo = (tile_launches(args.tiles) + fused_launches(args.size)[:args.max_launches]
             + launches(args.size, args.layouts, args.forms)[:args.max_launches])
     start = time.perf_counter()
     with multiprocessing.get_context('spawn').Pool(args.processes) as pool:
         done = sum(pool.starmap(run, [(args.device, todo[i::args.processes]) for i in range(args.processes)]))
-    print(f'{done} PSAs and branch convs (forward and both gradients) run in {time.perf_counter() - start:.0f} s '
-          f'on {args.processes} processes')
+    print(f'{done} PSAs, branch convs (forward and both gradients) and tile sweeps run in '
+          f'{time.perf_counter() - start:.0f} s on {args.processes} processes')
 
 
 if __name__ == '__main__':

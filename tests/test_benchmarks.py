@@ -235,7 +235,7 @@ def test_triton_warmup_covers_every_grouped_branch_of_the_models():
     env = dict(os.environ, OMP_NUM_THREADS='1', TRITON_INTERPRET='1')
     out = subprocess.run([sys.executable, str(BENCHMARKS / 'triton_warmup.py'), '--device', 'cpu', '--processes', '1',
                           '--max-launches', '1', '--size', '4'], check=True, capture_output=True, text=True, env=env)
-    assert out.stdout.startswith('2 PSAs and branch convs'), out.stdout
+    assert out.stdout.startswith('2 PSAs, branch convs'), out.stdout
 
 
 def test_branch_macs_orders_the_forms_by_their_merges():
@@ -334,9 +334,11 @@ def test_cuda_run_times_the_fused_kernels_candidate_tiles():
     script = (BENCHMARKS / 'run_cuda.sh').read_text()
     default = next(line for line in script.splitlines() if line.startswith('DEFAULT_STAGES=')).split('"')[1].split()
     start = script.index('\nstage tiles_spc ')
-    command = script[start:script.index('\nstage ', start + 1)]  # its two lines
-    assert 'tiles_spc' in default and '--kernels spc' in command
-    max_tiles = int(command.split('--max-tiles')[1].split()[0])
+    command = script[start:script.index('\nstage ', start + 1)]
+    sweep = next(line for line in script.splitlines() if line.startswith('TILES_SPC=')).split('"')[1]
+    assert 'tiles_spc' in default and '$TILES_SPC' in command and '--kernels spc' in sweep
+    assert '--tiles "$TILE_SHAPES $TILES_SPC"' in script[script.index('\nstage warm '):]  # compiled in warm-up
+    max_tiles = int(sweep.split('--max-tiles')[1].split()[0])
     from timm_epsanet._triton_branch import mma_config_for
     sys.path.insert(0, str(BENCHMARKS))
     try:
