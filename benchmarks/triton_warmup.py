@@ -8,6 +8,7 @@ grouped PSA branch of Small and Large (Large's shapes also cover the 101 variant
 kernels ('triton_spc', 'auto' with the kernels) and the attention's on every PSA, at the real resolutions (strides are
 specialized on divisibility) and batch 2 (sizes are not), as `run_cuda.sh` runs them (`LAUNCHES`,
 `FUSED_LAUNCHES`: fp32 weights under autocast, whose casts the weight-preparation kernels do),
+and with `--tiles` the candidate tiles of a `triton_tiles.py` sweep (one process per kernel kind),
 spread over `--processes`.
 
     python benchmarks/triton_warmup.py --processes 12
