@@ -3,9 +3,10 @@
 # compiled first (in parallel, into Triton's cache), correctness of the fused kernels and of every
 # branch form, the model table beside the peers (AMP fp16, channels-last, eager, batch 128, inference
 # and training with peak memory), where the step's time goes (device busy against wall time, the
-# top kernels), whole-PSA timings (the fused kernels against cuDNN), the fused kernels' loads
-# pipelined or through L1, torch.compile with the Triton kernels, branch tuning's first-use cost and
-# plans without and with the Triton kernels, then bf16 and batch 256.
+# top kernels), whole-PSA timings (the fused kernels against cuDNN), the fused kernels' candidate
+# tiles (loads through L1, 2D pixel tiles, the weight gradient's branches stacked and taps paired),
+# torch.compile with the Triton kernels, branch tuning's first-use cost and plans without and with
+# the Triton kernels, then bf16 and batch 256.
 # Stages run in order of importance, each under its own time limit (sized from the first H200 run,
 # 2026-11-28, where every stage of the earlier plan ran out of time), each writing as it goes, so a
 # stage cut short still leaves what it measured. STAGES picks stages; 'branches' (every branch in
