@@ -25,7 +25,8 @@ Why this script and not timm's own benchmark.py: benchmarks/README.md.
 Model names are timm names, optionally with a suffix for EPSANet: `@official` (every PSA runs the
 official code's forward structure, see timm_epsanet/_official.py), or a PSA branch form that applies
 on every device instead of the per-device default: `@grouped`, `@depthwise`, `@volumetric`, `@dense`,
-`@regrouped`, `@triton` or `@triton_mma` (see timm_epsanet._branch_conv.BranchConv2d).
+`@regrouped`, `@triton` or `@triton_mma` (see timm_epsanet._branch_conv.BranchConv2d), or `@cudnn`:
+'auto' as it runs without the Triton kernels (TIMM_EPSANET_TRITON=0), in a run that has them on.
 """
 import argparse
 import csv
@@ -40,6 +41,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 EPSANETS = ['epsanet50_small', 'epsanet50_large', 'epsanet101_small', 'epsanet101_large']
@@ -110,8 +112,8 @@ def create(name, **kwargs):
     name, _, form = name.partition('@')
     if form in BRANCH_FORMS[1:]:
         kwargs['block_args'] = dict(psa_branch_form=form)
-    elif form not in ('', 'official'):
-        raise ValueError(f'unknown model form @{form}: use @official or one of ' + ', '.join(
+    elif form not in ('', 'official', 'cudnn'):
+        raise ValueError(f'unknown model form @{form}: use @official, @cudnn or one of ' + ', '.join(
             '@' + f for f in BRANCH_FORMS[1:]))
     model = timm.create_model(name, **kwargs)
     if form == 'official':
@@ -120,8 +122,26 @@ def create(name, **kwargs):
     return model
 
 
+@contextmanager
+def plans_of(name):
+    """While `name` runs: with '@cudnn', 'auto' without the Triton kernels even where
+    TIMM_EPSANET_TRITON=1 (one process may run several models: restored afterwards)."""
+    from timm_epsanet import _branch_plans
+    saved = _branch_plans.TRITON_IN_AUTO
+    _branch_plans.TRITON_IN_AUTO = saved and not name.endswith('@cudnn')
+    try:
+        yield
+    finally:
+        _branch_plans.TRITON_IN_AUTO = saved
+
+
 def measure(cfg):
-    """One configuration, in this (fresh) process. Returns img/s and peak memory in MiB."""
+    """One configuration, in this process. Returns img/s and peak memory in MiB."""
+    with plans_of(cfg['model']):
+        return _measure(cfg)
+
+
+def _measure(cfg):
     import torch
     if cfg['threads']:
         torch.set_num_threads(cfg['threads'])

@@ -28,9 +28,9 @@ PYTHON=${PYTHON:-python3}  # the GPU image: python3 holds torch
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TIMM_EPSANET_TRITON=1
 PEERS="resnet50 seresnet50 resnext50_32x4d res2net50_26w_4s skresnet50"
 EPSANETS="epsanet50_small epsanet50_large epsanet101_small"
-# the cuDNN forms of the CUDA default without triton (dense at inference, grouped in training), and
-# the tensor-core kernels unfused, last: the first row a stage cut short loses
-OTHER_FORMS="epsanet50_small@dense epsanet50_small@grouped"
+# the CUDA default without triton (@cudnn: per branch the dense form or the grouped conv) and those
+# two forms throughout, and the tensor-core kernels unfused, last: the first row a stage cut short loses
+OTHER_FORMS="epsanet50_small@cudnn epsanet50_small@dense epsanet50_small@grouped"
 UNFUSED_FORMS=epsanet50_small@triton_mma
 DEFAULT_STAGES="warm checks amp_fp16_b128 profile psa tiles_spc compile tuning tuning_triton amp_bf16_b128 amp_fp16_b256"
 if [ "${1:-}" = --dry-run ]; then
@@ -45,7 +45,7 @@ if [ "${1:-}" = --dry-run ]; then
     TILE_ARGS="--device cpu $TILE_SHAPES --batch-size 1 --stages 1 --max-tiles 2 --iters 1 --warmup 0"
     WARM_ARGS="--device cpu --processes 1 --max-launches 1 --size 4"
     PROFILE_ARGS="--device cpu --img-size 32 --iters 1 --top 3"
-    PEERS="resnet50" EPSANETS="epsanet50_small@triton_spc" OTHER_FORMS="epsanet50_small@dense"
+    PEERS="resnet50" EPSANETS="epsanet50_small@triton_spc" OTHER_FORMS="epsanet50_small@cudnn"
     UNFUSED_FORMS="epsanet50_small@triton_mma"
 else
     OUT_DIR=${OUT_DIR:-/tmp/run_cuda}
@@ -111,9 +111,9 @@ stage checks 40 $PYTHON benchmarks/cuda_checks.py fused attention cpu grads form
 stage amp_fp16_b128 135 $PYTHON benchmarks/benchmark.py $BENCH_ARGS --batch-size $B128 --precisions amp \
     --layouts channels_last --models $PEERS $OTHER_FORMS $EPSANETS $UNFUSED_FORMS --out "$OUT_DIR/amp_fp16_b128"
 # device busy against wall time per step, and inference as one CUDA graph: whether faster kernels or
-# fewer launches pay; Small with the Triton kernels, then in the default cuDNN forms
+# fewer launches pay; Small with the Triton kernels, then as 'auto' runs without them (@cudnn)
 stage profile 60 $PYTHON benchmarks/step_profile.py --batch-size $B128 \
-    --models resnet50 epsanet50_small epsanet50_small@dense epsanet50_small@grouped \
+    --models resnet50 epsanet50_small epsanet50_small@cudnn \
     $PROFILE_ARGS --json "$OUT_DIR/profile.json"
 # each PSA's branches together: the fused kernels against cuDNN's grouped and dense forms, Small's
 # four stages first (the first run reached stage 3 in 20 s; one branch at a time, 'triton_mma',

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmark import create, make_step, timed  # run as a script from benchmarks/
+from benchmark import create, make_step, plans_of, timed  # run as a script from benchmarks/
 from psa_branches import write_json
 
 
@@ -96,7 +96,8 @@ def main(argv=None):
     rows = []
     for mode in args.modes:
         for name in args.models:
-            wall, busy, kernels, graph = profile_step(name, mode, device, args)
+            with plans_of(name):
+                wall, busy, kernels, graph = profile_step(name, mode, device, args)
             rows.append(dict(model=name, mode=mode, wall_ms=wall, busy_ms=busy, graph_ms=graph,
                              kernels=[dict(name=k, ms=ms, launches=n) for k, ms, n in kernels]))
             graphed = '' if graph is None else (

@@ -47,6 +47,24 @@ def test_model_forms():
         benchmark.create('epsanet50_small@fast')
 
 
+def test_cudnn_form_runs_auto_without_the_triton_kernels(monkeypatch):
+    """'@cudnn' in a run with TIMM_EPSANET_TRITON=1 (run_cuda.sh's): while that model runs, 'auto'
+    on CUDA picks the cuDNN forms; the models before and after it keep the kernels (CUDA runs
+    every model of a stage in one process)."""
+    from timm_epsanet import _branch_plans
+    monkeypatch.setattr(_branch_plans, 'TRITON_INSTALLED', True)
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(_branch_plans, 'TRITON_IN_AUTO', True)
+    model = benchmark.create('epsanet50_small@cudnn')
+    branch = model.layer1[0].conv2.convs[1]
+    assert branch.form == 'auto' and branch.plan_for('cuda', True)[0] == 'triton_spc'
+    with benchmark.plans_of('epsanet50_small@cudnn'):
+        assert branch.plan_for('cuda', True)[0] == 'dense'
+    with benchmark.plans_of('epsanet50_small'):
+        assert branch.plan_for('cuda', True)[0] == 'triton_spc'
+    assert _branch_plans.TRITON_IN_AUTO
+
+
 def test_results_are_a_csv_with_ratios_machine_and_date(tmp_path):
     path = write_run(tmp_path / 'benchmark-cpu.csv', 'machine A', [('resnet50', 10.0), ('epsanet50_small', 9.0)])
     rows = list(csv.DictReader(path.open()))

@@ -735,17 +735,37 @@ def test_kernels_compile_for_hopper_without_spills(tmp_path):
 
 def test_cuda_rule_with_triton_runs_tensor_cores():
     """'auto' on CUDA with the Triton kernels asked for: every grouped branch on the tensor-core
-    kernels, fused where branches share input slices; a depthwise branch on cuDNN; without them
-    exactly the cuDNN rule."""
+    kernels, fused where branches share input slices; a depthwise branch on cuDNN."""
     from timm_epsanet._branch_plans import cuda_branch_form
     for training in (False, True):
         for groups, in_per_group in ((16, 4), (4, 16), (4, 32), (32, 4)):
-            assert cuda_branch_form(groups, training, in_per_group=in_per_group, triton=True) == 'triton_spc'
-        assert not cuda_branch_form(64, training, in_per_group=1, triton=True).startswith('triton')
-        for groups in (4, 16):
-            previous = 'grouped' if training else 'dense'
-            assert cuda_branch_form(groups, training, in_per_group=4, triton=False) == previous
-    assert cuda_branch_form(32, False, in_per_group=4, triton=False) == 'grouped'
+            for out_channels, stride in ((16, 1), (128, 2)):
+                form = cuda_branch_form(groups, training, in_per_group, True, out_channels, stride)
+                assert form == 'triton_spc', (groups, in_per_group, out_channels, stride)
+        assert not cuda_branch_form(64, training, 1, True, 64).startswith('triton')
+
+
+@pytest.mark.parametrize('training', [False, True])
+def test_cuda_rule_without_triton_takes_the_faster_cudnn_form_per_branch(monkeypatch, training):
+    """'auto' on CUDA without the Triton kernels, per branch of epsanet50_small's PSAs (groups 4,
+    8, 16 of kernels 5, 7, 9): the dense form where an H200 timed it faster than cuDNN's grouped
+    conv (stages 1 and 2, stage 3's branches of 8 or fewer outputs per group), the grouped conv
+    where that was faster (stage 4's branches of 128 outputs, stage 3's kernel 5 of 16 outputs per
+    group), and in training at stride 2, where the dense backward made the whole model train
+    slower (benchmarks/README.md, "The cuDNN forms"). Large's 32 groups stay grouped."""
+    from timm_epsanet import _branch_conv
+    from timm_epsanet.psa import PyramidSqueezeAttention
+    monkeypatch.setattr(_branch_conv, 'triton_in_auto', lambda: False)
+
+    def forms(width, stride=1, groups=(1, 4, 8, 16)):
+        return [c.plan_for('cuda', training)[0] for c in PyramidSqueezeAttention(width, stride=stride, groups=groups).convs[1:]]
+    assert forms(64) == ['dense'] * 3
+    assert forms(128) == ['dense'] * 3
+    assert forms(256) == ['grouped', 'dense', 'dense']
+    assert forms(512) == ['grouped'] * 3
+    assert forms(128, stride=2) == (['grouped'] * 3 if training else ['dense'] * 3)
+    assert forms(256, stride=2) == (['grouped'] * 3 if training else ['grouped', 'dense', 'dense'])
+    assert forms(256, groups=(32, 32, 32, 32)) == ['grouped'] * 3
 
 
 @pytest.mark.parametrize('form', ALL_FORMS)
@@ -769,7 +789,7 @@ def test_triton_form_plans(monkeypatch, form):
     monkeypatch.setattr(_branch_conv, 'triton_in_auto', lambda: True)
     assert [c.plan_for('cuda', False) for c in auto] == [('grouped', 'any')] + [('triton_spc', 'channels_last')] * 3
     monkeypatch.setattr(_branch_conv, 'triton_in_auto', lambda: False)
-    assert [c.plan_for('cuda', False) for c in auto] == [('grouped', 'any')] + [('dense', 'any')] * 3
+    assert [c.plan_for('cuda', False) for c in auto] == [('grouped', 'any')] * 4
 
 
 def test_tensor_core_form_merges_groups_to_sixteen_outputs():

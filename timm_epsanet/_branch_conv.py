@@ -130,7 +130,8 @@ class BranchConv2d(nn.Conv2d):
             # TorchScript runs the kernels' custom ops only where a form names them explicitly
             triton = False if torch.jit.is_scripting() else triton_in_auto()
             form = cuda_branch_form(
-                self.groups, grad_enabled, in_per_group=self.in_channels // self.groups, triton=triton)
+                self.groups, grad_enabled, in_per_group=self.in_channels // self.groups, triton=triton,
+                out_channels=self.out_channels, stride=self.stride[0])
             return form, kernel_layout(form)
         return 'grouped', 'any'
 

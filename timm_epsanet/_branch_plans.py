@@ -72,6 +72,8 @@ def cuda_branch_form(
         training: bool,
         in_per_group: int,
         triton: bool,
+        out_channels: int,
+        stride: int = 1,
 ) -> str:
     """The form of a PSA branch on CUDA, in the caller's layout.
 
@@ -80,13 +82,18 @@ def cuda_branch_form(
     fewer reads of the input). Not the CUDA-core kernels ('triton'): EPSANet's grouped branches
     hold more multiply-adds than CUDA cores can run, even at their peak, in the time a
     ResNet-50-class budget leaves them, while merged groups on tensor cores cost a few times the
-    MACs at many times the rate (benchmarks/branch_macs.py). Otherwise cuDNN: at inference the
-    dense form for up to 16 groups, whose extra MACs cost less than cuDNN's slow grouped kernels;
-    the grouped conv in training, where the dense form's backward costs more than it saves.
+    MACs at many times the rate (benchmarks/branch_macs.py). Otherwise cuDNN, whose grouped
+    kernels are slowest with few outputs per group: there the dense form (the groups merged
+    block-diagonally into one, groups times the MACs on cuDNN's fast dense kernels) costs less,
+    while the branch is narrow. Up to 16 groups of at most 8 outputs in a branch of at most 64
+    outputs: the dense form; wider branches (a late stage's, where a large kernel on a small
+    image mostly multiplies padding) and, in training, strided branches (whose dense backward
+    costs more than it saves): the grouped conv.
     """
     if triton and in_per_group > 1:
         return 'triton_spc'
-    return 'dense' if not training and groups <= 16 else 'grouped'
+    narrow = groups <= 16 and out_channels // groups <= 8 and out_channels <= 64
+    return 'dense' if narrow and (not training or stride == 1) else 'grouped'
 
 
 def kernel_layout(form: str) -> str:
