@@ -5,7 +5,8 @@ A plan is (form, layout): a form of `_branch_forms` ('grouped', 'depthwise', 'vo
 'nchw', 'channels_last', or 'any' (channels-last when the PSA has a channels-last copy of its input
 anyway, else NCHW). The rules come from per-branch and per-PSA timings (benchmarks/psa_branches.py,
 benchmarks/psa_plans.py; their results and the numbers behind each rule are in
-benchmarks/README.md), and on CUDA from arithmetic until a GPU times them (`cuda_branch_form`).
+benchmarks/README.md): on CPU from two machines, on CUDA from an H200's (`cuda_branch_form`; the
+Triton kernels' use from arithmetic, until a GPU times them whole).
 """
 import importlib.util
 import os
