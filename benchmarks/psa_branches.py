@@ -46,8 +46,18 @@ def psa_stages(variants):
                 yield dict(variant=variant, stage=stage, chs=width * widen, size=size, groups=groups)
 
 
-def shapes(variants):
-    for psa in psa_stages(variants):
+def strided_psas(variants, strides=(1,)):
+    """`psa_stages` at each of `strides`, a variant's stride-1 PSAs first: at stride 2 the first
+    block of stages 2-4 (stage 1 keeps the stem's resolution), on an input twice the size."""
+    for variant in (v for v in ('small', 'large') if v in variants):
+        for stride in strides:
+            for psa in psa_stages([variant]):
+                if stride == 1 or psa['stage'] > 1:
+                    yield dict(psa, stride=stride)
+
+
+def shapes(variants, strides=(1,)):
+    for psa in strided_psas(variants, strides):
         for k, g in zip(PSA_KERNELS, psa['groups']):
             yield dict(psa, kernel=k, groups=g)
 
@@ -76,17 +86,18 @@ def candidates(args):
 def measure(shape, args, device):
     """One branch shape (`shapes`), or with --whole-psa one PSA's branches (`psa_stages`), in each
     candidate form and layout."""
-    chs, out_chs = shape['chs'], shape['chs'] // 4
-    x_any = torch.randn(args.batch_size, chs, shape['size'], shape['size'], device=device)
+    chs, out_chs, stride = shape['chs'], shape['chs'] // 4, shape['stride']
+    x_any = torch.randn(args.batch_size, chs, shape['size'] * stride, shape['size'] * stride, device=device)
     amp_dtype = (torch.float16 if device.type == 'cuda' else torch.bfloat16) if args.amp else None
     row = dict(shape)
     for form, layout in candidates(args):
         key = f'{form}/{layout}'
         if args.whole_psa:
-            module = PyramidSqueezeAttention(chs, groups=shape['groups'], branch_form=form, device=device).convs
+            module = PyramidSqueezeAttention(chs, stride=stride, groups=shape['groups'], branch_form=form,
+                                             device=device).convs
         else:
-            module = BranchConv2d(chs, out_chs, shape['kernel'], padding=shape['kernel'] // 2, groups=shape['groups'],
-                                  bias=False, form=form, device=device)
+            module = BranchConv2d(chs, out_chs, shape['kernel'], stride=stride, padding=shape['kernel'] // 2,
+                                  groups=shape['groups'], bias=False, form=form, device=device)
             # 1 input per group or 1 group: nothing to reformulate; regrouped merging none or all groups
             if module.form != form or (form == 'regrouped' and module.regroup in (1, module.groups)):
                 row[f'{key}_infer_ms'] = row[f'{key}_train_ms'] = float('nan')
@@ -107,11 +118,11 @@ def measure(shape, args, device):
         row[f'{key}_infer_ms'] = time_ms(infer, device, args.iters)
         row[f'{key}_train_ms'] = time_ms(train, device, args.iters)
     if args.whole_psa:
-        auto = PyramidSqueezeAttention(chs, groups=shape['groups']).convs
+        auto = PyramidSqueezeAttention(chs, stride=stride, groups=shape['groups']).convs
         row['auto'] = ' / '.join(' '.join(conv.plan_for(device.type, grad, args.amp)[0] for conv in auto)
                                  for grad in (False, True))
     else:
-        auto = BranchConv2d(chs, out_chs, shape['kernel'], groups=shape['groups'], bias=False)
+        auto = BranchConv2d(chs, out_chs, shape['kernel'], stride=stride, groups=shape['groups'], bias=False)
         row['auto'] = ' / '.join(
             '{}/{}'.format(*auto.plan_for(device.type, grad, args.amp)) for grad in (False, True))
     return row
@@ -128,6 +139,8 @@ def main(argv=None):
                         choices=BRANCH_FORMS[1:], help="'triton': CUDA only")
     parser.add_argument('--variants', nargs='+', default=['small', 'large'], choices=['small', 'large'])
     parser.add_argument('--whole-psa', action='store_true', help="each PSA's branches together, one row per PSA")
+    parser.add_argument('--strides', nargs='+', type=int, default=[1], choices=[1, 2],
+                        help="2: also the strided first block of stages 2-4 (after a variant's stride-1 rows)")
     parser.add_argument('--json', type=Path, default=None, help='also write the rows here')
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -136,15 +149,16 @@ def main(argv=None):
     print(f'{device}, batch {args.batch_size}, {"amp" if args.amp else "fp32"}; milliseconds')
     keys = [f'{form}/{layout}' for form, layout in candidates(args)]
     cols = [f'{key} {mode}' for mode in ('infer', 'train') for key in keys]
-    print('| variant | stage | chs | size | k | groups | ' + ' | '.join(cols) + ' | auto picks (infer/train) |')
-    print('|' + '---|' * (7 + len(cols)))
+    print('| variant | stage | stride | chs | size | k | groups | ' + ' | '.join(cols) + ' | auto picks (infer/train) |')
+    print('|' + '---|' * (8 + len(cols)))
     rows = []
-    for shape in psa_stages(args.variants) if args.whole_psa else shapes(args.variants):
+    for shape in strided_psas(args.variants, args.strides) if args.whole_psa else shapes(args.variants, args.strides):
         row = measure(shape, args, device)
         rows.append(row)
         times = [row[f'{key}_{mode}_ms'] for mode in ('infer', 'train') for key in keys]
         groups = ','.join(map(str, row['groups'])) if args.whole_psa else row['groups']
-        print(f'| {row["variant"]} | {row["stage"]} | {row["chs"]} | {row["size"]} | {row.get("kernel", "all")} | '
+        print(f'| {row["variant"]} | {row["stage"]} | {row["stride"]} | {row["chs"]} | {row["size"]} | '
+              f'{row.get("kernel", "all")} | '
               f'{groups} | ' + ' | '.join(f'{t:.3f}' for t in times) + f' | {row["auto"]} |', flush=True)
         if args.json:  # after every row: a run cut short keeps what it measured
             write_json(args.json, device, args, rows)

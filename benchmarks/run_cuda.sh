@@ -5,12 +5,13 @@
 # and training with peak memory), where the step's time goes (device busy against wall time, the
 # top kernels), whole-PSA timings (the fused kernels against cuDNN), the fused kernels' candidate
 # tiles (loads through L1, 2D pixel tiles, the weight gradient's branches stacked and taps paired),
-# torch.compile with the Triton kernels, branch tuning's first-use cost and plans without and with
-# the Triton kernels, then bf16 and batch 256.
+# torch.compile with the Triton kernels, branch tuning's first-use cost and plans without the
+# Triton kernels, then bf16 and batch 256.
 # Stages run in order of importance, each under its own time limit (sized from the first H200 run,
 # 2026-11-28, where every stage of the earlier plan ran out of time), each writing as it goes, so a
 # stage cut short still leaves what it measured. STAGES picks stages; 'branches' (every branch in
-# every form and layout) and 'tiles' (the kernels' tiles) are left out by default: a run of their own.
+# every form and layout), 'tiles' (the kernels' tiles) and 'tuning_triton' are left out by default:
+# a run of their own.
 #   bash benchmarks/run_cuda.sh                              # results in /tmp/run_cuda
 #   OUT_DIR=/tmp/cuda COPY_DIR=$OUT bash benchmarks/run_cuda.sh 2>&1 | tee $OUT/run.log   # on the device tool
 #   STAGES="warm branches tiles" bash benchmarks/run_cuda.sh  # other stages
@@ -32,7 +33,7 @@ EPSANETS="epsanet50_small epsanet50_large epsanet101_small"
 # two forms throughout, and the tensor-core kernels unfused, last: the first row a stage cut short loses
 OTHER_FORMS="epsanet50_small@cudnn epsanet50_small@dense epsanet50_small@grouped"
 UNFUSED_FORMS=epsanet50_small@triton_mma
-DEFAULT_STAGES="warm checks amp_fp16_b128 profile psa tiles_spc compile tuning tuning_triton amp_bf16_b128 amp_fp16_b256"
+DEFAULT_STAGES="warm checks amp_fp16_b128 profile psa tiles_spc compile tuning amp_bf16_b128 amp_fp16_b256"
 if [ "${1:-}" = --dry-run ]; then
     DEFAULT_STAGES="$DEFAULT_STAGES branches tiles"
     export TRITON_INTERPRET=1
@@ -117,21 +118,23 @@ stage profile 60 $PYTHON benchmarks/step_profile.py --batch-size $B128 \
     $PROFILE_ARGS --json "$OUT_DIR/profile.json"
 # each PSA's branches together: the fused kernels against cuDNN's grouped and dense forms, Small's
 # four stages first (the first run reached stage 3 in 20 s; one branch at a time, 'triton_mma',
-# trained slower than both there and is the model table's @triton_mma row)
-stage psa 30 $PYTHON benchmarks/psa_branches.py --whole-psa --device $DEVICE $AMP $BRANCH_ARGS \
-    --layouts channels_last --forms grouped dense triton_spc --json "$OUT_DIR/psa.json"
+# trained slower than both there and is the model table's @triton_mma row), then its strided first
+# blocks of stages 2-4, which no run has timed alone (the CUDA rule chose for them from whole models)
+stage psa 45 $PYTHON benchmarks/psa_branches.py --whole-psa --device $DEVICE $AMP $BRANCH_ARGS \
+    --layouts channels_last --forms grouped dense triton_spc --strides 1 2 --json "$OUT_DIR/psa.json"
 # the fused kernels of stage 1's PSAs on their default tile (loads pipelined, past L1) and with the
 # loads unpipelined (through L1), then the forward and input gradient through L1 on 2D pixel tiles
 # and pipelined 2 deep, the weight gradient with its branches in one product and with its taps in
 # pairs: the first H200 run's fused forward read every tap's tile from L2 at about its bandwidth
 stage tiles_spc 20 $PYTHON benchmarks/triton_tiles.py $TILE_ARGS $TILES_SPC --json "$OUT_DIR/tiles_spc.json"
-stage compile 35 $PYTHON benchmarks/cuda_checks.py compile --device $DEVICE $TINY
+# the first run's compile (then traced twice) passed its check and ran out of time before its timing
+stage compile 40 $PYTHON benchmarks/cuda_checks.py compile --device $DEVICE $TINY
 # branch tuning (training first) against the rules, as users get it: without the Triton kernels
-# (TIMM_EPSANET_TRITON=0, the default) the cuDNN forms only, whose first use should cost seconds;
-# then with them (the rules' plan fused everywhere; the kernels compiled by the warm stage), the
-# plans that mix fused kernels and cuDNN forms per PSA
+# (TIMM_EPSANET_TRITON=0, the default) the cuDNN forms only, whose first use should cost seconds
 stage tuning 25 env TIMM_EPSANET_TRITON=0 $PYTHON benchmarks/branch_tuning.py --device $DEVICE $AMP $TUNE_ARGS \
     --modes train infer --layouts channels_last --json "$OUT_DIR/tuning.json"
+# not by default: tuning with the Triton kernels (the plans that mix fused kernels and cuDNN forms
+# per branch; the psa stage times the same choice per PSA, both strides, in both modes)
 stage tuning_triton 20 $PYTHON benchmarks/branch_tuning.py --device $DEVICE $AMP $TUNE_ARGS \
     --modes train infer --layouts channels_last --json "$OUT_DIR/tuning_triton.json"
 # the other precision and batch size: resnet50 and Small only (each new shape costs cuDNN's benchmark)

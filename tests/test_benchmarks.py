@@ -331,6 +331,19 @@ def test_branch_tuning_script_measures_first_use_and_tuned_throughput(tmp_path):
     assert counts[-1] <= len(plans)
 
 
+def test_psa_branches_times_whole_psas_at_both_strides(tmp_path):
+    """run_cuda.sh's psa stage: each PSA's branches together, Small's stride-1 PSAs first, then the
+    strided first blocks of stages 2-4 (on inputs twice their output size), every form timed."""
+    out = tmp_path / 'psa.json'
+    run_script('psa_branches.py', '--whole-psa', '--batch-size', '1', '--iters', '1', '--variants', 'small',
+               '--layouts', 'channels_last', '--forms', 'grouped', 'dense', '--strides', '1', '2', '--json', str(out))
+    rows = json.loads(out.read_text())['rows']
+    assert [(r['stage'], r['stride']) for r in rows] == [(1, 1), (2, 1), (3, 1), (4, 1), (2, 2), (3, 2), (4, 2)]
+    for row in rows:
+        assert all(row[f'{form}/channels_last_{mode}_ms'] > 0 for form in ('grouped', 'dense')
+                   for mode in ('infer', 'train')), row
+
+
 def test_cuda_run_fits_in_8_minutes():
     """benchmarks/run_cuda.sh on one GPU: the limits of its default stages add up to at most 450 s
     (the first H200 run took 27 s more than its limits: the machine line and process starts), the
