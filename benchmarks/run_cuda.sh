@@ -35,7 +35,7 @@ OTHER_FORMS="epsanet50_small@cudnn epsanet50_small@dense epsanet50_small@grouped
 UNFUSED_FORMS=epsanet50_small@triton_mma
 DEFAULT_STAGES="warm checks amp_fp16_b128 profile psa tiles_spc compile tuning amp_bf16_b128 amp_fp16_b256"
 if [ "${1:-}" = --dry-run ]; then
-    DEFAULT_STAGES="$DEFAULT_STAGES branches tiles"
+    DEFAULT_STAGES="$DEFAULT_STAGES branches tiles tuning_triton"
     export TRITON_INTERPRET=1
     OUT_DIR=${OUT_DIR:-/tmp/run_cuda_dry_run}
     DEVICE=cpu TINY=--tiny SCALE=0  # SCALE=0: stage limits off
