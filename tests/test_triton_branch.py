@@ -490,31 +490,55 @@ def check_pipeline_depth() -> dict:
     return {name: sorted(depths, key=str) for name, depths in seen.items()}
 
 
-def interpreter_results() -> dict:
+def interpreter_checks() -> dict:
+    """Everything that runs the kernels, by the key of its result."""
+    return dict(cases=lambda: {case_id(case, form): check_case(case, form) for form in FORMS for case in CASES},
+                spc=lambda: {spc_case_id(case): check_spc_case(case) for case in SPC_CASES},
+                spc_nchw_kernels=lambda: check_spc_case(SPC_NCHW_CASE, kernel_layout='nchw'),
+                spc_inference=check_spc_inference,
+                prep=check_prep,
+                double_backward=check_double_backward,
+                attention=lambda: {str(i): check_attention(case) for i, case in enumerate(ATTENTION_CASES)},
+                ops=check_ops, compile=lambda: {form: check_compile(form) for form in FORMS},
+                spc_compile=check_spc_compile,
+                wide_weight_grad=check_wide_weight_grad,
+                pipeline_depth=check_pipeline_depth,
+                stacked_weight_grad=check_stacked_weight_grad,
+                fused_pixel_tiles=check_fused_pixel_tiles)
+
+
+# The checks in two subprocesses run at once (one per core of a 2-core machine), of about equal
+# time: about 110 s each on the 2-core Xeon, 215 s in one.
+SHARDS = (('cases', 'spc_nchw_kernels', 'spc_inference', 'prep', 'double_backward', 'attention', 'compile',
+           'spc_compile', 'wide_weight_grad', 'pipeline_depth'),
+          ('spc', 'ops', 'stacked_weight_grad', 'fused_pixel_tiles'))
+
+
+def interpreter_results(shard: int) -> dict:
     torch.manual_seed(0)
-    return dict(cases={case_id(case, form): check_case(case, form) for form in FORMS for case in CASES},
-                spc={spc_case_id(case): check_spc_case(case) for case in SPC_CASES},
-                spc_nchw_kernels=check_spc_case(SPC_NCHW_CASE, kernel_layout='nchw'),
-                spc_inference=check_spc_inference(),
-                prep=check_prep(),
-                double_backward=check_double_backward(),
-                attention={str(i): check_attention(case) for i, case in enumerate(ATTENTION_CASES)},
-                ops=check_ops(), compile={form: check_compile(form) for form in FORMS},
-                spc_compile=check_spc_compile(),
-                wide_weight_grad=check_wide_weight_grad(),
-                pipeline_depth=check_pipeline_depth(),
-                stacked_weight_grad=check_stacked_weight_grad(),
-                fused_pixel_tiles=check_fused_pixel_tiles())
+    checks = interpreter_checks()
+    return {name: checks[name]() for name in SHARDS[shard]}
 
 
 @pytest.fixture(scope='module')
 def interpreted():
-    """Everything that runs the kernels, in one subprocess under TRITON_INTERPRET=1."""
+    """Everything that runs the kernels, in subprocesses under TRITON_INTERPRET=1 (`SHARDS`)."""
     pytest.importorskip('triton')
-    env = dict(os.environ, TRITON_INTERPRET='1', PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')]))
-    run = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-4000:]
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    assert sorted(sum(SHARDS, ())) == sorted(interpreter_checks()), 'each check in one shard'
+    env = dict(os.environ, TRITON_INTERPRET='1', OMP_NUM_THREADS='1',
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')]))
+    runs = [subprocess.Popen([sys.executable, __file__, str(shard)], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for shard in range(len(SHARDS))]
+    results = {}
+    try:
+        for run in runs:
+            out, err = run.communicate(timeout=300)
+            assert run.returncode == 0, err[-4000:]
+            results.update(json.loads(out.strip().splitlines()[-1]))
+    finally:
+        for run in runs:
+            run.kill()
+    return results
 
 
 @pytest.mark.parametrize('form', FORMS)
@@ -885,7 +909,10 @@ def test_cpu_use_never_imports_the_kernels(form):
 if __name__ == '__main__':
     if os.environ.get('TRITON_INTERPRET') != '1':
         sys.exit('run with TRITON_INTERPRET=1: the kernels then run on CPU tensors')
-    print(json.dumps(interpreter_results()))
+    results = {}  # one shard (as the `interpreted` fixture runs them), or all
+    for shard in [int(sys.argv[1])] if len(sys.argv) > 1 else range(len(SHARDS)):
+        results.update(interpreter_results(shard))
+    print(json.dumps(results))
 
 
 def test_fused_branches_refuse_an_input_of_another_dtype_than_their_weights():
