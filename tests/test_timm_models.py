@@ -5,6 +5,7 @@ model is, and need no network once the sdist is cached.
 The sdist is fetched with pip into pytest's cache (`.pytest_cache/d/timm-sdist-<version>`); only its
 tests and pytest config are unpacked, so that its `timm/` sources never shadow the installed timm.
 """
+import os
 import subprocess
 import sys
 import tarfile
@@ -41,10 +42,19 @@ def timm_tests(request, tmp_path_factory) -> Path:
 
 
 def test_timm_model_tests_pass(timm_tests):
+    """In two processes at once, the Small and the Large variants (one per core of a 2-core machine)."""
     # -p timm_epsanet registers the variants before timm's module lists the models to test
-    cmd = [sys.executable, '-m', 'pytest', 'tests/test_models.py', '-k', SELECTION, '-p', 'timm_epsanet',
-           '-p', 'no:cacheprovider', '-q', '-rfE', '-W', 'ignore::pytest.PytestUnknownMarkWarning']
-    result = subprocess.run(cmd, cwd=timm_tests, capture_output=True, text=True)
-    summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ''
-    assert result.returncode == 0, f'timm tests failed: {summary}\n{result.stdout[-6000:]}\n{result.stderr[-2000:]}'
-    assert ' passed' in summary and 'deselected' in summary, summary
+    runs = {size: subprocess.Popen(
+        [sys.executable, '-m', 'pytest', 'tests/test_models.py', '-k', f'{SELECTION} and {size}', '-p', 'timm_epsanet',
+         '-p', 'no:cacheprovider', '-q', '-rfE', '-W', 'ignore::pytest.PytestUnknownMarkWarning'],
+        cwd=timm_tests, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=dict(os.environ, OMP_NUM_THREADS='1')) for size in ('small', 'large')}
+    try:
+        for size, run in runs.items():
+            stdout, stderr = run.communicate()
+            summary = stdout.strip().splitlines()[-1] if stdout.strip() else ''
+            assert run.returncode == 0, f'timm tests of the {size} variants failed: {summary}\n{stdout[-6000:]}\n{stderr[-2000:]}'
+            assert ' passed' in summary and 'deselected' in summary, summary
+    finally:
+        for run in runs.values():
+            run.kill()
