@@ -3,9 +3,11 @@ model, planned as on CUDA, with the Triton kernels replaced by no-ops, on tiny t
 
 On an H200 the steps with the Triton kernels were bound by the host (benchmarks/README.md, "GPU"):
 the Python, dispatcher and small ops around the kernels, not the kernels. What is left here is
-that work (and the tiny CPU convs of the branches the plans leave to cuDNN): its time per step and
-the aten ops it calls (counted by torch's profiler, not those inside other aten ops). Times are
-this CPU's, so compare versions on one machine; the op counts are the same everywhere.
+that work (and the tiny CPU convs of the branches the plans leave to cuDNN): its time per step,
+the aten ops it calls (counted by torch's profiler, not those inside other aten ops) and the
+Triton kernels it launches (each launch costs Triton's own host work too, binding and specialising
+its arguments, which the no-ops skip). Times are this CPU's, so compare versions on one machine; the
+counts are the same everywhere.
 
     python benchmarks/host_work.py                        # epsanet50_small's branches, the Triton plans
     python benchmarks/host_work.py --scope psa            # its whole PSAs: the attention too
@@ -44,10 +46,16 @@ def parse_args(argv=None):
 
 
 class _NoKernel:
-    """A Triton kernel that launches nothing: `kernel[grid](*args)` returns at once."""
+    """A Triton kernel that launches nothing: `kernel[grid](*args)` returns at once, counted in
+    `launches`."""
+    launches = 0
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: None
+        return self._launch
+
+    @staticmethod
+    def _launch(*args, **kwargs):
+        _NoKernel.launches += 1
 
 
 def plan_as_cuda(triton: bool):
@@ -81,7 +89,8 @@ def psa_steps(model_name, dtype, scope='branches'):
 
 
 def measure(steps, train, iters, top):
-    """(median ms per step, aten ops per step, the most called ops) of every PSA's branches once."""
+    """(median ms per step, aten ops per step, Triton launches per step, the most called ops) of
+    every PSA's branches once."""
     def step():
         for module, x in steps:
             module.train(train)
@@ -100,11 +109,13 @@ def measure(steps, train, iters, top):
         start = time.perf_counter()
         step()
         times.append(1e3 * (time.perf_counter() - start))
+    launched = _NoKernel.launches
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         step()
+    launches = _NoKernel.launches - launched
     ops = collections.Counter(e.name for e in prof.events() if e.name.startswith('aten::') and (
         e.cpu_parent is None or not e.cpu_parent.name.startswith('aten::')))
-    return statistics.median(times), sum(ops.values()), ops.most_common(top)
+    return statistics.median(times), sum(ops.values()), launches, ops.most_common(top)
 
 
 def main(argv=None):
@@ -117,8 +128,8 @@ def main(argv=None):
     print(f'{args.model}, {args.scope} ({len(steps)} modules), CUDA plans {"with" if args.plans == "triton" else "without"} the '
           f'Triton kernels (no-ops), {args.dtype}, torch {torch.__version__}, 1 thread')
     for mode in args.modes:
-        ms, ops, most = measure(steps, mode == 'train', args.iters, args.top)
-        print(f'{mode:<5} {ms:7.2f} ms per step, {ops} aten ops per step', flush=True)
+        ms, ops, launches, most = measure(steps, mode == 'train', args.iters, args.top)
+        print(f'{mode:<5} {ms:7.2f} ms per step, {ops} aten ops and {launches} Triton launches per step', flush=True)
         for name, count in most:
             print(f'    {count:5d}  {name}')
 

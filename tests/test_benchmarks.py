@@ -440,12 +440,15 @@ def test_host_work_shows_inference_builds_no_branch_weights_and_the_attention_fu
 
 def test_host_work_of_whole_models_counts_fewer_ops_with_the_triton_plans():
     """host_work.py --scope model: the whole epsanet50_small steps with fewer host ops with the Triton
-    plans (kept weight tiles, fused branches and attention) than with the cuDNN plans."""
-    counts = {}
+    plans (kept weight tiles, fused branches and attention) than with the cuDNN plans, and
+    launches Triton kernels only with the Triton plans."""
+    counts, launches = {}, {}
     for plans in ('triton', 'cudnn'):
         run = subprocess.run([sys.executable, str(BENCHMARKS / 'host_work.py'), '--scope', 'model', '--plans', plans,
                               '--modes', 'infer', '--iters', '1'], check=True, capture_output=True, text=True,
                              cwd=BENCHMARKS)
         line = next(line for line in run.stdout.splitlines() if line.startswith('infer'))
         counts[plans] = int(line.split('ms per step,')[1].split()[0])
+        launches[plans] = int(line.split('aten ops and')[1].split()[0])
     assert 0 < counts['triton'] < counts['cudnn'], counts
+    assert launches['triton'] > 0 and launches['cudnn'] == 0, launches
