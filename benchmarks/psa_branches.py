@@ -11,12 +11,13 @@ where it is neither the grouped nor the dense conv (NaN elsewhere).
 
 With --whole-psa it times each PSA's branches together instead (`BranchConvs`, every branch in
 the form, as the model runs them): one row per PSA stage, for the forms that act on a whole PSA
-('triton_spc' computes the branches that share input slices in one kernel).
+('triton_spc' computes the branches that share input slices in one kernel). `--strides 1 2` adds
+the strided first blocks of stages 2-4.
 
     python benchmarks/psa_branches.py --json benchmarks/results/psa_branches-cpu.json        # CPU, batch 8, fp32
     python benchmarks/psa_branches.py --device cuda --batch-size 128 --amp --layouts channels_last
     python benchmarks/psa_branches.py --device cuda --batch-size 128 --amp --layouts channels_last --whole-psa \
-        --forms grouped dense triton_mma triton_spc
+        --forms grouped dense triton_mma triton_spc --strides 1 2
 """
 import argparse
 import datetime
