@@ -30,8 +30,11 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TIMM_EPSA
 PEERS="resnet50 seresnet50 resnext50_32x4d res2net50_26w_4s skresnet50"
 EPSANETS="epsanet50_small epsanet50_large epsanet101_small"
 # the CUDA default without triton (@cudnn: per branch the dense form or the grouped conv) and those
-# two forms throughout, and the tensor-core kernels unfused, last: the first row a stage cut short loses
+# two forms throughout; after the Triton rows, Large's default (its 32 groups of 1-2 outputs all on
+# cuDNN's grouped conv, never timed whole), and the tensor-core kernels unfused, last: the first row
+# a stage cut short loses (the first run reached all but this one's training row)
 OTHER_FORMS="epsanet50_small@cudnn epsanet50_small@dense epsanet50_small@grouped"
+LARGE_DEFAULT=epsanet50_large@cudnn
 UNFUSED_FORMS=epsanet50_small@triton_mma
 DEFAULT_STAGES="warm checks amp_fp16_b128 profile psa tiles_spc compile tuning amp_bf16_b128 amp_fp16_b256"
 if [ "${1:-}" = --dry-run ]; then
@@ -47,7 +50,7 @@ if [ "${1:-}" = --dry-run ]; then
     WARM_ARGS="--device cpu --processes 1 --max-launches 1 --size 4"
     PROFILE_ARGS="--device cpu --img-size 32 --iters 1 --top 3"
     PEERS="resnet50" EPSANETS="epsanet50_small@triton_spc" OTHER_FORMS="epsanet50_small@cudnn"
-    UNFUSED_FORMS="epsanet50_small@triton_mma"
+    UNFUSED_FORMS="epsanet50_small@triton_mma" LARGE_DEFAULT=
 else
     OUT_DIR=${OUT_DIR:-/tmp/run_cuda}
     DEVICE=cuda TINY= SCALE=1
@@ -110,7 +113,7 @@ stage warm 45 $PYTHON benchmarks/triton_warmup.py $WARM_ARGS --layouts $WARM_LAY
 stage checks 40 $PYTHON benchmarks/cuda_checks.py fused attention cpu grads forms --device $DEVICE $TINY
 # the targets: AMP fp16, channels-last, eager; peers first, every ratio needs resnet50
 stage amp_fp16_b128 135 $PYTHON benchmarks/benchmark.py $BENCH_ARGS --batch-size $B128 --precisions amp \
-    --layouts channels_last --models $PEERS $OTHER_FORMS $EPSANETS $UNFUSED_FORMS --out "$OUT_DIR/amp_fp16_b128"
+    --layouts channels_last --models $PEERS $OTHER_FORMS $EPSANETS $LARGE_DEFAULT $UNFUSED_FORMS --out "$OUT_DIR/amp_fp16_b128"
 # device busy against wall time per step, and inference as one CUDA graph: whether faster kernels or
 # fewer launches pay; Small with the Triton kernels, then as 'auto' runs without them (@cudnn)
 stage profile 60 $PYTHON benchmarks/step_profile.py --batch-size $B128 \
