@@ -2,8 +2,11 @@
 was busy, and the kernels that kept it busy.
 
 A step whose device is busy for much less than its wall time is bound by the host (Python, the
-dispatcher, kernel launches): faster kernels do not speed it up, fewer launches do. An inference
-step is also replayed as one CUDA graph, which takes the host out: the time a step could reach. On an H200 the
+dispatcher, kernel launches): faster kernels do not speed it up, fewer launches do. Or it waits
+for the device inside the step, where the host cannot run ahead: one more step runs in torch's
+sync debug mode, which names each line that waited (a training step with a grad scaler waits once,
+for its check of the gradients). An inference step is also replayed as one CUDA graph, which takes
+the host out: the time a step could reach. On an H200 the
 first profile found epsanet50_small's steps with the Triton kernels host-bound while resnet50's
 were not (benchmarks/README.md, "GPU").
 
@@ -14,7 +17,9 @@ Steps as benchmark.py's (cuDNN benchmark mode, AMP fp16 on CUDA, bf16 on CPU, ch
 with a grad scaler), the models one after another in one process.
 """
 import argparse
+import collections
 import statistics
+import warnings
 from pathlib import Path
 
 import torch
@@ -60,9 +65,24 @@ def graphed_ms(model, x, iters):
         return f'{type(e).__name__}: {e}'.splitlines()[0][:200]
 
 
+def syncs_in(step):
+    """{'file:line': count} of the lines where one `step` waited for the GPU (torch's sync debug
+    mode: a copy to the host, a stream or device synchronize), most first."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        torch.cuda.set_sync_debug_mode('warn')
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode('default')
+    where = collections.Counter(f'{w.filename}:{w.lineno}' for w in caught if 'synchronizing' in str(w.message))
+    return dict(where.most_common())
+
+
 def profile_step(name, mode, device, args):
     """(wall ms per step, device-busy ms per step, [(kernel, ms per step, launches per step)],
-    ms per step as a CUDA graph (inference on CUDA; else None))."""
+    ms per step as a CUDA graph (inference on CUDA; else None), the lines that waited for the
+    GPU in a step (`syncs_in`; CUDA, else None))."""
     cuda = device.type == 'cuda'
     if cuda:
         torch.backends.cudnn.benchmark = True
@@ -87,7 +107,8 @@ def profile_step(name, mode, device, args):
     kernels = sorted(((e.key, busy(e), e.count / steps) for e in events), key=lambda k: -k[1])
     total = sum(k[1] for k in kernels) if cuda else float('nan')  # CPU op times nest: no sum
     graph = graphed_ms(model, x, args.iters) if cuda and mode == 'infer' else None
-    return statistics.median(walls), total, kernels[:args.top], graph
+    syncs = syncs_in(step) if cuda else None
+    return statistics.median(walls), total, kernels[:args.top], graph, syncs
 
 
 def main(argv=None):
@@ -97,8 +118,8 @@ def main(argv=None):
     for mode in args.modes:
         for name in args.models:
             with plans_of(name):
-                wall, busy, kernels, graph = profile_step(name, mode, device, args)
-            rows.append(dict(model=name, mode=mode, wall_ms=wall, busy_ms=busy, graph_ms=graph,
+                wall, busy, kernels, graph, syncs = profile_step(name, mode, device, args)
+            rows.append(dict(model=name, mode=mode, wall_ms=wall, busy_ms=busy, graph_ms=graph, syncs=syncs,
                              kernels=[dict(name=k, ms=ms, launches=n) for k, ms, n in kernels]))
             graphed = '' if graph is None else (
                 f', as a CUDA graph {graph:7.2f} ms' if isinstance(graph, float) else f', no CUDA graph: {graph}')
@@ -106,6 +127,8 @@ def main(argv=None):
                   f'({busy / wall:.0%}){graphed}', flush=True)
             for k, ms, n in kernels:
                 print(f'    {ms:7.2f} ms {n:5.0f}x  {k[:90]}')
+            for where, n in (syncs or {}).items():
+                print(f'    waits for the GPU {n}x at {where}')
             if args.json:
                 write_json(args.json, device, args, rows)
 
