@@ -114,8 +114,8 @@ stage checks 40 $PYTHON benchmarks/cuda_checks.py fused attention cpu grads form
 # the targets: AMP fp16, channels-last, eager; peers first, every ratio needs resnet50
 stage amp_fp16_b128 135 $PYTHON benchmarks/benchmark.py $BENCH_ARGS --batch-size $B128 --precisions amp \
     --layouts channels_last --models $PEERS $OTHER_FORMS $EPSANETS $LARGE_DEFAULT $UNFUSED_FORMS --out "$OUT_DIR/amp_fp16_b128"
-# device busy against wall time per step, and inference as one CUDA graph: whether faster kernels or
-# fewer launches pay; Small with the Triton kernels, then as 'auto' runs without them (@cudnn)
+# device busy against wall time per step, the host's time to issue its passes, the lines that wait
+# for the GPU, and inference as one CUDA graph: whether faster kernels or fewer launches pay; Small with the Triton kernels, then as 'auto' runs without them (@cudnn)
 stage profile 60 $PYTHON benchmarks/step_profile.py --batch-size $B128 \
     --models resnet50 epsanet50_small epsanet50_small@cudnn \
     $PROFILE_ARGS --json "$OUT_DIR/profile.json"

@@ -3,9 +3,10 @@ was busy, and the kernels that kept it busy.
 
 A step whose device is busy for much less than its wall time is bound by the host (Python, the
 dispatcher, kernel launches): faster kernels do not speed it up, fewer launches do. Or it waits
-for the device inside the step, where the host cannot run ahead: one more step runs in torch's
-sync debug mode, which names each line that waited (a training step with a grad scaler waits once,
-for its check of the gradients). An inference step is also replayed as one CUDA graph, which takes
+for the device inside the step, where the host cannot run ahead. So the host's time to issue the
+passes is measured too (without waiting for the device), and one more step runs in torch's sync
+debug mode, which names each line that waited (a training step with a grad scaler waits once, for
+its check of the gradients). An inference step is also replayed as one CUDA graph, which takes
 the host out: the time a step could reach. On an H200 the
 first profile found epsanet50_small's steps with the Triton kernels host-bound while resnet50's
 were not (benchmarks/README.md, "GPU").
@@ -19,6 +20,7 @@ with a grad scaler), the models one after another in one process.
 import argparse
 import collections
 import statistics
+import time
 import warnings
 from pathlib import Path
 
@@ -65,6 +67,35 @@ def graphed_ms(model, x, iters):
         return f'{type(e).__name__}: {e}'.splitlines()[0][:200]
 
 
+def host_ms(model, x, target, train, amp_dtype, iters):
+    """Milliseconds the host takes to issue the model's forward (and in training its backward),
+    from an idle GPU and without waiting for it at the end. Near the step's wall time, the step is
+    bound by the host; far below it, by the GPU. Without the optimizer's step: its grad scaler
+    waits for the GPU (`syncs_in`), which would count the GPU's time as the host's. (On a CPU
+    the ops run as they are issued: the whole time of the passes.)"""
+    cuda = x.device.type == 'cuda'
+
+    def issue():
+        with torch.autocast(x.device.type, dtype=amp_dtype):
+            if not train:
+                with torch.inference_mode():
+                    return model(x)
+            loss = torch.nn.functional.cross_entropy(model(x), target)
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+
+    times = []
+    for _ in range(iters):
+        if cuda:
+            torch.cuda.synchronize(x.device)
+        start = time.perf_counter()
+        issue()
+        times.append(1e3 * (time.perf_counter() - start))
+    if cuda:
+        torch.cuda.synchronize(x.device)
+    return statistics.median(times)
+
+
 def syncs_in(step):
     """{'file:line': count} of the lines where one `step` waited for the GPU (torch's sync debug
     mode: a copy to the host, a stream or device synchronize), most first."""
@@ -81,8 +112,9 @@ def syncs_in(step):
 
 def profile_step(name, mode, device, args):
     """(wall ms per step, device-busy ms per step, [(kernel, ms per step, launches per step)],
-    ms per step as a CUDA graph (inference on CUDA; else None), the lines that waited for the
-    GPU in a step (`syncs_in`; CUDA, else None))."""
+    ms per step as a CUDA graph (inference on CUDA; else None), ms the host takes to issue the
+    step's forward and backward (`host_ms`), the lines that waited for the GPU in a step
+    (`syncs_in`; CUDA, else None))."""
     cuda = device.type == 'cuda'
     if cuda:
         torch.backends.cudnn.benchmark = True
@@ -90,7 +122,8 @@ def profile_step(name, mode, device, args):
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
     x = x.contiguous(memory_format=torch.channels_last)
     target = torch.randint(0, 1000, (args.batch_size,), device=device)
-    step, _ = make_step(model, x, target, mode == 'train', torch.float16 if cuda else torch.bfloat16)
+    amp_dtype = torch.float16 if cuda else torch.bfloat16
+    step, _ = make_step(model, x, target, mode == 'train', amp_dtype)
 
     for _ in range(3):
         step()
@@ -107,8 +140,9 @@ def profile_step(name, mode, device, args):
     kernels = sorted(((e.key, busy(e), e.count / steps) for e in events), key=lambda k: -k[1])
     total = sum(k[1] for k in kernels) if cuda else float('nan')  # CPU op times nest: no sum
     graph = graphed_ms(model, x, args.iters) if cuda and mode == 'infer' else None
+    host = host_ms(model, x, target, mode == 'train', amp_dtype, args.iters)
     syncs = syncs_in(step) if cuda else None
-    return statistics.median(walls), total, kernels[:args.top], graph, syncs
+    return statistics.median(walls), total, kernels[:args.top], graph, host, syncs
 
 
 def main(argv=None):
@@ -118,13 +152,15 @@ def main(argv=None):
     for mode in args.modes:
         for name in args.models:
             with plans_of(name):
-                wall, busy, kernels, graph, syncs = profile_step(name, mode, device, args)
-            rows.append(dict(model=name, mode=mode, wall_ms=wall, busy_ms=busy, graph_ms=graph, syncs=syncs,
+                wall, busy, kernels, graph, host, syncs = profile_step(name, mode, device, args)
+            rows.append(dict(model=name, mode=mode, wall_ms=wall, busy_ms=busy, graph_ms=graph, host_ms=host,
+                             syncs=syncs,
                              kernels=[dict(name=k, ms=ms, launches=n) for k, ms, n in kernels]))
             graphed = '' if graph is None else (
                 f', as a CUDA graph {graph:7.2f} ms' if isinstance(graph, float) else f', no CUDA graph: {graph}')
+            issued = '' if host is None else f', the host issues its passes in {host:7.2f} ms'
             print(f'{name:<26} {mode:<5} wall {wall:7.2f} ms/step, device busy {busy:7.2f} ms '
-                  f'({busy / wall:.0%}){graphed}', flush=True)
+                  f'({busy / wall:.0%}){issued}{graphed}', flush=True)
             for k, ms, n in kernels:
                 print(f'    {ms:7.2f} ms {n:5.0f}x  {k[:90]}')
             for where, n in (syncs or {}).items():

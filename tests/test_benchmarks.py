@@ -403,14 +403,15 @@ def test_cuda_checks_cover_every_grouped_branch_and_psa():
 
 def test_step_profile_reports_wall_time_and_the_top_ops(tmp_path):
     """step_profile.py (a GPU's busy time against wall time) runs its code path on CPU: one row per
-    model and mode, with a wall time and the ops that took longest, largest first."""
+    model and mode, with a wall time, the host's time to issue the passes, and the ops that took
+    longest, largest first."""
     out = tmp_path / 'profile.json'
     subprocess.run([sys.executable, str(BENCHMARKS / 'step_profile.py'), '--device', 'cpu', '--models', 'resnet50',
                     '--modes', 'infer', '--batch-size', '1', '--img-size', '32', '--iters', '1', '--top', '3',
                     '--json', str(out)], check=True, capture_output=True, cwd=BENCHMARKS)
     result = json.loads(out.read_text())
     (row,) = result['rows']
-    assert (row['model'], row['mode']) == ('resnet50', 'infer') and row['wall_ms'] > 0
+    assert (row['model'], row['mode']) == ('resnet50', 'infer') and row['wall_ms'] > 0 and row['host_ms'] > 0
     ms = [k['ms'] for k in row['kernels']]
     assert len(ms) == 3 and ms == sorted(ms, reverse=True) and ms[0] > 0
     assert 'convolution' in ' '.join(k['name'] for k in row['kernels'])
