@@ -71,8 +71,9 @@ def host_ms(model, x, target, train, amp_dtype, iters):
     """Milliseconds the host takes to issue the model's forward (and in training its backward),
     from an idle GPU and without waiting for it at the end. Near the step's wall time, the step is
     bound by the host; far below it, by the GPU. Without the optimizer's step: its grad scaler
-    waits for the GPU (`syncs_in`), which would count the GPU's time as the host's. (On a CPU
-    the ops run as they are issued: the whole time of the passes.)"""
+    waits for the GPU (`syncs_in`), which would count the GPU's time as the host's. A GPU that
+    falls behind by more launches than its queue holds (about a thousand) also holds the host
+    back. (On a CPU the ops run as they are issued: the whole time of the passes.)"""
     cuda = x.device.type == 'cuda'
 
     def issue():
