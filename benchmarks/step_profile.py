@@ -7,9 +7,8 @@ for the device inside the step, where the host cannot run ahead. So the host's t
 passes is measured too (without waiting for the device), and one more step runs in torch's sync
 debug mode, which names each line that waited (a training step with a grad scaler waits once, for
 its check of the gradients). An inference step is also replayed as one CUDA graph, which takes
-the host out: the time a step could reach. On an H200 the
-first profile found epsanet50_small's steps with the Triton kernels host-bound while resnet50's
-were not (benchmarks/README.md, "GPU").
+the host out: the time a step could reach. On an H200 the first profile found epsanet50_small's
+steps with the Triton kernels host-bound while resnet50's were not (benchmarks/README.md, "GPU").
 
     python benchmarks/step_profile.py --models resnet50 epsanet50_small --json /tmp/step_profile.json
     python benchmarks/step_profile.py --device cpu --img-size 64 --batch-size 2   # dry run of the code path
