@@ -98,14 +98,18 @@ def host_ms(model, x, target, train, amp_dtype, iters):
 
 def syncs_in(step):
     """{'file:line': count} of the lines where one `step` waited for the GPU (torch's sync debug
-    mode: a copy to the host, a stream or device synchronize), most first."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter('always')
-        torch.cuda.set_sync_debug_mode('warn')
-        try:
-            step()
-        finally:
-            torch.cuda.set_sync_debug_mode('default')
+    mode: a copy to the host, a stream or device synchronize), most first; or why it could not
+    tell (a finding, not a crash: the row's other numbers stand)."""
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always')
+            torch.cuda.set_sync_debug_mode('warn')
+            try:
+                step()
+            finally:
+                torch.cuda.set_sync_debug_mode('default')
+    except Exception as e:
+        return {'not measured': f'{type(e).__name__}: {e}'.splitlines()[0][:200]}
     where = collections.Counter(f'{w.filename}:{w.lineno}' for w in caught if 'synchronizing' in str(w.message))
     return dict(where.most_common())
 
@@ -164,7 +168,7 @@ def main(argv=None):
             for k, ms, n in kernels:
                 print(f'    {ms:7.2f} ms {n:5.0f}x  {k[:90]}')
             for where, n in (syncs or {}).items():
-                print(f'    waits for the GPU {n}x at {where}')
+                print(f'    waits for the GPU {n}x at {where}' if isinstance(n, int) else f'    waits: {where}, {n}')
             if args.json:
                 write_json(args.json, device, args, rows)
 
