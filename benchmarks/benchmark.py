@@ -186,13 +186,14 @@ def _measure(cfg):
     return dict(img_s=cfg['batch_size'] / statistics.median(times), peak_mib=peak_mib, faults=faults)
 
 
-def make_step(model, x, target, train, amp_dtype, compile=False):
+def make_step(model, x, target, train, amp_dtype, compile=False, optimizer_step=True):
     """One benchmark step of `model` and the model it runs (compiled or not): inference, or a
-    training step of SGD with momentum and, for fp16 on CUDA, a grad scaler."""
+    training step of SGD with momentum and, for fp16 on CUDA, a grad scaler (without
+    `optimizer_step`: its forward and backward passes alone)."""
     import torch
     step_model = torch.compile(model) if compile else model
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9) if train else None
-    scaler = torch.amp.GradScaler(enabled=x.is_cuda and amp_dtype == torch.float16) if train else None
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9) if train and optimizer_step else None
+    scaler = None if optimizer is None else torch.amp.GradScaler(enabled=x.is_cuda and amp_dtype == torch.float16)
 
     def step():
         with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -200,6 +201,9 @@ def make_step(model, x, target, train, amp_dtype, compile=False):
                 with torch.inference_mode() if not compile else torch.no_grad():
                     return step_model(x)
             loss = torch.nn.functional.cross_entropy(step_model(x), target)
+        if optimizer is None:
+            model.zero_grad(set_to_none=True)
+            return loss.backward()
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)

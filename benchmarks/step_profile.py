@@ -66,33 +66,23 @@ def graphed_ms(model, x, iters):
         return f'{type(e).__name__}: {e}'.splitlines()[0][:200]
 
 
-def host_ms(model, x, target, train, amp_dtype, iters):
-    """Milliseconds the host takes to issue the model's forward (and in training its backward),
+def host_ms(passes, device, iters):
+    """Milliseconds the host takes to issue a step's forward (and in training backward) `passes`,
     from an idle GPU and without waiting for it at the end. Near the step's wall time, the step is
     bound by the host; far below it, by the GPU. Without the optimizer's step: its grad scaler
     waits for the GPU (`syncs_in`), which would count the GPU's time as the host's. A GPU that
     falls behind by more launches than its queue holds (about a thousand) also holds the host
     back. (On a CPU the ops run as they are issued: the whole time of the passes.)"""
-    cuda = x.device.type == 'cuda'
-
-    def issue():
-        with torch.autocast(x.device.type, dtype=amp_dtype):
-            if not train:
-                with torch.inference_mode():
-                    return model(x)
-            loss = torch.nn.functional.cross_entropy(model(x), target)
-        model.zero_grad(set_to_none=True)
-        loss.backward()
-
+    cuda = device.type == 'cuda'
     times = []
     for _ in range(iters):
         if cuda:
-            torch.cuda.synchronize(x.device)
+            torch.cuda.synchronize(device)
         start = time.perf_counter()
-        issue()
+        passes()
         times.append(1e3 * (time.perf_counter() - start))
     if cuda:
-        torch.cuda.synchronize(x.device)
+        torch.cuda.synchronize(device)
     return statistics.median(times)
 
 
@@ -144,7 +134,8 @@ def profile_step(name, mode, device, args):
     kernels = sorted(((e.key, busy(e), e.count / steps) for e in events), key=lambda k: -k[1])
     total = sum(k[1] for k in kernels) if cuda else float('nan')  # CPU op times nest: no sum
     graph = graphed_ms(model, x, args.iters) if cuda and mode == 'infer' else None
-    host = host_ms(model, x, target, mode == 'train', amp_dtype, args.iters)
+    passes, _ = make_step(model, x, target, mode == 'train', amp_dtype, optimizer_step=False)
+    host = host_ms(passes, device, args.iters)
     syncs = syncs_in(step) if cuda else None
     return statistics.median(walls), total, kernels[:args.top], graph, host, syncs
 

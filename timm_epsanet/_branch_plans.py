@@ -97,6 +97,13 @@ def cuda_branch_form(
     return 'dense' if narrow and (not training or stride == 1) else 'grouped'
 
 
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n < 1), in plain Python (a kernel tile's side, the
+    size buckets of tuned plans): `triton.next_power_of_2` is a constexpr function, whose call
+    from the host costs microseconds."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def kernel_layout(form: str) -> str:
     """The layout a branch of `form` runs in off the CPU: channels-last for the Triton kernels, the
     caller's ('any') for the others. The kernels load each pixel's channels as one contiguous

@@ -40,7 +40,7 @@ import torch.fx
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ._branch_plans import (
-    TRITON_FORMS, Plan, in_layout, kernel_layout, layout_of, triton_in_auto, triton_runs_on_cuda,
+    TRITON_FORMS, Plan, in_layout, kernel_layout, layout_of, next_pow2, triton_in_auto, triton_runs_on_cuda,
 )
 
 try:
@@ -211,11 +211,7 @@ def entry_key(convs: Sequence[torch.nn.Conv2d], x: torch.Tensor, training: bool)
         f's{c.stride[0]}x{c.stride[1]},p{c.padding[0]}x{c.padding[1]},d{c.dilation[0]}x{c.dilation[1]}'
         for c in convs)
     return (f'{mode}|{str(compute_dtype(x)).replace("torch.", "")}|{layout_of(x)}|'
-            f'{threads}{kernels}n{_bucket(B)}|{_bucket(H)}x{_bucket(W)}|{branches}')
-
-
-def _bucket(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
+            f'{threads}{kernels}n{next_pow2(B)}|{next_pow2(H)}x{next_pow2(W)}|{branches}')
 
 
 _DEVICE_NAMES: Dict[Tuple[str, Optional[int]], str] = {}

@@ -27,7 +27,8 @@ from timm.layers import activations
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from ._triton_branch import _check_device, _pow2
+from ._branch_plans import next_pow2
+from ._triton_branch import _check_device
 
 __all__ = ['fusable', 'psa_attention']
 
@@ -145,8 +146,8 @@ def _sizes(num_scales: int, w1: torch.Tensor) -> Tuple[int, int, int, int, int, 
     features padded to a power of two, and channel blocks of a (scales x hidden x channels)
     product tile of about 4K values."""
     hidden, chs = w1.shape[:2]
-    s_p, r_p = max(2, _pow2(num_scales)), max(2, _pow2(hidden))
-    block_c = max(2, min(_pow2(chs), 4096 // (s_p * r_p)))
+    s_p, r_p = max(2, next_pow2(num_scales)), max(2, next_pow2(hidden))
+    block_c = max(2, min(next_pow2(chs), 4096 // (s_p * r_p)))
     return num_scales, chs, hidden, s_p, r_p, block_c
 
 

@@ -35,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._branch_plans import next_pow2
+
 __all__ = ['Config', 'branch_conv', 'config_for', 'mma_config_for']
 
 
@@ -313,14 +315,9 @@ def _weight_grad_mma_kernel(
     tl.store(dst, acc, mask=j_ok[:, None] & o_ok[None, :])
 
 
-# Host-side sizes in plain Python: `triton.cdiv` and `triton.next_power_of_2` are constexpr
-# functions, whose call from the host costs microseconds, and every launch computes several.
-def _pow2(n: int) -> int:
-    """The smallest power of two >= n (1 for n < 1)."""
-    return 1 << max(n - 1, 0).bit_length()
-
-
 def _cdiv(a: int, b: int) -> int:
+    """`triton.cdiv` in plain Python: that is a constexpr function, whose call from the host costs
+    microseconds, and every launch computes several sizes."""
     return -(-a // b)
 
 
@@ -358,9 +355,9 @@ def config_for(groups: int, c_red: int, c_out: int) -> Config:
     about 2K values, 16 to 64 of them (larger tiles spilled registers in ptxas's sm_90 build; at
     the floor of 16 pixels, tiles of many written channels hold up to 8K). A starting point, not
     a measured optimum: benchmarks/triton_tiles.py times its neighbours on a GPU."""
-    block_o = min(_pow2(c_out), 16)
-    block_r = min(_pow2(c_red), max(1, 32 // block_o))
-    block_g = min(_pow2(groups), max(1, 32 // block_r))
+    block_o = min(next_pow2(c_out), 16)
+    block_r = min(next_pow2(c_red), max(1, 32 // block_o))
+    block_g = min(next_pow2(groups), max(1, 32 // block_r))
     block_p = min(64, max(16, 2048 // (block_g * block_r * block_o)))
     return Config(block_p, block_g, block_r, block_o)
 
@@ -373,9 +370,9 @@ def mma_config_for(c_red: int, c_out: int, kernel_width: int = 1) -> Config:
     The weight gradient takes 2 or 4 taps of a `kernel_width` row per program, the most that
     leave at most one tap of a row unused (3 and 7: 4; 5 and 9: 2), within 256 (tap, channel)
     rows. A starting point, like `config_for`'s: benchmarks/triton_tiles.py times its neighbours."""
-    block_r = min(64, max(16, _pow2(c_red)))
+    block_r = min(64, max(16, next_pow2(c_red)))
     block_t = next(t for t in (4, 2, 1) if (kernel_width + 1) % t == 0 and t * block_r <= 256)
-    return Config(128, 1, block_r, min(64, max(16, _pow2(c_out))), block_t=block_t)
+    return Config(128, 1, block_r, min(64, max(16, next_pow2(c_out))), block_t=block_t)
 
 
 def _precision(x: torch.Tensor) -> str:
@@ -485,7 +482,7 @@ def weight_grad_chunks(device: torch.device, grad_shape, block_p: int, programs:
     tiles, enough for about 4 programs per multiprocessor (`programs` per chunk), each of 4 tiles
     or more. Returns (BLOCK_H, BLOCK_W, tiles per chunk, chunks)."""
     n, _, h_out, w_out = grad_shape
-    block_w = min(_pow2(w_out), block_p)
+    block_w = min(next_pow2(w_out), block_p)
     block_h = block_p // block_w
     tiles = n * _cdiv(h_out, block_h) * _cdiv(w_out, block_w)
     sms = 4 if device.type != 'cuda' else torch.cuda.get_device_properties(device).multi_processor_count
