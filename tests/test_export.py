@@ -1,6 +1,7 @@
 """ONNX export with both of torch's exporters (TorchScript-based, as timm's onnx_export.py uses,
 and dynamo): onnxruntime gives the eager logits, the batch axis stays dynamic, and the graph
 holds the fast branch forms the model runs on CPU, not plain grouped convs."""
+import warnings
 from collections import Counter
 
 import numpy as np
@@ -21,9 +22,12 @@ def export(model, path, dynamo: bool, size: int = 64):
     if dynamo:
         torch.onnx.export(model, (x,), str(path), dynamo=True, dynamic_shapes=({0: torch.export.Dim('batch')},))
     else:  # as timm's onnx_export.py calls it
-        torch.onnx.export(
-            model, (x,), str(path), dynamo=False, input_names=['input0'], output_names=['output0'],
-            dynamic_axes={'input0': {0: 'batch_size'}, 'output0': {0: 'batch_size'}})
+        with warnings.catch_warnings():
+            # no Python branch on a traced size: its export would warn that it may not generalize
+            warnings.simplefilter('error', torch.jit.TracerWarning)
+            torch.onnx.export(
+                model, (x,), str(path), dynamo=False, input_names=['input0'], output_names=['output0'],
+                dynamic_axes={'input0': {0: 'batch_size'}, 'output0': {0: 'batch_size'}})
     return path
 
 

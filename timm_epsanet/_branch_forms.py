@@ -34,17 +34,17 @@ def depthwise_form_conv(
     output keeps x's memory layout.
 
     The group sum is a reduction over channels, innermost in channels-last memory, where torch's
-    reductions are slow: for narrow outputs (`sums_groups_by_conv`) it runs as a 1x1 conv with
-    0/1 weights instead (`sum_weight`, from `group_sum_weight`; built here when not given).
+    reductions are slow: for narrow outputs (`sums_groups_by_conv`) the caller passes `sum_weight`
+    (from `group_sum_weight`), and the sum runs as a 1x1 conv with those 0/1 weights instead. The
+    caller decides, from its own sizes: a traced module's weight shapes are traced values, and a
+    test on them would warn that the trace may not generalize.
     """
     out_chs, in_per_group, k_h, k_w = weight.shape
     in_chs = in_per_group * groups  # from the weight, not x: exported graphs fold the weights to constants
     outs = out_chs // groups
     # depthwise weights of output r: input channel c = j * in_per_group + i gets w[j * outs + r, i]
     dw_weight = weight.reshape(groups, outs, in_per_group, k_h, k_w).transpose(0, 1).reshape(outs, in_chs, 1, k_h, k_w)
-    if sums_groups_by_conv(out_chs):
-        if sum_weight is None:
-            sum_weight = group_sum_weight(in_chs, groups, outs, x.device, x.dtype)
+    if sum_weight is not None:
         sum_weight = sum_weight.to(x.dtype)  # a no-op unless a caller cast x (autocast in training)
         y = F.conv2d(F.conv2d(x, dw_weight[0], None, stride, padding, dilation, in_chs), sum_weight[:out_chs])
         for r in range(1, outs):
@@ -61,9 +61,9 @@ def depthwise_form_conv(
         else:
             ys.append(y.reshape(B, groups, in_per_group, H, W).sum(2))
     if channels_last:
-        y = ys[0] if outs == 1 else torch.stack(ys, dim=-1).flatten(3)
+        y = ys[0] if len(ys) == 1 else torch.stack(ys, dim=-1).flatten(3)
         return y.permute(0, 3, 1, 2)
-    return ys[0] if outs == 1 else torch.stack(ys, dim=2).flatten(1, 2)
+    return ys[0] if len(ys) == 1 else torch.stack(ys, dim=2).flatten(1, 2)
 
 
 def group_sum_weight(
@@ -107,7 +107,7 @@ def volumetric_form_conv(
     weights = weight.reshape(groups, outs, 1, in_per_group, k_h, k_w).transpose(0, 1).contiguous()
     ys = [F.conv3d(volume, weights[r], None, (1, stride[0], stride[1]), (0, padding[0], padding[1]),
                    (1, dilation[0], dilation[1]), groups) for r in range(outs)]
-    y = ys[0] if outs == 1 else torch.cat(ys, dim=2)  # (B, groups, outs, H_out, W_out)
+    y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=2)  # (B, groups, outs, H_out, W_out)
     return y.flatten(1, 2)
 
 
