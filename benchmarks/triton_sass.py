@@ -42,6 +42,17 @@ from timm_epsanet import _triton_spc as tsp
 from timm_epsanet._branch_forms import regroup_factor
 
 BIN = Path(triton.__file__).parent / 'backends' / 'nvidia' / 'bin'
+
+
+def ptxas() -> Path:
+    """The ptxas Triton itself builds sm_90 code with: from triton 3.9 the newer of the two it ships
+    ('ptxas-blackwell'), whose PTX version the other cannot read."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        return Path(get_ptxas(90).path)
+    except (ImportError, AttributeError):  # a triton without the choice: its one ptxas
+        return BIN / 'ptxas'
+
 # per multiprocessor and cycle, Hopper: FP32 multiply-adds on CUDA cores; dense FP16 ones on tensor cores
 CUDA_CORE_MACS_PER_CYCLE = 128
 TENSOR_CORE_MACS_PER_CYCLE = 2048
@@ -135,7 +146,7 @@ def _build(kernel, dtype: str, consts: dict, num_warps: int, layout: str = 'chan
     with tempfile.TemporaryDirectory() as tmp:
         ptx, cubin = Path(tmp) / 'k.ptx', Path(tmp) / 'k.cubin'
         ptx.write_text(compiled.asm['ptx'])
-        report = subprocess.run([str(BIN / 'ptxas'), '-v', '--gpu-name', 'sm_90a', str(ptx), '-o', str(cubin)],
+        report = subprocess.run([str(ptxas()), '-v', '--gpu-name', 'sm_90a', str(ptx), '-o', str(cubin)],
                                 capture_output=True, text=True, check=True).stderr
         sass = subprocess.run([str(BIN / 'cuobjdump'), '--dump-sass', str(cubin)],
                               capture_output=True, text=True, check=True).stdout
