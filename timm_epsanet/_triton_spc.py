@@ -297,7 +297,7 @@ def _store_stacked_parts(p0_ptr, p1_ptr, p2_ptr, p3_ptr, acc, dh, dw, chunk, g, 
     sums at tap offset (dh, dw), where its kernel reaches that tap (a column of no branch, or of a
     branch that does not reach the tap, is masked in all four)."""
     # the tap's ring as a block: Triton's interpreter gives a scalar comparison broadcast into a
-    # mask an int32 payload, which triton 3.9's refuses as a mask
+    # mask an int32 payload, which triton 3.9's interpreter refuses as a mask
     ring = tl.broadcast_to(tl.maximum(tl.abs(dh), tl.abs(dw)), b.shape)
     if FIRST <= 0 and R0 >= 0:
         _store_tap_part(p0_ptr, acc, R0, dh, dw, chunk, g, r, r_ok, o, col_ok & (b == 0) & (ring <= R0), G, C_IN, C_OUT)
