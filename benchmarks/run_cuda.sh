@@ -18,6 +18,8 @@
 #   PYTHON=.venv/bin/python bash benchmarks/run_cuda.sh --dry-run   # CPU: every stage on tiny shapes, Triton interpreted
 # One results file per device from the stages' CSVs, as the CPU's:
 #   python benchmarks/benchmark.py --merge DIR/amp_*.csv --name benchmark-cuda-<gpu> --out benchmarks/results
+# The run ends with what it decides (benchmarks/README.md, "What the next run decides") in DIR/decisions.md:
+#   python benchmarks/cuda_decisions.py DIR --previous benchmarks/results/benchmark-cuda-h200.csv
 # The EPSANet rows run 'auto' with the Triton kernels (TIMM_EPSANET_TRITON=1, opt-in until measured:
 # the tensor-core kernels, the branches that share input slices fused, 'triton_spc'); @dense /
 # @grouped are the cuDNN forms 'auto' uses without them, @triton_mma the tensor-core kernels one
@@ -77,14 +79,15 @@ stage() {  # stage NAME SECONDS COMMAND...: run under a time limit, copy its res
     local name=$1 limit=$(($2 * SCALE)); shift 2
     case " $STAGES " in *" $name "*) ;; *) return ;; esac
     echo "=== $name (limit ${limit}s) $(date +%T)"
-    timeout "$limit" "$@"
-    echo "=== $name exit $? $(date +%T)"
+    timeout "$limit" "$@" 2>&1 | tee "$OUT_DIR/$name.log"  # a stage's output apart, for cuda_decisions.py
+    echo "=== $name exit ${PIPESTATUS[0]} $(date +%T)"
     # COPY_DIR: one flat folder of every stage's results, for a machine that only returns files
     if [ -n "${COPY_DIR:-}" ]; then
         for f in "$OUT_DIR/$name"/*.csv; do
             [ -f "$f" ] && cp "$f" "$COPY_DIR/$name.csv"
         done
         [ -f "$OUT_DIR/$name.json" ] && cp "$OUT_DIR/$name.json" "$COPY_DIR/$name.json"
+        cp "$OUT_DIR/$name.log" "$COPY_DIR/$name.log"
     fi
 }
 
@@ -153,4 +156,7 @@ stage branches 35 $PYTHON benchmarks/psa_branches.py --device $DEVICE $AMP $BRAN
 # not by default: the Triton kernels' tiles, the defaults against their neighbours, the fused kernels
 # per PSA stage first, then Small's branches largest first, the tensor-core kernels before the CUDA-core ones
 stage tiles 25 $PYTHON benchmarks/triton_tiles.py $TILE_ARGS --json "$OUT_DIR/tiles.json"
+# what the run decides (benchmarks/README.md, "What the next run decides"), against the last committed H200 run
+$PYTHON benchmarks/cuda_decisions.py "$OUT_DIR" --previous benchmarks/results/benchmark-cuda-h200.csv \
+    --out "$OUT_DIR/decisions.md" > /dev/null && [ -n "${COPY_DIR:-}" ] && cp "$OUT_DIR/decisions.md" "$COPY_DIR/"
 echo "=== done $(date +%T)"
