@@ -350,7 +350,8 @@ def test_merged_group_forms_script_trace_and_fx(form):
 def test_inference_builds_merged_weights_once_until_the_weight_changes(form, monkeypatch):
     """Without autograd a merged-group form builds its block-diagonal weight once, not per forward
     (the build's small ops are host time a GPU step waits on), and builds it anew whenever the
-    weight changes: in place (an optimizer step, load_state_dict), replaced, or cast."""
+    weight changes: in place (an optimizer step, load_state_dict), replaced, or cast, and at a
+    mode switch after a write through `.data`, which no version records."""
     from timm_epsanet import _branch_conv
     builds = []
     build = _branch_conv.block_diagonal_weight
@@ -380,6 +381,9 @@ def test_inference_builds_merged_weights_once_until_the_weight_changes(form, mon
     conv.load_state_dict({'weight': torch.randn_like(conv.weight)})
     check(built=True)
     conv.weight.data = torch.randn_like(conv.weight)
+    check(built=True)
+    conv.weight.data.mul_(-1)  # unseen by the version counter: seen at the next mode switch
+    conv.eval()
     check(built=True)
     conv.double()
     x = x.double()

@@ -83,6 +83,13 @@ class BranchConv2d(nn.Conv2d):
         state['_kept'] = {}  # derived from the weight: never copied or saved
         return state
 
+    def train(self, mode: bool = True):
+        """Also forget what was kept for inference: writes through `weight.data` bypass the
+        version counter that `kept_weight` checks (as they bypass autograd's own checks), and a
+        loop that changes weights that way still switches modes between training and evaluating."""
+        self._kept = {}
+        return super().train(mode)
+
     def _apply(self, fn, recurse=True):
         """Keep the weight NCHW-contiguous through `model.to(memory_format=torch.channels_last)`.
 
@@ -206,8 +213,10 @@ class BranchConv2d(nn.Conv2d):
 
         With autograd it is built anew in every forward, as part of the graph. Without (inference),
         it is kept under `key` and reused until the weight changes: updated in place (its version),
-        replaced, moved or cast. A model in eval mode then builds it once instead of per forward:
-        the build's small ops cost more host time than the branch's kernel at batch sizes a GPU runs.
+        replaced, moved or cast, or the module put in train or eval mode. A model in eval mode then
+        builds it once instead of per forward: the build's small ops cost more host time than the
+        branch's kernel at batch sizes a GPU runs. An in-place write through `weight.data` is the
+        one change the version does not record: `train()`/`eval()` after it rebuilds.
         """
         weight = self.weight
         if not _may_keep(weight):
