@@ -104,6 +104,11 @@ def ratio(table, model, mode) -> Optional[float]:
     return a / ref if a is not None and ref else None
 
 
+def finite(x) -> Optional[float]:
+    """A measured number, or None: a NaN or infinite time is no measurement and decides nothing."""
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
+
+
 def fmt(x, spec='.2f'):
     return 'not measured' if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
@@ -179,7 +184,7 @@ def cudnn_rule(run: Run) -> Decision:
 
 
 def _psa_ms(row, form, mode):
-    return row.get(f'{form}/channels_last_{mode}_ms')
+    return finite(row.get(f'{form}/channels_last_{mode}_ms'))
 
 
 def stride2(run: Run) -> Decision:
@@ -260,7 +265,7 @@ def profile(run: Run) -> Decision:
         return Decision(choice, 'not measured: no profile.json')
     lines, verdicts = [], []
     for r in rows:
-        host, busy, wall = r.get('host_ms'), r.get('busy_ms'), r.get('wall_ms')
+        host, busy, wall = (finite(r.get(k)) for k in ('host_ms', 'busy_ms', 'wall_ms'))
         syncs = {k: v for k, v in (r.get('syncs') or {}).items() if isinstance(v, int)}
         graph = r.get('graph_ms')
         lines.append(f'{r["model"]} {r["mode"]}: wall {fmt(wall)} ms, host {fmt(host)} ms, busy {fmt(busy)} ms'
@@ -271,7 +276,7 @@ def profile(run: Run) -> Decision:
         name = f'{r["model"]} {r["mode"]}'
         if syncs:
             verdicts.append(f'{name}: remove the waits first ({", ".join(syncs)})')
-        elif host is None or busy is None or math.isnan(busy):
+        elif host is None or busy is None:
             verdicts.append(f'{name}: not measured')
         elif host > busy:
             verdicts.append(f'{name}: host-bound ({host / busy:.2f}x busy): cut host work (host_work.py counts it)')
@@ -294,13 +299,13 @@ def tiles_spc(run: Run) -> Decision:
                 shapes.setdefault((r['chs'], r['size'], str(r['groups']), r['kernel']), []).append(r)
         wins, default = None, None  # the candidates faster than the default at every shape, with their least gain
         for shape, timed in shapes.items():
-            base = next((t for t in timed if t['default'] and t['ms']), None)
+            base = next((t for t in timed if t['default'] and finite(t['ms'])), None)
             if base is None:
                 wins = {}  # the default not timed at a shape: no candidate can be shown better everywhere
                 continue
             default = tuple(base['tile'])
             here = {tuple(t['tile']): t['x_default'] for t in timed if not t['default'] and t['error'] is None
-                    and t['equal'] and t['x_default'] is not None and t['x_default'] > 1 + NOISE}
+                    and t['equal'] and finite(t['x_default']) is not None and t['x_default'] > 1 + NOISE}
             wins = here if wins is None else {k: min(v, here[k]) for k, v in wins.items() if k in here}
             for t in timed:
                 result = (f'{t["x_default"]:.2f}x the default' + ('' if t['equal'] else ', NOT EQUAL')
@@ -355,14 +360,19 @@ def tuning(run: Run) -> Decision:
     choice = 'tuning: first-use cost and the plans kept (cuDNN forms)'
     if not rows:
         return Decision(choice, 'not measured: no tuning.json')
-    lines, slow, kept = [], [], set()
+    lines, slow, unmeasured, kept = [], [], [], set()
     for r in rows:
         kept |= set(r.get('forms') or {})
-        lines.append(f'{r["mode"]}: first use {r["first_use_cost_s"]:.1f} s, x{r["speedup_median"]:.3f} '
-                     f'(median), forms kept {r.get("forms")}')
-        if r['first_use_cost_s'] > FIRST_USE_LIMIT_S:
+        cost, speedup = finite(r.get('first_use_cost_s')), finite(r.get('speedup_median'))
+        lines.append(f'{r["mode"]}: first use {fmt(cost, ".1f")} s, x{fmt(speedup, ".3f")} (median), '
+                     f'forms kept {r.get("forms")}')
+        if cost is None:
+            unmeasured.append(r['mode'])
+        elif cost > FIRST_USE_LIMIT_S:
             slow.append(r['mode'])
-    if slow:
+    if unmeasured:
+        verdict = f'not measured: no first-use cost ({", ".join(unmeasured)})'
+    elif slow:
         verdict = (f'first use over {FIRST_USE_LIMIT_S:.0f} s ({", ".join(slow)}): drop from the CUDA candidates '
                    f'the forms it never keeps (it kept {", ".join(sorted(kept))})')
     else:

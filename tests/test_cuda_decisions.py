@@ -149,3 +149,19 @@ def test_the_script_reads_the_output_folder_layout_and_writes_markdown(run_folde
     assert capsys.readouterr().out == text + '\n'
     assert '**infer: keep the rule; train: @dense throughout (1.15x the rule)**' in text
     assert '**compiled slower (0.75x eager)' in text
+
+
+def test_a_nan_measurement_decides_nothing(run_folder):
+    rows = json.loads((run_folder / 'psa.json').read_text())['rows']
+    rows[2]['dense/channels_last_infer_ms'] = float('nan')  # the strided PSA's dense form at inference
+    write_rows(run_folder / 'psa.json', rows)
+    profile = json.loads((run_folder / 'profile.json').read_text())['rows']
+    profile[1]['host_ms'] = float('nan')
+    write_rows(run_folder / 'profile.json', profile)
+    tuning = json.loads((run_folder / 'tuning.json').read_text())['rows']
+    tuning[0]['first_use_cost_s'] = float('nan')
+    write_rows(run_folder / 'tuning.json', tuning)
+    v = verdicts(run_folder)
+    assert v['stride'] == 'train: stage 2 grouped'  # no inference verdict from a NaN
+    assert 'epsanet50_small train: not measured' in v['profile']
+    assert v['tuning'] == 'not measured: no first-use cost (train)'
