@@ -142,7 +142,7 @@ def _build(kernel, dtype: str, consts: dict, num_warps: int, layout: str = 'chan
         name.endswith('_ptr') or re.fullmatch(aligned_strides, name))}
     source = ASTSource(kernel, signature, {(names.index(k),): v for k, v in consts.items()}, aligned)
     compiled = triton.compile(source, target=GPUTarget('cuda', 90, 32),
-                              options=dict(num_warps=num_warps, num_stages=num_stages))
+                              options=dict(num_warps=num_warps, num_stages=num_stages, **tb.FMA))  # as launched
     with tempfile.TemporaryDirectory() as tmp:
         ptx, cubin = Path(tmp) / 'k.ptx', Path(tmp) / 'k.cubin'
         ptx.write_text(compiled.asm['ptx'])

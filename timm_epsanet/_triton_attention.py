@@ -28,7 +28,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ._branch_plans import next_pow2
-from ._triton_branch import _check_device
+from ._triton_branch import FMA, _check_device
 
 __all__ = ['fusable', 'psa_attention']
 
@@ -162,7 +162,7 @@ def _attention(pooled, num_scales, w1, b1, w2, b2, dtype: torch.dtype) -> torch.
     attn = torch.empty(pooled.shape, dtype=dtype, device=pooled.device)
     s, c, r, s_p, r_p, block_c = _sizes(num_scales, w1)
     _gate_kernel[(pooled.shape[0],)](pooled, w1, b1, w2, b2, attn, *_strides(w1, w2), S=s, C=c, R=r, S_P=s_p,
-                                     R_P=r_p, BLOCK_C=block_c)
+                                     R_P=r_p, BLOCK_C=block_c, **FMA)
     return attn
 
 
@@ -188,7 +188,7 @@ class _PsaAttention(torch.autograd.Function):
         parts = torch.empty((x.shape[0], 2 * r * c + r + c), dtype=torch.float32, device=x.device)
         _gate_grad_kernel[(x.shape[0],)](
             pooled, w1, b1, w2, b2, grad_attn, grad_pooled, parts, *_strides(w1, w2), 1.0 / (x.shape[2] * x.shape[3]),
-            S=s, C=c, R=r, S_P=s_p, R_P=r_p, BLOCK_C=block_c)
+            S=s, C=c, R=r, S_P=s_p, R_P=r_p, BLOCK_C=block_c, **FMA)
         grad_x = torch.addcmul(grad_pooled, grad, attn)  # the mean's share, spread over the pixels, + the product's
         grads = [g.view(p.shape) for g, p in zip(parts.sum(0).split([r * c, r, c * r, c]), params)]
         return (grad_x, None, *(g if g.dtype == p.dtype else g.to(p.dtype) for g, p in zip(grads, params)))

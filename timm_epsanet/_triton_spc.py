@@ -41,7 +41,8 @@ from ._branch_forms import block_diagonal_weight
 from ._branch_plans import in_layout, layout_of, plain_eager
 from ._triton_branch import (
     _cdiv, _check_device, _dst_pixels, _empty_like_layout, _grad_input_op, _group_block, _launch_conv_tiles, _out_size,
-    _precision, _tile_pixels, _weight_grad_part, branch_conv, mma_config_for, weight_grad_chunks, weight_grad_of_part,
+    FMA, _precision, _tile_pixels, _weight_grad_part, branch_conv, mma_config_for, weight_grad_chunks,
+    weight_grad_of_part,
 )
 
 __all__ = ['fusable', 'spc_conv', 'spc_conv_grouped']
@@ -593,7 +594,7 @@ def branch_tiles(weights, merges, merged, dtype, transposed) -> List[torch.Tenso
     _tiles_kernel[grid](
         *_pad(list(weights)), *_pad(tiles), *(v for w in _pad(list(weights)) for v in w.stride()), merged,
         K0=kernels[0], K1=kernels[1], K2=kernels[2], K3=kernels[3], M0=merges[0], M1=merges[1], M2=merges[2],
-        M3=merges[3], C_IN=c_in, C_OUT=c_out, TRANSPOSED=transposed, BLOCK=PREP_BLOCK)
+        M3=merges[3], C_IN=c_in, C_OUT=c_out, TRANSPOSED=transposed, BLOCK=PREP_BLOCK, **FMA)
     return tiles
 
 
@@ -608,7 +609,7 @@ def _branch_weight_grads(parts, weights, merges) -> List[torch.Tensor]:
     _weight_grads_kernel[grid](
         *_pad(list(parts)), *_pad(grads), merged, chunks, K0=kernels[0], K1=kernels[1], K2=kernels[2],
         K3=kernels[3], M0=merges[0], M1=merges[1], M2=merges[2], M3=merges[3], C_IN=c_in, C_OUT=c_out,
-        BLOCK=PREP_BLOCK)
+        BLOCK=PREP_BLOCK, **FMA)
     return grads
 
 
@@ -639,7 +640,7 @@ def _launch_tiles(src, tiles, dst, stride, dilation, transposed, config=None):
         y.shape[3], s[0], s[2], s[3], s[1], d[0], d[2], d[3], d[1], stride[0], stride[1], dilation[0], dilation[1],
         groups, R0=radii[0], R1=radii[1], R2=radii[2], R3=radii[3], R_MAX=max(radii), C_RED=c_red, C_OUT=c_out,
         PRECISION=_precision(src), BLOCK_P=config.block_p, BLOCK_R=config.block_r, BLOCK_O=config.block_o,
-        TILE_W=config.tile_w, num_warps=config.num_warps, num_stages=config.num_stages)
+        TILE_W=config.tile_w, num_warps=config.num_warps, num_stages=config.num_stages, **FMA)
     return dst
 
 
@@ -673,7 +674,7 @@ def _weight_grad_parts(x, grad, kernel_sizes, groups, ins, outs, stride, dilatio
         R0=radii[0], R1=radii[1], R2=radii[2], R3=radii[3], R_MAX=max(radii), NB=len(kernel_sizes), C_IN=ins,
         C_OUT=outs, PRECISION=_precision(x), STACKED=config.stack_branches, PAIR=pair, BLOCK_H=block_h,
         BLOCK_W=block_w, BLOCK_R=config.block_r, BLOCK_O=config.block_o,
-        num_warps=config.num_warps, num_stages=config.num_stages)
+        num_warps=config.num_warps, num_stages=config.num_stages, **FMA)
     return parts
 
 
