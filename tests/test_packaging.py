@@ -1,10 +1,14 @@
 """What `pip install` gives a user: a wheel and sdist that pass `twine check`, with the package and
 its recipes, and nothing else at the top level of site-packages (no `tests`, no `hub_upload`)."""
+import importlib.metadata
 import os
+import re
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
+
+from packaging.version import Version
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,3 +39,11 @@ def test_install_exposes_only_the_package(tmp_path):
     out = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=60, check=True)
     assert out.stdout.split() == ['False', 'False', 'False', 'True']
+
+
+def test_the_python_floor_is_at_least_timms():
+    """pip on a Python timm does not support refuses this package by name, rather than failing to
+    find a timm for it."""
+    ours = re.search(r'^requires-python = ">=([\d.]+)"', (REPO / 'pyproject.toml').read_text(), re.M).group(1)
+    timm_needs = re.fullmatch(r'>=([\d.]+)', importlib.metadata.metadata('timm')['Requires-Python']).group(1)
+    assert Version(ours) >= Version(timm_needs)
