@@ -419,3 +419,19 @@ def test_branch_conv_in_every_compute_dtype_equals_the_grouped_conv(mode):
         expected = F.conv2d(x, conv.weight, None, 1, 1, 1, 32)
     assert y.dtype == (torch.float32 if mode == 'fp32' else torch.bfloat16)
     torch.testing.assert_close(y.float(), expected.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_an_older_triton_is_refused_by_name(monkeypatch):
+    """The Triton kernels are checked with triton 3.6 and later: with an older one 'auto' keeps the
+    branches on cuDNN even where a GPU is present, and a Triton branch_form stops at the kernels'
+    entry with both versions, not with a failure inside Triton's compiler."""
+    pytest.importorskip('triton')
+    from timm_epsanet import _branch_plans, _triton_branch
+    monkeypatch.setattr(_branch_plans, 'TRITON_VERSION', (3, 4))
+    monkeypatch.setattr(_branch_plans, 'TRITON_TOO_OLD', True)
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    assert not _branch_plans.triton_runs_on_cuda()
+    conv = BranchConv2d(32, 16, 5, padding=2, groups=2, bias=False, form='triton_mma')
+    assert conv.plan_for('cuda', False)[0] == 'triton_mma'  # asked for by name: the kernels' entry decides
+    with pytest.raises(RuntimeError, match=r'need triton >= 3\.6, found triton 3\.4'):
+        _triton_branch.branch_conv(torch.randn(1, 32, 8, 8), conv.weight, (1, 1), (2, 2), (1, 1), 2)

@@ -8,9 +8,12 @@ benchmarks/psa_plans.py; their results and the numbers behind each rule are in
 benchmarks/README.md): on CPU from two machines, on CUDA from an H200's (`cuda_branch_form`; the
 Triton kernels' use from arithmetic, until a GPU times them whole).
 """
+import importlib.metadata
 import importlib.util
 import os
-from typing import Tuple
+import re
+import warnings
+from typing import Optional, Tuple
 
 import torch
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
@@ -21,11 +24,38 @@ Plan = Tuple[str, str]
 # cores with the branches that share input slices fused; CUDA only
 TRITON_FORMS = ('triton', 'triton_mma', 'triton_spc')
 
+# the oldest triton the kernels are checked with (3.6, the GPU machines'; benchmarks/README.md)
+TRITON_MIN = (3, 6)
+
+
+def _triton_version() -> Optional[Tuple[int, int]]:
+    """The installed triton's (major, minor), read from its distribution without importing it;
+    None where no distribution says (a source build: then it is not refused)."""
+    for dist in ('triton', 'pytorch-triton'):
+        try:
+            match = re.match(r'(\d+)\.(\d+)', importlib.metadata.version(dist))
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        return (int(match.group(1)), int(match.group(2))) if match else None
+    return None
+
+
 # found without importing it: importing this package must not need (or load) triton
 TRITON_INSTALLED = importlib.util.find_spec('triton') is not None
+TRITON_VERSION = _triton_version() if TRITON_INSTALLED else None
+TRITON_TOO_OLD = TRITON_VERSION is not None and TRITON_VERSION < TRITON_MIN
 # 'auto' takes the Triton kernels on CUDA only when asked to, until they are measured on a GPU
 # against cuDNN (benchmarks/run_cuda.sh); branch_form='triton', 'triton_mma' or 'triton_spc' use them regardless
 TRITON_IN_AUTO = os.environ.get('TIMM_EPSANET_TRITON', '0').lower() in ('1', 'true', 'yes', 'on')
+
+
+def triton_too_old_message() -> str:
+    found = '.'.join(map(str, TRITON_VERSION or ()))
+    return f'the PSA Triton kernels need triton >= {".".join(map(str, TRITON_MIN))}, found triton {found}'
+
+
+if TRITON_IN_AUTO and TRITON_TOO_OLD:
+    warnings.warn(f'TIMM_EPSANET_TRITON=1 is ignored: {triton_too_old_message()}; the branches run on cuDNN')
 
 
 def cpu_branch_plan(
@@ -114,8 +144,8 @@ def kernel_layout(form: str) -> str:
 
 
 def triton_runs_on_cuda() -> bool:
-    """Whether the Triton forms can run here: triton installed and a CUDA device present."""
-    return TRITON_INSTALLED and torch.cuda.is_available()
+    """Whether the Triton forms can run here: a triton they are checked with, and a CUDA device."""
+    return TRITON_INSTALLED and not TRITON_TOO_OLD and torch.cuda.is_available()
 
 
 def triton_in_auto() -> bool:

@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _branch_plans
 from ._branch_plans import next_pow2
 
 __all__ = ['Config', 'branch_conv', 'config_for', 'mma_config_for']
@@ -397,6 +398,8 @@ def _empty_like_layout(x: torch.Tensor, shape: Sequence[int], dtype: torch.dtype
 
 
 def _check_device(x: torch.Tensor) -> None:
+    if _branch_plans.TRITON_TOO_OLD:  # an explicit Triton branch_form: 'auto' never picks them there
+        raise RuntimeError(_branch_plans.triton_too_old_message())
     if x.device.type != 'cuda' and not _interpreting():
         raise RuntimeError(f'the Triton PSA branch kernels need a CUDA tensor (or TRITON_INTERPRET=1), got {x.device}')
 
