@@ -430,7 +430,10 @@ def test_an_older_triton_is_refused_by_name(monkeypatch):
     monkeypatch.setattr(_branch_plans, 'TRITON_VERSION', (3, 4))
     monkeypatch.setattr(_branch_plans, 'TRITON_TOO_OLD', True)
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
-    assert not _branch_plans.triton_runs_on_cuda()
+    monkeypatch.setattr(_branch_plans, 'TRITON_IN_AUTO', True)
+    assert not _branch_plans.triton_in_auto()
+    with pytest.warns(UserWarning, match=r'TIMM_EPSANET_TRITON=1 is ignored: .* found triton 3\.4; the branches run on cuDNN'):
+        _branch_plans.warn_if_triton_ignored()
     conv = BranchConv2d(32, 16, 5, padding=2, groups=2, bias=False, form='triton_mma')
     assert conv.plan_for('cuda', False)[0] == 'triton_mma'  # asked for by name: the kernels' entry decides
     with pytest.raises(RuntimeError, match=r'need triton >= 3\.6, found triton 3\.4'):

@@ -54,8 +54,13 @@ def triton_too_old_message() -> str:
     return f'the PSA Triton kernels need triton >= {".".join(map(str, TRITON_MIN))}, found triton {found}'
 
 
-if TRITON_IN_AUTO and TRITON_TOO_OLD:
-    warnings.warn(f'TIMM_EPSANET_TRITON=1 is ignored: {triton_too_old_message()}; the branches run on cuDNN')
+def warn_if_triton_ignored() -> None:
+    """At import: TIMM_EPSANET_TRITON=1 with a triton the kernels refuse says so, once."""
+    if TRITON_IN_AUTO and TRITON_TOO_OLD:
+        warnings.warn(f'TIMM_EPSANET_TRITON=1 is ignored: {triton_too_old_message()}; the branches run on cuDNN')
+
+
+warn_if_triton_ignored()
 
 
 def cpu_branch_plan(
