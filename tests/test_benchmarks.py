@@ -53,7 +53,7 @@ def test_cudnn_form_runs_auto_without_the_triton_kernels(monkeypatch):
     on CUDA picks the cuDNN forms; the models before and after it keep the kernels (CUDA runs
     every model of a stage in one process)."""
     monkeypatch.setattr(_branch_plans, 'TRITON_INSTALLED', True)
-    monkeypatch.setattr(_branch_plans, 'TRITON_TOO_OLD', False)
+    monkeypatch.setattr(_branch_plans, 'triton_too_old', lambda: False)
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     monkeypatch.setattr(_branch_plans, 'TRITON_IN_AUTO', True)
     model = benchmark.create('epsanet50_small@cudnn')
@@ -165,7 +165,7 @@ def test_psa_branches_times_every_form_in_every_layout(tmp_path):
     assert sum(not math.isnan(row['regrouped/nchw_infer_ms']) for row in rows) == 6
 
 
-@pytest.mark.skipif(_branch_plans.TRITON_TOO_OLD, reason=_branch_plans.triton_too_old_message())
+@pytest.mark.skipif(_branch_plans.triton_too_old(), reason=_branch_plans.triton_too_old_message())
 def test_triton_tiles_times_each_kernel_on_neighbouring_tiles(tmp_path):
     """The tile sweep run_cuda.sh runs on a GPU, here under the Triton interpreter on one tiny PSA
     and branch: each fused kernel of the PSA's fused branches first, then each kernel of both
@@ -222,7 +222,7 @@ def test_triton_tiles_goes_on_past_a_tile_the_gpu_cannot_launch():
     assert len(rows) == 1 and rows[0]['default'] and 'shared memory' in rows[0]['error']
 
 
-@pytest.mark.skipif(_branch_plans.TRITON_TOO_OLD, reason=_branch_plans.triton_too_old_message())
+@pytest.mark.skipif(_branch_plans.triton_too_old(), reason=_branch_plans.triton_too_old_message())
 def test_triton_warmup_covers_every_grouped_branch_of_the_models():
     """triton_warmup.py's launches cover every grouped PSA branch conv (in, out, kernel, groups,
     stride) of all four variants, for the tensor-core form in AMP fp16 channels-last, and every PSA
@@ -420,7 +420,7 @@ def test_step_profile_reports_wall_time_and_the_top_ops(tmp_path):
     assert 'convolution' in ' '.join(k['name'] for k in row['kernels'])
 
 
-@pytest.mark.skipif(_branch_plans.TRITON_TOO_OLD, reason=_branch_plans.triton_too_old_message())
+@pytest.mark.skipif(_branch_plans.triton_too_old(), reason=_branch_plans.triton_too_old_message())
 def test_host_work_shows_inference_builds_no_branch_weights_and_the_attention_fused():
     """host_work.py (the host's share of a GPU step: CUDA plans on CPU, the kernels no-ops) runs,
     and shows what the Triton plans do without ops around the kernels: after the first step, an
@@ -443,7 +443,7 @@ def test_host_work_shows_inference_builds_no_branch_weights_and_the_attention_fu
     assert not ops['train'] & attention, run.stdout
 
 
-@pytest.mark.skipif(_branch_plans.TRITON_TOO_OLD, reason=_branch_plans.triton_too_old_message())
+@pytest.mark.skipif(_branch_plans.triton_too_old(), reason=_branch_plans.triton_too_old_message())
 def test_host_work_of_whole_models_counts_fewer_ops_with_the_triton_plans():
     """host_work.py --scope model: the whole epsanet50_small steps with fewer host ops with the Triton
     plans (kept weight tiles, fused branches and attention) than with the cuDNN plans, and

@@ -427,8 +427,7 @@ def test_an_older_triton_is_refused_by_name(monkeypatch):
     entry with both versions, not with a failure inside Triton's compiler."""
     pytest.importorskip('triton')
     from timm_epsanet import _branch_plans, _triton_branch
-    monkeypatch.setattr(_branch_plans, 'TRITON_VERSION', (3, 4))
-    monkeypatch.setattr(_branch_plans, 'TRITON_TOO_OLD', True)
+    monkeypatch.setattr(_branch_plans, 'triton_version', lambda: (3, 4))
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     monkeypatch.setattr(_branch_plans, 'TRITON_IN_AUTO', True)
     assert not _branch_plans.triton_in_auto()

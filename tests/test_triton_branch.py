@@ -23,7 +23,7 @@ import torch
 from timm_epsanet import _branch_plans
 
 # the kernels refuse an older triton by name (tests/test_psa.py); its interpreter differs too
-pytestmark = pytest.mark.skipif(_branch_plans.TRITON_TOO_OLD, reason=_branch_plans.triton_too_old_message())
+pytestmark = pytest.mark.skipif(_branch_plans.triton_too_old(), reason=_branch_plans.triton_too_old_message())
 
 ROOT = Path(__file__).resolve().parents[1]
 

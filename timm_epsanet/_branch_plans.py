@@ -8,6 +8,7 @@ benchmarks/psa_plans.py; their results and the numbers behind each rule are in
 benchmarks/README.md): on CPU from two machines, on CUDA from an H200's (`cuda_branch_form`; the
 Triton kernels' use from arithmetic, until a GPU times them whole).
 """
+import functools
 import importlib.metadata
 import importlib.util
 import os
@@ -27,11 +28,18 @@ TRITON_FORMS = ('triton', 'triton_mma', 'triton_spc')
 # the oldest triton the kernels are checked with (3.6, the GPU machines'; benchmarks/README.md)
 TRITON_MIN = (3, 6)
 
+# found without importing it: importing this package must not need (or load) triton
+TRITON_INSTALLED = importlib.util.find_spec('triton') is not None
+# 'auto' takes the Triton kernels on CUDA only when asked to, until they are measured on a GPU
+# against cuDNN (benchmarks/run_cuda.sh); branch_form='triton', 'triton_mma' or 'triton_spc' use them regardless
+TRITON_IN_AUTO = os.environ.get('TIMM_EPSANET_TRITON', '0').lower() in ('1', 'true', 'yes', 'on')
 
-def _triton_version() -> Optional[Tuple[int, int]]:
+
+@functools.lru_cache(maxsize=None)  # read once, when a Triton form is first considered: not at import
+def triton_version() -> Optional[Tuple[int, int]]:
     """The installed triton's (major, minor), read from its distribution without importing it;
-    None where no distribution says (a source build: then it is not refused)."""
-    for dist in ('triton', 'pytorch-triton'):
+    None where triton is missing or no distribution says (a source build: then it is not refused)."""
+    for dist in ('triton', 'pytorch-triton') if TRITON_INSTALLED else ():
         try:
             match = re.match(r'(\d+)\.(\d+)', importlib.metadata.version(dist))
         except importlib.metadata.PackageNotFoundError:
@@ -40,23 +48,19 @@ def _triton_version() -> Optional[Tuple[int, int]]:
     return None
 
 
-# found without importing it: importing this package must not need (or load) triton
-TRITON_INSTALLED = importlib.util.find_spec('triton') is not None
-TRITON_VERSION = _triton_version() if TRITON_INSTALLED else None
-TRITON_TOO_OLD = TRITON_VERSION is not None and TRITON_VERSION < TRITON_MIN
-# 'auto' takes the Triton kernels on CUDA only when asked to, until they are measured on a GPU
-# against cuDNN (benchmarks/run_cuda.sh); branch_form='triton', 'triton_mma' or 'triton_spc' use them regardless
-TRITON_IN_AUTO = os.environ.get('TIMM_EPSANET_TRITON', '0').lower() in ('1', 'true', 'yes', 'on')
+def triton_too_old() -> bool:
+    version = triton_version()
+    return version is not None and version < TRITON_MIN
 
 
 def triton_too_old_message() -> str:
-    found = '.'.join(map(str, TRITON_VERSION or ()))
+    found = '.'.join(map(str, triton_version() or ()))
     return f'the PSA Triton kernels need triton >= {".".join(map(str, TRITON_MIN))}, found triton {found}'
 
 
 def warn_if_triton_ignored() -> None:
     """At import: TIMM_EPSANET_TRITON=1 with a triton the kernels refuse says so, once."""
-    if TRITON_IN_AUTO and TRITON_TOO_OLD:
+    if TRITON_IN_AUTO and triton_too_old():
         warnings.warn(f'TIMM_EPSANET_TRITON=1 is ignored: {triton_too_old_message()}; the branches run on cuDNN')
 
 
@@ -150,7 +154,7 @@ def kernel_layout(form: str) -> str:
 
 def triton_runs_on_cuda() -> bool:
     """Whether the Triton forms can run here: a triton they are checked with, and a CUDA device."""
-    return TRITON_INSTALLED and not TRITON_TOO_OLD and torch.cuda.is_available()
+    return TRITON_INSTALLED and torch.cuda.is_available() and not triton_too_old()
 
 
 def triton_in_auto() -> bool:

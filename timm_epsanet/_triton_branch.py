@@ -398,7 +398,7 @@ def _empty_like_layout(x: torch.Tensor, shape: Sequence[int], dtype: torch.dtype
 
 
 def _check_device(x: torch.Tensor) -> None:
-    if _branch_plans.TRITON_TOO_OLD:  # an explicit Triton branch_form: 'auto' never picks them there
+    if _branch_plans.triton_too_old():  # an explicit Triton branch_form: 'auto' never picks them there
         raise RuntimeError(_branch_plans.triton_too_old_message())
     if x.device.type != 'cuda' and not _interpreting():
         raise RuntimeError(f'the Triton PSA branch kernels need a CUDA tensor (or TRITON_INTERPRET=1), got {x.device}')
