@@ -91,9 +91,11 @@ def psa_steps(model_name, dtype, scope='branches'):
 def measure(steps, train, iters, top):
     """(median ms per step, aten ops per step, Triton launches per step, the most called ops) of
     every PSA's branches once."""
+    for module, _ in steps:  # once, not per step: a mode switch drops the weights inference keeps
+        module.train(train)
+
     def step():
         for module, x in steps:
-            module.train(train)
             if train:
                 module.zero_grad(set_to_none=True)  # as a training loop does: gradients stored, not added
                 x.grad = None

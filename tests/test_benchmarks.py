@@ -421,13 +421,10 @@ def test_step_profile_reports_wall_time_and_the_top_ops(tmp_path):
 
 
 @pytest.mark.skipif(_branch_plans.triton_too_old(), reason=_branch_plans.triton_too_old_message())
-def test_host_work_shows_inference_builds_no_branch_weights_and_the_attention_fused():
-    """host_work.py (the host's share of a GPU step: CUDA plans on CPU, the kernels no-ops) runs,
-    and shows what the Triton plans do without ops around the kernels: after the first step, an
-    inference step builds no weights (no zeroed tiles, masks, casts, copies or layouts), and
-    neither mode runs the attention's plain ops (SEWeight, softmax and their gradients)."""
-    run = subprocess.run([sys.executable, str(BENCHMARKS / 'host_work.py'), '--scope', 'psa', '--iters', '1',
-                          '--top', '100'], check=True, capture_output=True, text=True, cwd=BENCHMARKS)
+def _host_work_ops(*args):
+    """{mode: the aten ops host_work.py lists} of one run with `args`, and its output."""
+    run = subprocess.run([sys.executable, str(BENCHMARKS / 'host_work.py'), '--iters', '1', '--top', '100', *args],
+                         check=True, capture_output=True, text=True, cwd=BENCHMARKS)
     ops, mode = {}, None
     for line in run.stdout.splitlines():
         if line.startswith(('infer', 'train')):
@@ -435,12 +432,32 @@ def test_host_work_shows_inference_builds_no_branch_weights_and_the_attention_fu
             ops[mode] = set()
         elif mode and line.strip().split()[-1].startswith('aten::'):
             ops[mode].add(line.split()[-1])
-    building = {'aten::new_zeros', 'aten::copy_', 'aten::eye', 'aten::mul', 'aten::to', 'aten::contiguous'}
+    return ops, run.stdout
+
+
+_BUILDING = {'aten::new_zeros', 'aten::copy_', 'aten::eye', 'aten::mul', 'aten::to', 'aten::contiguous'}
+
+
+def test_host_work_shows_inference_builds_no_branch_weights_and_the_attention_fused():
+    """host_work.py (the host's share of a GPU step: CUDA plans on CPU, the kernels no-ops) runs,
+    and shows what the Triton plans do without ops around the kernels: after the first step, an
+    inference step builds no weights (no zeroed tiles, masks, casts, copies or layouts), and
+    neither mode runs the attention's plain ops (SEWeight, softmax and their gradients)."""
+    ops, out = _host_work_ops('--scope', 'psa')
     attention = {'aten::softmax', 'aten::sigmoid', 'aten::relu_', 'aten::_softmax_backward_data',
                  'aten::sigmoid_backward', 'aten::threshold_backward'}
-    assert set(ops) == {'infer', 'train'} and ops['infer'] and 'aten::mean' in ops['infer'], run.stdout
-    assert not ops['infer'] & (building | attention), run.stdout
-    assert not ops['train'] & attention, run.stdout
+    assert set(ops) == {'infer', 'train'} and ops['infer'] and 'aten::mean' in ops['infer'], out
+    assert not ops['infer'] & (_BUILDING | attention), out
+    assert not ops['train'] & attention, out
+
+
+def test_host_work_of_the_cudnn_plans_keeps_the_dense_weights_between_inference_steps():
+    """With the cuDNN plans (dense branches at stages 1-3), an inference step after the first builds
+    no block-diagonal weight: the count is of a model in eval mode, not of one switched into it
+    before every step (which drops what inference keeps)."""
+    ops, out = _host_work_ops('--scope', 'psa', '--plans', 'cudnn', '--modes', 'infer')
+    # (the attention casts its fp32 softmax to x's dtype: an aten::to, a no-op in fp32)
+    assert 'aten::conv2d' in ops['infer'] and not ops['infer'] & (_BUILDING - {'aten::to'}), out
 
 
 @pytest.mark.skipif(_branch_plans.triton_too_old(), reason=_branch_plans.triton_too_old_message())
