@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from timm_epsanet import PyramidSqueezeAttention, default_groups, default_kernel_sizes
-from timm_epsanet._branch_conv import BranchConv2d
+from timm_epsanet._branch_conv import BRANCH_FORMS, BranchConv2d
 from timm_epsanet._branch_forms import block_diagonal_weight, fft_weight_grad, fft_weight_grad_pays_off, regroup_factor
 from timm_epsanet._official import OfficialPSA
 from timm_epsanet.epsanet import LARGE_GROUPS, SMALL_GROUPS
@@ -293,6 +293,18 @@ def test_explicit_branch_form_computes_the_same_psa(form):
     x.requires_grad_()
     torch.testing.assert_close(torch.autograd.grad(forced(x).square().sum(), x)[0],
                                torch.autograd.grad(plain(x).square().sum(), x)[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('form', BRANCH_FORMS)
+def test_every_branch_form_runs_on_the_meta_device(form):
+    """A model is shaped, and its FLOPs counted, on the meta device, which has no autocast: every
+    form gives the shapes there, forward and backward, not torch's error for autocast's device."""
+    psa = PyramidSqueezeAttention(64, stride=2, branch_form=form, device='meta')
+    x = torch.empty(2, 64, 9, 9, device='meta', requires_grad=True)
+    with torch.no_grad():
+        assert psa(x).shape == (2, 64, 5, 5)
+    psa(x).sum().backward()
+    assert x.grad.shape == x.shape and all(c.weight.grad.shape == c.weight.shape for c in psa.convs)
 
 
 @pytest.mark.parametrize('merge', [None, 3, 2, 1])

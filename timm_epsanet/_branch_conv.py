@@ -19,8 +19,8 @@ from ._branch_forms import (
     regroup_factor, sums_groups_by_conv,
 )
 from ._branch_plans import (
-    TRITON_FORMS, Plan, computes_in_low_precision, cpu_branch_plan, cuda_branch_form, in_layout, kernel_layout,
-    layout_of, plain_eager, triton_in_auto,
+    TRITON_FORMS, Plan, autocast_dtype, computes_in_low_precision, cpu_branch_plan, cuda_branch_form, in_layout,
+    kernel_layout, layout_of, plain_eager, triton_in_auto,
 )
 from ._branch_tuning import tuned_plans
 
@@ -195,8 +195,9 @@ class BranchConv2d(nn.Conv2d):
         if self.mma_regroup == 1:
             x, weight = autocast_conv_inputs(x, self.weight)
             return x, weight, self.groups
-        if torch.is_autocast_enabled(x.device.type):  # as autocast_conv_inputs, the weight cast by merged_weight
-            x = x.to(torch.get_autocast_dtype(x.device.type))
+        dtype = autocast_dtype(x.device.type)
+        if dtype is not None:  # as autocast_conv_inputs, the weight cast by merged_weight
+            x = x.to(dtype)
         return x, self.merged_weight(self.mma_regroup, _autocast_dtype(x, self.weight.dtype)), \
             self.groups // self.mma_regroup
 
@@ -257,9 +258,8 @@ def _may_keep(weight: torch.Tensor) -> bool:
 
 def _autocast_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
     """The dtype autocast casts a conv's weight to on x's device, else `dtype`."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return dtype
+    autocast = autocast_dtype(x.device.type)
+    return dtype if autocast is None else autocast
 
 
 def _autograd_plan() -> bool:
@@ -276,8 +276,9 @@ def _tensor_core_branches(x: torch.Tensor, convs: List[BranchConv2d]) -> torch.T
     conv's; without autograd, each branch's weight tiles built once (`BranchConv2d.kept_weight`)."""
     from . import _triton_spc  # imported only where it runs: it needs triton
     first = convs[0]
-    if torch.is_autocast_enabled(x.device.type):
-        x = x.to(torch.get_autocast_dtype(x.device.type))
+    dtype = autocast_dtype(x.device.type)
+    if dtype is not None:
+        x = x.to(dtype)
     elif any(conv.weight.dtype != x.dtype for conv in convs):  # as a conv refuses them
         raise RuntimeError(f'PSA branches: the input is {x.dtype} but the weights are {first.weight.dtype}; '
                            f'cast the model or run under autocast')

@@ -10,7 +10,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from ._branch_plans import layout_of
+from ._branch_plans import autocast_dtype, layout_of
 
 
 def sums_groups_by_conv(out_chs: int) -> bool:
@@ -157,8 +157,8 @@ def autocast_conv_inputs(x: torch.Tensor, weight: torch.Tensor) -> Tuple[torch.T
     """x and weight cast as autocast casts a conv's: an autograd Function or a custom op is
     outside autocast's op lists, and its backward sees one dtype (CUDA refuses fp16 x with an
     fp32 weight)."""
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
+    dtype = autocast_dtype(x.device.type)
+    if dtype is not None:
         return x.to(dtype), weight.to(dtype)
     return x, weight
 
@@ -170,9 +170,13 @@ class FastFormGroupedBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, sum_weight, form, stride, padding, dilation, groups):
-        x, weight = autocast_conv_inputs(x, weight)  # saved as cast: the backward conv sees one dtype
-        with torch.autocast(x.device.type, enabled=False):
+        dtype = autocast_dtype(x.device.type)
+        if dtype is None:
             out = fast_form_conv(x, weight, form, stride, padding, dilation, groups, sum_weight)
+        else:
+            x, weight = x.to(dtype), weight.to(dtype)  # saved as cast: the backward conv sees one dtype
+            with torch.autocast(x.device.type, enabled=False):
+                out = fast_form_conv(x, weight, form, stride, padding, dilation, groups, sum_weight)
         ctx.save_for_backward(x, weight)
         ctx.conv_args = (stride, padding, dilation, groups)
         return out

@@ -188,6 +188,15 @@ def in_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last if layout == 'channels_last' else torch.contiguous_format)
 
 
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype autocast runs a conv in on `device_type`, or None where it is off. A device with no
+    autocast at all (meta, on which a model is shaped and its FLOPs counted) is off: torch would
+    raise when asked."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
 def computes_in_low_precision(x: torch.Tensor) -> bool:
     """Whether a CPU conv of `x` will run in a 16-bit float: autocast, or 16-bit input."""
     if x.device.type == 'cpu' and torch.is_autocast_enabled('cpu'):

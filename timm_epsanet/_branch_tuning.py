@@ -40,7 +40,7 @@ import torch.fx
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ._branch_plans import (
-    TRITON_FORMS, Plan, in_layout, kernel_layout, layout_of, next_pow2, triton_in_auto, triton_runs_on_cuda,
+    TRITON_FORMS, Plan, autocast_dtype, in_layout, kernel_layout, layout_of, next_pow2, triton_in_auto, triton_runs_on_cuda,
 )
 
 try:
@@ -192,9 +192,8 @@ def triton_candidates(device_type: str) -> bool:
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    if x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
+    dtype = autocast_dtype(x.device.type) if x.is_floating_point() else None
+    return x.dtype if dtype is None else dtype
 
 
 def entry_key(convs: Sequence[torch.nn.Conv2d], x: torch.Tensor, training: bool) -> str:
