@@ -166,6 +166,26 @@ def test_compile_has_no_graph_breaks(small):
         torch.testing.assert_close(compiled(x), small(x), rtol=1e-4, atol=1e-4)
 
 
+def test_torch_func_vmap_and_per_sample_gradients(small):
+    """torch.func, as resnet50 runs under it: vmap over the batch equals the batched forward, and
+    per-sample gradients (vmap of grad, as differential privacy computes them) of a PSA in every
+    form equal one backward per sample."""
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.func.vmap(lambda t: small(t[None])[0])(x), small(x), rtol=1e-4, atol=1e-5)
+    for form in ('auto', 'dense', 'depthwise'):
+        psa = PyramidSqueezeAttention(64, branch_form=form)
+        params = {k: v.detach() for k, v in psa.named_parameters()}
+        loss = lambda p, t: torch.func.functional_call(psa, p, (t[None],)).square().sum()  # noqa: E731
+        feats = torch.randn(3, 64, 8, 8)
+        per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, feats)
+        for i, t in enumerate(feats):
+            psa.zero_grad()
+            psa(t[None]).square().sum().backward()
+            for k, v in psa.named_parameters():
+                torch.testing.assert_close(per_sample[k][i], v.grad, rtol=1e-4, atol=1e-5)
+
+
 def test_local_dir_roundtrip(small, tmp_path):
     timm.models.save_for_hf(small, tmp_path, safe_serialization=True)
     cfg = json.loads((tmp_path / 'config.json').read_text())

@@ -308,9 +308,11 @@ class BranchConvs(nn.ModuleList):
 
     @torch.jit.unused
     def _planned(self, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(x, torch.fx.Proxy):
+        if isinstance(x, torch.fx.Proxy) or torch._C._are_functorch_transforms_active():
             # traced by an FX tracer that does not know timm's leaves (torchvision's feature
-            # extraction, FX quantization): the grouped convs hold for every mode the graph runs in
+            # extraction, FX quantization): the grouped convs hold for every mode the graph runs in.
+            # Under torch.func's transforms (vmap for per-sample gradients or stacked ensembles), which
+            # cannot tell a batched tensor's memory layout, the grouped conv is the form they batch.
             return torch.cat([conv.forward_as(x, 'grouped') for conv in self], dim=1)
         grad_enabled = _autograd_plan()
         plans = tuned_plans(self, x, grad_enabled)  # None unless branch tuning is on (`set_branch_tuning`)
