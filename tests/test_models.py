@@ -152,6 +152,17 @@ def test_torchscript(small):
         torch.testing.assert_close(scripted(x), small(x))
 
 
+@pytest.mark.parametrize('grad', [True, False])
+def test_jit_trace_passes_its_own_check(small, grad):
+    """torch.jit.trace as deployments call it, with its check on (it reruns the model without autograd
+    and compares the graphs): one graph in every grad mode, equal to eager at another batch size."""
+    with torch.set_grad_enabled(grad):
+        traced = torch.jit.trace(small, torch.randn(2, 3, 64, 64))
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), small(x))
+
+
 @pytest.mark.slow
 def test_compile_has_no_graph_breaks(small):
     torch._dynamo.reset()

@@ -350,7 +350,7 @@ def test_merged_group_forms_script_trace_and_fx(form):
     assert any(n.op == 'call_module' and n.target == 'convs' for n in fx.graph.nodes)  # a leaf: runs the form
     expected = plain(x)
     grads = torch.autograd.grad(expected.square().sum(), plain.parameters())
-    for how, model in (('script', torch.jit.script(psa)), ('trace', torch.jit.trace(psa, x, check_trace=False)),
+    for how, model in (('script', torch.jit.script(psa)), ('trace', torch.jit.trace(psa, x)),
                        ('fx', lambda x_in: fx(x_in)[last])):
         y = model(x)
         torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5, msg=how)

@@ -134,8 +134,9 @@ class PyramidSqueezeAttention(nn.Module):
         # CUDA autocast computes the softmax in fp32: reweighting in fp32 would promote the whole
         # output, and the BN and activation after it, to fp32 (twice the memory and traffic)
         x_attn = x_attn.to(x.dtype)
-        # x is this module's own buffer (the concat): reweight it in place when autograd is off
-        x = x.mul_(x_attn) if not torch.is_grad_enabled() else x * x_attn
+        # x is this module's own buffer (the concat): reweight it in place when autograd is off; not
+        # in a trace, whose check reruns it without autograd and wants the same graph
+        x = x.mul_(x_attn) if not (torch.is_grad_enabled() or torch.jit.is_tracing()) else x * x_attn
         return x.reshape(B, self.num_scales * self.split_chs, H, W)
 
     @torch.jit.unused
