@@ -417,6 +417,32 @@ def test_inference_reweights_in_place_but_training_keeps_autograd():
     assert x_grad.grad is not None
 
 
+@pytest.mark.parametrize('where', ['branches', 'global'])
+def test_a_forward_hook_keeps_the_branch_outputs_it_saw(where):
+    """Inference reweights the branches' concat in place, unless a forward hook (on the branches, or
+    on every module) may hold it: features saved by a hook stay the branches' outputs."""
+    torch.manual_seed(0)
+    psa = PyramidSqueezeAttention(32, kernel_sizes=(3, 5), groups=(1, 2)).eval()
+    x = torch.randn(2, 32, 8, 8)
+    with torch.no_grad():
+        expected = torch.cat([conv(x) for conv in psa.convs], dim=1)
+        y = psa(x)
+    seen = []
+
+    def hook(module, args, out):
+        if module is psa.convs:
+            seen.append(out)
+
+    handle = (psa.convs.register_forward_hook(hook) if where == 'branches'
+              else nn.modules.module.register_module_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            torch.testing.assert_close(psa(x), y)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(seen[0], expected)
+
+
 @pytest.mark.parametrize('mode', ['fp32', 'autocast', 'bf16'])
 def test_branch_conv_in_every_compute_dtype_equals_the_grouped_conv(mode):
     """The 3x3 branch of EPSANet Large's stage 1 (its form depends on the compute dtype on CPU), in

@@ -194,13 +194,14 @@ class _PsaAttention(torch.autograd.Function):
         return (grad_x, None, *(g if g.dtype == p.dtype else g.to(p.dtype) for g, p in zip(grads, params)))
 
 
-def psa_attention(x: torch.Tensor, num_scales: int, se: nn.Module) -> torch.Tensor:
+def psa_attention(x: torch.Tensor, num_scales: int, se: nn.Module, in_place: bool = False) -> torch.Tensor:
     """PSA after its branches: x, the branches' outputs concatenated (B, S*C, H, W), times the
     softmax across the S scales of SEWeight `se` of each scale's pooled features (`fusable`).
-    Without autograd x is reweighted in place."""
+    Without autograd, x is reweighted in place where `in_place` allows it."""
     _check_device(x)
     params = (se.fc1.weight, se.fc1.bias, se.fc2.weight, se.fc2.bias)
     if not torch.is_grad_enabled():
         pooled = x.mean((2, 3), keepdim=True, dtype=torch.float32)
-        return x.mul_(_attention(pooled, num_scales, *params, x.dtype))
+        attn = _attention(pooled, num_scales, *params, x.dtype)
+        return x.mul_(attn) if in_place else x * attn
     return _PsaAttention.apply(x, num_scales, *params)

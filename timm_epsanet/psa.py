@@ -124,8 +124,14 @@ class PyramidSqueezeAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.convs(x)  # the S branch outputs, concatenated: (B, S * C', H, W)
-        if not torch.jit.is_scripting() and self._attention_on_triton(x):
-            return self._attention_by_triton(x)
+        # x is this module's own buffer: reweight it in place where nothing else sees it, without
+        # autograd, outside a trace (whose check reruns it without autograd and wants the same
+        # graph), and with no forward hook on the branches, which may hold their output
+        in_place = not (torch.is_grad_enabled() or torch.jit.is_tracing())
+        if not torch.jit.is_scripting():
+            in_place = in_place and not self._branches_hooked()
+            if self._attention_on_triton(x):
+                return self._attention_by_triton(x, in_place)
         B, _, H, W = x.shape
         x = x.reshape(B, self.num_scales, self.split_chs, H, W)
         # one SEWeight for all scales, then a softmax across the scales
@@ -134,9 +140,7 @@ class PyramidSqueezeAttention(nn.Module):
         # CUDA autocast computes the softmax in fp32: reweighting in fp32 would promote the whole
         # output, and the BN and activation after it, to fp32 (twice the memory and traffic)
         x_attn = x_attn.to(x.dtype)
-        # x is this module's own buffer (the concat): reweight it in place when autograd is off; not
-        # in a trace, whose check reruns it without autograd and wants the same graph
-        x = x.mul_(x_attn) if not (torch.is_grad_enabled() or torch.jit.is_tracing()) else x * x_attn
+        x = x.mul_(x_attn) if in_place else x * x_attn
         return x.reshape(B, self.num_scales * self.split_chs, H, W)
 
     @torch.jit.unused
@@ -153,9 +157,14 @@ class PyramidSqueezeAttention(nn.Module):
         return _triton_attention.fusable(self.se)
 
     @torch.jit.unused
-    def _attention_by_triton(self, x: torch.Tensor) -> torch.Tensor:
+    def _branches_hooked(self) -> bool:
+        """Whether a forward hook sees the branches' output (on them, or on every module)."""
+        return bool(self.convs._forward_hooks) or bool(nn.modules.module._global_forward_hooks)
+
+    @torch.jit.unused
+    def _attention_by_triton(self, x: torch.Tensor, in_place: bool) -> torch.Tensor:
         from . import _triton_attention
-        return _triton_attention.psa_attention(x, self.num_scales, self.se)
+        return _triton_attention.psa_attention(x, self.num_scales, self.se, in_place)
 
 
 def _check_config(
