@@ -60,7 +60,7 @@ def fused_launches(size=None):
 
 def _fused_psa(psa, plans, x):
     """The PSA with its branches fused and its attention on the Triton kernels, as on CUDA (also on the dry run)."""
-    return psa._attention_by_triton(psa.convs.run_plans(x, plans))
+    return psa._attention_by_triton(psa.convs.run_plans(x, plans), in_place=False)
 
 
 def tile_launches(tile_args: str):
