@@ -26,7 +26,8 @@ Model names are timm names, optionally with a suffix for EPSANet: `@official` (e
 official code's forward structure, see timm_epsanet/_official.py), or a PSA branch form that applies
 on every device instead of the per-device default: `@grouped`, `@depthwise`, `@volumetric`, `@dense`,
 `@regrouped`, `@triton` or `@triton_mma` (see timm_epsanet._branch_conv.BranchConv2d), or `@cudnn`:
-'auto' as it runs without the Triton kernels (TIMM_EPSANET_TRITON=0), in a run that has them on.
+'auto' as it runs without the Triton kernels (TIMM_EPSANET_TRITON=0), in a run that has them on;
+`@cudnn+attention`: the branches so, the attention on its kernels (TIMM_EPSANET_TRITON=attention).
 """
 import argparse
 import csv
@@ -105,6 +106,14 @@ def timed(fn, device) -> float:
     return time.perf_counter() - start
 
 
+# model suffixes that run 'auto' under other switches than the run's (TIMM_EPSANET_TRITON=1 in
+# run_cuda.sh): the branches' Triton kernels, and the attention's, on or off
+PLAN_SUFFIXES = {
+    'cudnn': dict(TRITON_IN_AUTO=False, TRITON_ATTENTION_IN_AUTO=False),  # cuDNN and plain ops throughout
+    'cudnn+attention': dict(TRITON_IN_AUTO=False, TRITON_ATTENTION_IN_AUTO=True),  # the attention's kernels alone
+}
+
+
 def create(name, **kwargs):
     import timm
     import timm_epsanet  # noqa: F401  (explicit registration, also when the autoload is off)
@@ -112,9 +121,9 @@ def create(name, **kwargs):
     name, _, form = name.partition('@')
     if form in BRANCH_FORMS[1:]:
         kwargs['block_args'] = dict(psa_branch_form=form)
-    elif form not in ('', 'official', 'cudnn'):
-        raise ValueError(f'unknown model form @{form}: use @official, @cudnn or one of ' + ', '.join(
-            '@' + f for f in BRANCH_FORMS[1:]))
+    elif form not in ('', 'official') + tuple(PLAN_SUFFIXES):
+        raise ValueError(f'unknown model form @{form}: use @official, ' + ', '.join(
+            '@' + f for f in list(PLAN_SUFFIXES) + list(BRANCH_FORMS[1:])))
     model = timm.create_model(name, **kwargs)
     if form == 'official':
         from timm_epsanet._official import to_official_structure
@@ -125,14 +134,19 @@ def create(name, **kwargs):
 @contextmanager
 def plans_of(name):
     """While `name` runs: with '@cudnn', 'auto' without the Triton kernels even where
-    TIMM_EPSANET_TRITON=1 (one process may run several models: restored afterwards)."""
+    TIMM_EPSANET_TRITON=1; with '@cudnn+attention', only the attention's (=attention). One process
+    may run several models: restored afterwards."""
     from timm_epsanet import _branch_plans
-    saved = _branch_plans.TRITON_IN_AUTO
-    _branch_plans.TRITON_IN_AUTO = saved and not name.endswith('@cudnn')
+    switches = PLAN_SUFFIXES.get(name.partition('@')[2], {})
+    saved = {key: getattr(_branch_plans, key) for key in switches}
+    run_has_kernels = _branch_plans.TRITON_IN_AUTO or _branch_plans.TRITON_ATTENTION_IN_AUTO
+    for key, on in switches.items():  # only what the run has: without TIMM_EPSANET_TRITON, every kernel off
+        setattr(_branch_plans, key, on and run_has_kernels)
     try:
         yield
     finally:
-        _branch_plans.TRITON_IN_AUTO = saved
+        for key, value in saved.items():
+            setattr(_branch_plans, key, value)
 
 
 def measure(cfg):

@@ -237,6 +237,28 @@ def triton_default(run: Run) -> Decision:
     return Decision(choice, verdict, lines)
 
 
+def triton_attention(run: Run) -> Decision:
+    """The attention's two Triton kernels with the branches on cuDNN (@cudnn+attention, as
+    TIMM_EPSANET_TRITON=attention) against its dozen plain ops (@cudnn), whole model, per mode."""
+    table = run.table('amp_fp16_b128')
+    choice = "attention's Triton kernels, the branches on cuDNN: @cudnn+attention against @cudnn"
+    lines, faster = [], {}
+    for mode in TARGETS:
+        a, c = img_s(table, CUDNN + '+attention', mode), img_s(table, CUDNN, mode)
+        lines.append(f'{mode}: @cudnn+attention {fmt_s(a)}, @cudnn {fmt_s(c)}')
+        if a is not None and c is not None:
+            faster[mode] = a / c
+    per_mode = '; '.join(f'{mode}: {x:.2f}x' for mode, x in faster.items())
+    if len(faster) < len(TARGETS):
+        return Decision(choice, 'not measured' + (f' in both modes ({per_mode})' if faster else ''), lines)
+    if all(x > 1 + NOISE for x in faster.values()):
+        verdict = ('on by default on CUDA: triton_attention_in_auto() true without TIMM_EPSANET_TRITON '
+                   '(its first use compiles the kernels)')
+    else:
+        verdict = 'stays opt-in (TIMM_EPSANET_TRITON=attention)'
+    return Decision(choice, f'{verdict}: {per_mode}', lines)
+
+
 def large(run: Run) -> Decision:
     """Large's default (its 32 groups of 1-2 outputs on cuDNN's grouped conv) against the kernels."""
     table = run.table('amp_fp16_b128')
@@ -392,7 +414,7 @@ def other_settings(run: Run) -> Decision:
     return Decision('amp_bf16_b128, amp_fp16_b256', 'for the README beside the fp16 table', lines)
 
 
-DECISIONS = (targets, cudnn_rule, stride2, triton_default, large, profile, tiles_spc, compile_stage, tuning,
+DECISIONS = (targets, cudnn_rule, stride2, triton_default, triton_attention, large, profile, tiles_spc, compile_stage, tuning,
              other_settings)
 
 

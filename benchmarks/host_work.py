@@ -12,6 +12,7 @@ counts are the same everywhere.
     python benchmarks/host_work.py                        # epsanet50_small's branches, the Triton plans
     python benchmarks/host_work.py --scope psa            # its whole PSAs: the attention too
     python benchmarks/host_work.py --plans cudnn --modes infer --top 10
+    python benchmarks/host_work.py --plans cudnn+attention --scope model   # the attention's kernels alone
 """
 import argparse
 import collections
@@ -33,8 +34,9 @@ from timm_epsanet.psa import PyramidSqueezeAttention  # noqa: E402
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--model', default='epsanet50_small')
-    parser.add_argument('--plans', default='triton', choices=['triton', 'cudnn'],
-                        help="CUDA's plans with the Triton kernels (TIMM_EPSANET_TRITON=1) or without")
+    parser.add_argument('--plans', default='triton', choices=['triton', 'cudnn', 'cudnn+attention'],
+                        help="CUDA's plans with the Triton kernels (TIMM_EPSANET_TRITON=1), without, or with "
+                             "the attention's alone (=attention)")
     parser.add_argument('--scope', default='branches', choices=['branches', 'psa', 'model'],
                         help="each PSA's branch convs, each whole PSA (branches and attention), or the whole model "
                              "(on a 64x64 image; also for models without PSAs)")
@@ -58,13 +60,14 @@ class _NoKernel:
         _NoKernel.launches += 1
 
 
-def plan_as_cuda(triton: bool):
-    """Every branch planned as on CUDA, with or without the Triton kernels, and so the attention
-    (`_triton_attention` with the kernels); their launches no-ops."""
+def plan_as_cuda(triton: bool, attention: bool = None):
+    """Every branch planned as on CUDA, with or without the Triton kernels, and the attention on
+    `_triton_attention` (by default with the kernels); their launches no-ops."""
+    attention = triton if attention is None else attention
     plan_for = _branch_conv.BranchConv2d.plan_for
     _branch_conv.BranchConv2d.plan_for = lambda self, device_type, *args: plan_for(self, 'cuda', *args)
     _branch_conv.triton_in_auto = lambda: triton
-    PyramidSqueezeAttention._attention_on_triton = lambda self, x: triton and _triton_attention.fusable(self.se)
+    PyramidSqueezeAttention._attention_on_triton = lambda self, x: attention and _triton_attention.fusable(self.se)
     for module in (_triton_branch, _triton_spc, _triton_attention):
         for name in dir(module):
             if name.endswith('_kernel') and hasattr(getattr(module, name), 'run'):
@@ -125,9 +128,10 @@ def main(argv=None):
     torch.manual_seed(0)
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)  # what no-op kernels leave in their outputs must not slow the CPU convs
-    plan_as_cuda(args.plans == 'triton')
+    plan_as_cuda(args.plans == 'triton', attention=args.plans != 'cudnn')
     steps = psa_steps(args.model, getattr(torch, args.dtype), args.scope)
-    print(f'{args.model}, {args.scope} ({len(steps)} modules), CUDA plans {"with" if args.plans == "triton" else "without"} the '
+    kernels = {'triton': 'with the', 'cudnn': 'without the', 'cudnn+attention': "with the attention's"}[args.plans]
+    print(f'{args.model}, {args.scope} ({len(steps)} modules), CUDA plans {kernels} '
           f'Triton kernels (no-ops), {args.dtype}, torch {torch.__version__}, 1 thread')
     for mode in args.modes:
         ms, ops, launches, most = measure(steps, mode == 'train', args.iters, args.top)

@@ -21,23 +21,25 @@
 # The run ends with what it decides (benchmarks/README.md, "What the next run decides") in DIR/decisions.md:
 #   python benchmarks/cuda_decisions.py DIR --previous benchmarks/results/benchmark-cuda-h200.csv
 # The EPSANet rows run 'auto' with the Triton kernels (TIMM_EPSANET_TRITON=1, opt-in until measured:
-# the tensor-core kernels, the branches that share input slices fused, 'triton_spc'); @dense /
-# @grouped are the cuDNN forms 'auto' uses without them, @triton_mma the tensor-core kernels one
-# branch at a time (the CUDA-core kernels, @triton, ran at 0.30x resnet50 in the first H200 run, the
-# slowest form: no longer a row, which leaves its time to the tuning stages).
+# the tensor-core kernels, the branches that share input slices fused, 'triton_spc'); @cudnn is
+# 'auto' without them, @cudnn+attention the same with the attention's kernels, @dense / @grouped
+# the cuDNN forms 'auto' picks from (the CUDA-core kernels, @triton, ran at 0.30x resnet50 in the
+# first H200 run, the slowest form: no longer a row, which leaves its time to the tuning stages).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}  # the GPU image: python3 holds torch
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TIMM_EPSANET_TRITON=1
 PEERS="resnet50 seresnet50 resnext50_32x4d res2net50_26w_4s skresnet50"
 EPSANETS="epsanet50_small epsanet50_large epsanet101_small"
-# the CUDA default without triton (@cudnn: per branch the dense form or the grouped conv) and those
-# two forms throughout; after the Triton rows, Large's default (its 32 groups of 1-2 outputs all on
-# cuDNN's grouped conv, never timed whole), and the tensor-core kernels unfused, last: the first row
-# a stage cut short loses (the first run reached all but this one's training row)
-OTHER_FORMS="epsanet50_small@cudnn epsanet50_small@dense epsanet50_small@grouped"
+# the CUDA default without triton (@cudnn: per branch the dense form or the grouped conv), the same
+# with the attention's two Triton kernels for its dozen small ops (@cudnn+attention,
+# TIMM_EPSANET_TRITON=attention), and the two cuDNN forms throughout; after the Triton rows, Large's
+# default (its 32 groups of 1-2 outputs all on cuDNN's grouped conv, never timed whole). Not by
+# default (UNFUSED_FORMS=epsanet50_small@triton_mma): the tensor-core kernels one branch at a time,
+# on which no choice rests (0.45x / 0.19x in the first run), last: the first row a stage cut short loses
+OTHER_FORMS="epsanet50_small@cudnn epsanet50_small@cudnn+attention epsanet50_small@dense epsanet50_small@grouped"
 LARGE_DEFAULT=epsanet50_large@cudnn
-UNFUSED_FORMS=epsanet50_small@triton_mma
+UNFUSED_FORMS=${UNFUSED_FORMS:-}
 DEFAULT_STAGES="warm checks amp_fp16_b128 profile psa tiles_spc compile tuning amp_bf16_b128 amp_fp16_b256"
 if [ "${1:-}" = --dry-run ]; then
     DEFAULT_STAGES="$DEFAULT_STAGES branches tiles tuning_triton"
@@ -51,7 +53,7 @@ if [ "${1:-}" = --dry-run ]; then
     TILE_ARGS="--device cpu $TILE_SHAPES --batch-size 1 --stages 1 --max-tiles 2 --iters 1 --warmup 0"
     WARM_ARGS="--device cpu --processes 1 --max-launches 1 --size 4"
     PROFILE_ARGS="--device cpu --img-size 32 --iters 1 --top 3"
-    PEERS="resnet50" EPSANETS="epsanet50_small@triton_spc" OTHER_FORMS="epsanet50_small@cudnn"
+    PEERS="resnet50" EPSANETS="epsanet50_small@triton_spc" OTHER_FORMS="epsanet50_small@cudnn epsanet50_small@cudnn+attention"
     UNFUSED_FORMS="epsanet50_small@triton_mma" LARGE_DEFAULT=
 else
     OUT_DIR=${OUT_DIR:-/tmp/run_cuda}

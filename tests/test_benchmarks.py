@@ -66,6 +66,27 @@ def test_cudnn_form_runs_auto_without_the_triton_kernels(monkeypatch):
     assert _branch_plans.TRITON_IN_AUTO
 
 
+@pytest.mark.parametrize('run_has_triton', [True, False])
+def test_cudnn_attention_form_runs_the_attention_kernels_alone(monkeypatch, run_has_triton):
+    """'@cudnn+attention': the branches on cuDNN as '@cudnn', the attention on its Triton kernels
+    (TIMM_EPSANET_TRITON=attention); '@cudnn' neither. In a run without the kernels switched on,
+    no suffix switches them on."""
+    monkeypatch.setattr(_branch_plans, 'TRITON_INSTALLED', True)
+    monkeypatch.setattr(_branch_plans, 'triton_too_old', lambda: False)
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(_branch_plans, 'TRITON_IN_AUTO', run_has_triton)
+    monkeypatch.setattr(_branch_plans, 'TRITON_ATTENTION_IN_AUTO', False)
+    branch = benchmark.create('epsanet50_small@cudnn+attention').layer1[0].conv2.convs[1]
+    seen = {}
+    for name in ('epsanet50_small@cudnn+attention', 'epsanet50_small@cudnn', 'epsanet50_small'):
+        with benchmark.plans_of(name):
+            seen[name] = branch.plan_for('cuda', True)[0], _branch_plans.triton_attention_in_auto()
+    assert seen == {'epsanet50_small@cudnn+attention': ('dense', run_has_triton),
+                    'epsanet50_small@cudnn': ('dense', False),
+                    'epsanet50_small': ('triton_spc' if run_has_triton else 'dense', run_has_triton)}
+    assert (_branch_plans.TRITON_IN_AUTO, _branch_plans.TRITON_ATTENTION_IN_AUTO) == (run_has_triton, False)
+
+
 def test_results_are_a_csv_with_ratios_machine_and_date(tmp_path):
     path = write_run(tmp_path / 'benchmark-cpu.csv', 'machine A', [('resnet50', 10.0), ('epsanet50_small', 9.0)])
     rows = list(csv.DictReader(path.open()))
@@ -463,15 +484,16 @@ def test_host_work_of_the_cudnn_plans_keeps_the_dense_weights_between_inference_
 @pytest.mark.skipif(_branch_plans.triton_too_old(), reason=_branch_plans.triton_too_old_message())
 def test_host_work_of_whole_models_counts_fewer_ops_with_the_triton_plans():
     """host_work.py --scope model: the whole epsanet50_small steps with fewer host ops with the Triton
-    plans (kept weight tiles, fused branches and attention) than with the cuDNN plans, and
-    launches Triton kernels only with the Triton plans."""
+    plans (kept weight tiles, fused branches and attention), and with the attention's kernels alone,
+    than with the cuDNN plans, and launches Triton kernels only with them."""
     counts, launches = {}, {}
-    for plans in ('triton', 'cudnn'):
+    for plans in ('triton', 'cudnn', 'cudnn+attention'):
         run = subprocess.run([sys.executable, str(BENCHMARKS / 'host_work.py'), '--scope', 'model', '--plans', plans,
                               '--modes', 'infer', '--iters', '1'], check=True, capture_output=True, text=True,
                              cwd=BENCHMARKS)
         line = next(line for line in run.stdout.splitlines() if line.startswith('infer'))
         counts[plans] = int(line.split('ms per step,')[1].split()[0])
         launches[plans] = int(line.split('aten ops and')[1].split()[0])
-    assert 0 < counts['triton'] < counts['cudnn'], counts
-    assert launches['triton'] > 0 and launches['cudnn'] == 0, launches
+    assert 0 < counts['triton'] < counts['cudnn'] and 0 < counts['cudnn+attention'] < counts['cudnn'], counts
+    # the attention's kernels alone: one launch per PSA at inference
+    assert launches['triton'] > launches['cudnn+attention'] == 16 and launches['cudnn'] == 0, launches

@@ -47,6 +47,7 @@ def run_folder(tmp_path):
         ('res2net50_26w_4s', 'infer', 600, 1000), ('res2net50_26w_4s', 'train', 200, 7000),
         ('skresnet50', 'infer', 500, 900), ('skresnet50', 'train', 160, 7500),
         ('epsanet50_small@cudnn', 'infer', 600, 800), ('epsanet50_small@cudnn', 'train', 260, 6300),
+        ('epsanet50_small@cudnn+attention', 'infer', 660, 800), ('epsanet50_small@cudnn+attention', 'train', 262, 6300),
         ('epsanet50_small@dense', 'infer', 590, 800), ('epsanet50_small@dense', 'train', 300, 6700),
         ('epsanet50_small@grouped', 'infer', 550, 800), ('epsanet50_small@grouped', 'train', 240, 6200),
         ('epsanet50_small', 'infer', 820, 800), ('epsanet50_small', 'train', 250, 6900),
@@ -97,6 +98,8 @@ def test_each_choice_follows_the_readme_table(run_folder):
     assert v['TIMM_EPSANET_TRITON'].startswith('stays opt-in; fuse only the PSAs where the kernels win:')
     assert 'stage 1 stride 1 infer' in v['TIMM_EPSANET_TRITON'] and 'stage 1 stride 1 train' in v['TIMM_EPSANET_TRITON']
     assert 'stage 2' not in v['TIMM_EPSANET_TRITON']
+    # the attention's kernels faster at inference, within noise in training: they stay opt-in
+    assert v["attention's"] == 'stays opt-in (TIMM_EPSANET_TRITON=attention): infer: 1.10x; train: 1.01x'
     # Large on cuDNN far behind at inference only
     assert v["Large's"].startswith('infer: cuDNN 1.67x behind') and v["Large's"].endswith('train: keep cuDNN')
     # host-bound with the kernels; the cuDNN plans wait for the GPU, which comes first
@@ -107,6 +110,16 @@ def test_each_choice_follows_the_readme_table(run_folder):
     assert 'grad_weight: keep the default' in v['tiles_spc']
     assert v['compile'].startswith('compiled slower (0.75x eager)')
     assert v['tuning'].startswith('first use over 10 s (train): drop')
+
+
+def test_the_attention_kernels_go_on_by_default_only_where_faster_in_both_modes(run_folder):
+    table = Run(run_folder).table('amp_fp16_b128')
+    rows = [(m, mode, r['img_s'], r['peak_mib']) for (m, mode), r in table.items()]
+    faster = [(m, mode, v * 1.1 if m.endswith('+attention') else v, mib) for m, mode, v, mib in rows]
+    write_table(run_folder / 'amp_fp16_b128.csv', faster)
+    assert verdicts(run_folder)["attention's"].startswith('on by default on CUDA')
+    write_table(run_folder / 'amp_fp16_b128.csv', [r for r in faster if r[:2] != ('epsanet50_small@cudnn', 'train')])
+    assert verdicts(run_folder)["attention's"] == 'not measured in both modes (infer: 1.21x)'
 
 
 def test_targets_name_the_fastest_small_and_compare_with_the_previous_run(run_folder):

@@ -468,8 +468,13 @@ def test_an_older_triton_is_refused_by_name(monkeypatch):
     monkeypatch.setattr(_branch_plans, 'triton_version', lambda: (3, 4))
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     monkeypatch.setattr(_branch_plans, 'TRITON_IN_AUTO', True)
-    assert not _branch_plans.triton_in_auto()
-    with pytest.warns(UserWarning, match=r'TIMM_EPSANET_TRITON=1 is ignored: .* found triton 3\.4; the branches run on cuDNN'):
+    assert not _branch_plans.triton_in_auto() and not _branch_plans.triton_attention_in_auto()
+    with pytest.warns(UserWarning, match=r'TIMM_EPSANET_TRITON=1 is ignored: .* found triton 3\.4; PSA runs on cuDNN'):
+        _branch_plans.warn_if_triton_ignored()
+    monkeypatch.setattr(_branch_plans, 'TRITON_IN_AUTO', False)
+    monkeypatch.setattr(_branch_plans, 'TRITON_ATTENTION_IN_AUTO', True)
+    assert not _branch_plans.triton_attention_in_auto()
+    with pytest.warns(UserWarning, match=r'TIMM_EPSANET_TRITON=attention is ignored: .* found triton 3\.4'):
         _branch_plans.warn_if_triton_ignored()
     conv = BranchConv2d(32, 16, 5, padding=2, groups=2, bias=False, form='triton_mma')
     assert conv.plan_for('cuda', False)[0] == 'triton_mma'  # asked for by name: the kernels' entry decides

@@ -873,21 +873,27 @@ def test_fused_runs_follow_the_plan_of_each_call():
     assert convs.spc_runs(fused, ['channels_last'] * 4) == [[0, 1, 2, 3]]
 
 def test_auto_takes_triton_only_when_asked(monkeypatch):
-    """Unmeasured on a GPU, the kernels are opt-in for 'auto': off unless TIMM_EPSANET_TRITON=1,
-    and never where triton cannot run on CUDA."""
+    """Unmeasured on a GPU, the kernels are opt-in for 'auto': off unless TIMM_EPSANET_TRITON=1 (the
+    branches' and the attention's) or =attention (the attention's alone), and never where triton
+    cannot run on CUDA. Any other value warns, naming the values it takes, and keeps them off."""
     from timm_epsanet import _branch_plans
     monkeypatch.setattr(_branch_plans, 'triton_runs_on_cuda', lambda: True)
     monkeypatch.setattr(_branch_plans, 'TRITON_IN_AUTO', False)
-    assert not _branch_plans.triton_in_auto()
+    assert not _branch_plans.triton_in_auto() and not _branch_plans.triton_attention_in_auto()
+    monkeypatch.setattr(_branch_plans, 'TRITON_ATTENTION_IN_AUTO', True)
+    assert not _branch_plans.triton_in_auto() and _branch_plans.triton_attention_in_auto()
+    monkeypatch.setattr(_branch_plans, 'TRITON_ATTENTION_IN_AUTO', False)
     monkeypatch.setattr(_branch_plans, 'TRITON_IN_AUTO', True)
-    assert _branch_plans.triton_in_auto()
+    assert _branch_plans.triton_in_auto() and _branch_plans.triton_attention_in_auto()
     monkeypatch.setattr(_branch_plans, 'triton_runs_on_cuda', lambda: False)
-    assert not _branch_plans.triton_in_auto()
-    code = 'from timm_epsanet import _branch_plans as p; print(p.TRITON_IN_AUTO)'
-    for value, expected in (('', 'False'), ('1', 'True'), ('0', 'False')):
+    assert not _branch_plans.triton_in_auto() and not _branch_plans.triton_attention_in_auto()
+    code = 'from timm_epsanet import _branch_plans as p; print(p.TRITON_IN_AUTO, p.TRITON_ATTENTION_IN_AUTO)'
+    for value, expected in (('', 'False False'), ('1', 'True False'), ('0', 'False False'),
+                            ('attention', 'False True'), (' On', 'True False'), ('fast', 'False False')):
         env = dict(os.environ, TIMM_EPSANET_TRITON=value)
         out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, check=True)
         assert out.stdout.strip() == expected
+        assert ("TIMM_EPSANET_TRITON='fast' is not one of" in out.stderr) == (value == 'fast'), out.stderr
 
 
 @pytest.mark.parametrize('form', ALL_FORMS)

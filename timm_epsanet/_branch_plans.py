@@ -30,9 +30,30 @@ TRITON_MIN = (3, 6)
 
 # found without importing it: importing this package must not need (or load) triton
 TRITON_INSTALLED = importlib.util.find_spec('triton') is not None
+
+
+def _triton_setting(value: Optional[str]) -> str:
+    """TIMM_EPSANET_TRITON: 'on' (1, true, yes, on), 'attention' or 'off' (unset, 0, false, no, off;
+    anything else warns)."""
+    setting = (value or '').strip().lower()
+    if setting in ('', '0', 'false', 'no', 'off'):
+        return 'off'
+    if setting in ('1', 'true', 'yes', 'on'):
+        return 'on'
+    if setting == 'attention':
+        return 'attention'
+    warnings.warn(f'TIMM_EPSANET_TRITON={value!r} is not one of 1/true/yes/on, attention or 0/false/no/off: '
+                  f'the Triton kernels stay off')
+    return 'off'
+
+
 # 'auto' takes the Triton kernels on CUDA only when asked to, until they are measured on a GPU
-# against cuDNN (benchmarks/run_cuda.sh); branch_form='triton', 'triton_mma' or 'triton_spc' use them regardless
-TRITON_IN_AUTO = os.environ.get('TIMM_EPSANET_TRITON', '0').lower() in ('1', 'true', 'yes', 'on')
+# against cuDNN (benchmarks/run_cuda.sh); branch_form='triton', 'triton_mma' or 'triton_spc' use them
+# regardless. TIMM_EPSANET_TRITON=1: the branches' kernels and the attention's; =attention: the
+# attention's alone (`_triton_attention`, two kernels for its dozen small ops), the branches on cuDNN
+_TRITON_SETTING = _triton_setting(os.environ.get('TIMM_EPSANET_TRITON'))
+TRITON_IN_AUTO = _TRITON_SETTING == 'on'
+TRITON_ATTENTION_IN_AUTO = _TRITON_SETTING == 'attention'
 
 
 @functools.lru_cache(maxsize=None)  # read once, when a Triton form is first considered: not at import
@@ -59,9 +80,11 @@ def triton_too_old_message() -> str:
 
 
 def warn_if_triton_ignored() -> None:
-    """At import: TIMM_EPSANET_TRITON=1 with a triton the kernels refuse says so, once."""
-    if TRITON_IN_AUTO and triton_too_old():
-        warnings.warn(f'TIMM_EPSANET_TRITON=1 is ignored: {triton_too_old_message()}; the branches run on cuDNN')
+    """At import: TIMM_EPSANET_TRITON=1 (or =attention) with a triton the kernels refuse says so, once."""
+    if (TRITON_IN_AUTO or TRITON_ATTENTION_IN_AUTO) and triton_too_old():
+        value = '1' if TRITON_IN_AUTO else 'attention'
+        warnings.warn(f'TIMM_EPSANET_TRITON={value} is ignored: {triton_too_old_message()}; PSA runs on cuDNN '
+                      f'and plain ops')
 
 
 warn_if_triton_ignored()
@@ -160,6 +183,12 @@ def triton_runs_on_cuda() -> bool:
 def triton_in_auto() -> bool:
     """Whether 'auto' picks the Triton kernels on CUDA: TIMM_EPSANET_TRITON=1 and triton runs."""
     return TRITON_IN_AUTO and triton_runs_on_cuda()
+
+
+def triton_attention_in_auto() -> bool:
+    """Whether a PSA of 'auto' branches runs its attention on the Triton kernels on CUDA:
+    TIMM_EPSANET_TRITON=1 or =attention, and triton runs."""
+    return (TRITON_IN_AUTO or TRITON_ATTENTION_IN_AUTO) and triton_runs_on_cuda()
 
 
 def plain_eager(x: torch.Tensor) -> bool:

@@ -22,7 +22,7 @@ from torch import nn
 from timm.layers import SEModule, get_act_layer, get_padding
 
 from ._branch_conv import BRANCH_FORMS, BranchConv2d, BranchConvs
-from ._branch_plans import TRITON_FORMS, plain_eager, triton_in_auto, triton_runs_on_cuda
+from ._branch_plans import TRITON_FORMS, plain_eager, triton_attention_in_auto, triton_runs_on_cuda
 
 __all__ = ['PyramidSqueezeAttention', 'SEWeight', 'default_groups', 'default_kernel_sizes']
 
@@ -146,10 +146,11 @@ class PyramidSqueezeAttention(nn.Module):
     @torch.jit.unused
     def _attention_on_triton(self, x: torch.Tensor) -> bool:
         """Whether the attention runs on the Triton backend (`_triton_attention`): with the branches' Triton
-        kernels (their forms, or 'auto' with TIMM_EPSANET_TRITON=1), in plain eager mode on CUDA."""
+        kernels (their forms, or 'auto' with TIMM_EPSANET_TRITON=1), or alone for 'auto' branches with
+        TIMM_EPSANET_TRITON=attention; in plain eager mode on CUDA."""
         # first what costs nothing: the CPU default returns here (a PSA pickled before it had a form: 'auto')
         form = getattr(self, 'branch_form', 'auto')
-        if not (form in TRITON_FORMS or (form == 'auto' and triton_in_auto())):
+        if not (form in TRITON_FORMS or (form == 'auto' and triton_attention_in_auto())):
             return False
         if not plain_eager(x) or x.device.type != 'cuda' or not triton_runs_on_cuda():  # FX proxies: no device
             return False
