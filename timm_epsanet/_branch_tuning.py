@@ -40,7 +40,8 @@ import torch.fx
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ._branch_plans import (
-    TRITON_FORMS, Plan, autocast_dtype, in_layout, kernel_layout, layout_of, next_pow2, triton_in_auto, triton_runs_on_cuda,
+    TRITON_FORMS, Plan, autocast_dtype, in_layout, kernel_layout, layout_of, next_pow2, triton_in_auto,
+    triton_runs_on_cuda,
 )
 
 try:
