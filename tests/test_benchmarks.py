@@ -441,7 +441,6 @@ def test_step_profile_reports_wall_time_and_the_top_ops(tmp_path):
     assert 'convolution' in ' '.join(k['name'] for k in row['kernels'])
 
 
-@pytest.mark.skipif(_branch_plans.triton_too_old(), reason=_branch_plans.triton_too_old_message())
 def _host_work_ops(*args):
     """{mode: the aten ops host_work.py lists} of one run with `args`, and its output."""
     run = subprocess.run([sys.executable, str(BENCHMARKS / 'host_work.py'), '--iters', '1', '--top', '100', *args],
@@ -459,6 +458,7 @@ def _host_work_ops(*args):
 _BUILDING = {'aten::new_zeros', 'aten::copy_', 'aten::eye', 'aten::mul', 'aten::to', 'aten::contiguous'}
 
 
+@pytest.mark.skipif(_branch_plans.triton_too_old(), reason=_branch_plans.triton_too_old_message())
 def test_host_work_shows_inference_builds_no_branch_weights_and_the_attention_fused():
     """host_work.py (the host's share of a GPU step: CUDA plans on CPU, the kernels no-ops) runs,
     and shows what the Triton plans do without ops around the kernels: after the first step, an
