@@ -382,10 +382,12 @@ def tuning(run: Run) -> Decision:
     choice = 'tuning: first-use cost and the plans kept (cuDNN forms)'
     if not rows:
         return Decision(choice, 'not measured: no tuning.json')
-    lines, slow, unmeasured, kept = [], [], [], set()
+    lines, slow, unmeasured, gains, kept = [], [], [], [], set()
     for r in rows:
         kept |= set(r.get('forms') or {})
         cost, speedup = finite(r.get('first_use_cost_s')), finite(r.get('speedup_median'))
+        if speedup is not None and speedup > 1 + NOISE:
+            gains.append(r['mode'])
         lines.append(f'{r["mode"]}: first use {fmt(cost, ".1f")} s, x{fmt(speedup, ".3f")} (median), '
                      f'forms kept {r.get("forms")}')
         if cost is None:
@@ -396,9 +398,12 @@ def tuning(run: Run) -> Decision:
         verdict = f'not measured: no first-use cost ({", ".join(unmeasured)})'
     elif slow:
         verdict = (f'first use over {FIRST_USE_LIMIT_S:.0f} s ({", ".join(slow)}): drop from the CUDA candidates '
-                   f'the forms it never keeps (it kept {", ".join(sorted(kept))})')
+                   f'the forms it never keeps (it kept {", ".join(sorted(kept))}); stays opt-in')
+    elif gains:
+        verdict = (f'first use within seconds, faster in {", ".join(gains)}: tuning on CUDA follows '
+                   f'torch.backends.cudnn.benchmark (which timm\'s scripts set)')
     else:
-        verdict = 'first use within seconds: keep the candidates'
+        verdict = 'first use within seconds, no gain beyond noise: keep the candidates; stays opt-in'
     return Decision(choice, verdict, lines)
 
 

@@ -109,7 +109,19 @@ def test_each_choice_follows_the_readme_table(run_folder):
     assert 'forward: make num_stages=1, tile_w=8 the default (at least 1.10x at every PSA)' in v['tiles_spc']
     assert 'grad_weight: keep the default' in v['tiles_spc']
     assert v['compile'].startswith('compiled slower (0.75x eager)')
-    assert v['tuning'].startswith('first use over 10 s (train): drop')
+    assert v['tuning'].startswith('first use over 10 s (train): drop') and v['tuning'].endswith('stays opt-in')
+
+
+@pytest.mark.parametrize('speedup, verdict', [
+    (1.04, 'first use within seconds, faster in train: tuning on CUDA follows torch.backends.cudnn.benchmark'),
+    (1.01, 'first use within seconds, no gain beyond noise: keep the candidates; stays opt-in'),
+])
+def test_tuning_follows_cudnn_benchmark_only_where_it_is_cheap_and_pays(run_folder, speedup, verdict):
+    write_rows(run_folder / 'tuning.json', [
+        dict(mode='train', first_use_cost_s=6.0, speedup_median=speedup, forms={'grouped': 20, 'dense': 8}),
+        dict(mode='infer', first_use_cost_s=2.0, speedup_median=1.01, forms={'dense': 28}),
+    ])
+    assert verdicts(run_folder)['tuning'].startswith(verdict)
 
 
 def test_the_attention_kernels_go_on_by_default_only_where_faster_in_both_modes(run_folder):
