@@ -218,10 +218,11 @@ def in_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
 
 
 def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
-    """The dtype autocast runs a conv in on `device_type`, or None where it is off. A device with no
-    autocast at all (meta, on which a model is shaped and its FLOPs counted) is off: torch would
-    raise when asked."""
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+    """The dtype autocast runs a conv in on `device_type`, or None where it is off. The meta device
+    (on which a model is shaped and its FLOPs counted) has no autocast: torch would raise when
+    asked. (Named, not asked of `torch.amp.is_autocast_available`: torch 2.8's compile breaks its
+    graph there.)"""
+    if device_type != 'meta' and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
 
