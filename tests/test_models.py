@@ -171,6 +171,9 @@ def test_compile_has_no_graph_breaks(small):
     assert explained.graph_break_count == 0 and explained.graph_count == 1
     explained = torch._dynamo.explain(small)(torch.randn(1, 3, 64, 64))
     assert explained.graph_break_count == 0, explained.break_reasons
+    with torch.no_grad():  # inference as served: PSA's in-place reweighting and its hook check
+        explained = torch._dynamo.explain(small)(torch.randn(1, 3, 64, 64))
+    assert explained.graph_break_count == 0, explained.break_reasons
     compiled = torch.compile(small, backend='aot_eager')
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
