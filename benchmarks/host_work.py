@@ -60,10 +60,9 @@ class _NoKernel:
         _NoKernel.launches += 1
 
 
-def plan_as_cuda(triton: bool, attention: bool = None):
+def plan_as_cuda(triton: bool, attention: bool):
     """Every branch planned as on CUDA, with or without the Triton kernels, and the attention on
-    `_triton_attention` (by default with the kernels); their launches no-ops."""
-    attention = triton if attention is None else attention
+    `_triton_attention` or not; their launches no-ops."""
     plan_for = _branch_conv.BranchConv2d.plan_for
     _branch_conv.BranchConv2d.plan_for = lambda self, device_type, *args: plan_for(self, 'cuda', *args)
     _branch_conv.triton_in_auto = lambda: triton

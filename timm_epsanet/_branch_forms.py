@@ -5,6 +5,7 @@ exactly up to float summation order, with the grouped conv's weight. They exist 
 backends run grouped convs with large kernels and 1-4 outputs per group far below their dense
 rate; `_branch_plans` says where each one pays, `_branch_conv.BranchConv2d` applies them.
 """
+import contextlib
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -170,13 +171,10 @@ class FastFormGroupedBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, sum_weight, form, stride, padding, dilation, groups):
-        dtype = autocast_dtype(x.device.type)
-        if dtype is None:
+        x, weight = autocast_conv_inputs(x, weight)  # saved as cast: the backward conv sees one dtype
+        autocast_on = autocast_dtype(x.device.type) is not None  # then off for the forms' ops, in that dtype
+        with torch.autocast(x.device.type, enabled=False) if autocast_on else contextlib.nullcontext():
             out = fast_form_conv(x, weight, form, stride, padding, dilation, groups, sum_weight)
-        else:
-            x, weight = x.to(dtype), weight.to(dtype)  # saved as cast: the backward conv sees one dtype
-            with torch.autocast(x.device.type, enabled=False):
-                out = fast_form_conv(x, weight, form, stride, padding, dilation, groups, sum_weight)
         ctx.save_for_backward(x, weight)
         ctx.conv_args = (stride, padding, dilation, groups)
         return out

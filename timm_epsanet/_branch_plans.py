@@ -32,18 +32,18 @@ TRITON_MIN = (3, 6)
 TRITON_INSTALLED = importlib.util.find_spec('triton') is not None
 
 
-def _triton_setting(value: Optional[str]) -> str:
-    """TIMM_EPSANET_TRITON: 'on' (1, true, yes, on), 'attention' or 'off' (unset, 0, false, no, off;
-    anything else warns)."""
+def env_setting(name: str, value: Optional[str], off_means: str, others: Tuple[str, ...] = ()) -> str:
+    """An environment switch read: 'on' (1, true, yes, on), one of `others`, or 'off' (unset, 0,
+    false, no, off; anything else warns, saying `off_means`)."""
     setting = (value or '').strip().lower()
     if setting in ('', '0', 'false', 'no', 'off'):
         return 'off'
     if setting in ('1', 'true', 'yes', 'on'):
         return 'on'
-    if setting == 'attention':
-        return 'attention'
-    warnings.warn(f'TIMM_EPSANET_TRITON={value!r} is not one of 1/true/yes/on, attention or 0/false/no/off: '
-                  f'the Triton kernels stay off')
+    if setting in others:
+        return setting
+    accepted = ', '.join(('1/true/yes/on',) + others)
+    warnings.warn(f'{name}={value!r} is not one of {accepted} or 0/false/no/off: {off_means}')
     return 'off'
 
 
@@ -51,7 +51,8 @@ def _triton_setting(value: Optional[str]) -> str:
 # against cuDNN (benchmarks/run_cuda.sh); branch_form='triton', 'triton_mma' or 'triton_spc' use them
 # regardless. TIMM_EPSANET_TRITON=1: the branches' kernels and the attention's; =attention: the
 # attention's alone (`_triton_attention`, two kernels for its dozen small ops), the branches on cuDNN
-_TRITON_SETTING = _triton_setting(os.environ.get('TIMM_EPSANET_TRITON'))
+_TRITON_SETTING = env_setting('TIMM_EPSANET_TRITON', os.environ.get('TIMM_EPSANET_TRITON'),
+                              'the Triton kernels stay off', others=('attention',))
 TRITON_IN_AUTO = _TRITON_SETTING == 'on'
 TRITON_ATTENTION_IN_AUTO = _TRITON_SETTING == 'attention'
 

@@ -40,8 +40,8 @@ import torch.fx
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ._branch_plans import (
-    TRITON_FORMS, Plan, autocast_dtype, in_layout, kernel_layout, layout_of, next_pow2, triton_in_auto,
-    triton_runs_on_cuda,
+    TRITON_FORMS, Plan, autocast_dtype, env_setting, in_layout, kernel_layout, layout_of, next_pow2,
+    triton_in_auto, triton_runs_on_cuda,
 )
 
 try:
@@ -70,12 +70,7 @@ TRITON_KEY = 'kernels=triton|'
 
 
 def _env_flag(value: Optional[str]) -> bool:
-    if value is None or value.strip().lower() in ('', '0', 'false', 'no', 'off'):
-        return False
-    if value.strip().lower() in ('1', 'true', 'yes', 'on'):
-        return True
-    warnings.warn(f'{ENV_SWITCH}={value!r} is not one of 1/true/yes/on or 0/false/no/off: branch tuning stays off')
-    return False
+    return env_setting(ENV_SWITCH, value, 'branch tuning stays off') == 'on'
 
 
 class _State:
