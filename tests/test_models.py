@@ -90,6 +90,22 @@ def test_head_and_features(small):
     assert small.group_matcher() == dict(stem=r'^conv1|bn1|maxpool', blocks=r'^layer(\d+)\.(\d+)')
 
 
+@pytest.mark.parametrize('grad', [False, True])
+def test_every_conv_is_called_as_a_module(small, grad):
+    """As in resnet50, each conv and linear layer runs as a module, once per forward: hook-based
+    summaries and counters (torchinfo, `count_activations` on the model cards) see every layer."""
+    layers = [m for m in small.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    called = []
+    handles = [m.register_forward_hook(lambda m, args, out: called.append(m)) for m in layers]
+    try:
+        with torch.set_grad_enabled(grad):
+            small(torch.randn(1, 3, 32, 32))
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert sorted(map(id, called)) == sorted(map(id, layers))
+
+
 def test_factory_arguments():
     model = timm.create_model(
         'epsanet50_small', num_classes=10, in_chans=1, global_pool='max', drop_rate=0.3, drop_path_rate=0.1)

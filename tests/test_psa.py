@@ -443,6 +443,49 @@ def test_a_forward_hook_keeps_the_branch_outputs_it_saw(where):
     torch.testing.assert_close(seen[0], expected)
 
 
+@pytest.mark.parametrize('grad', [False, True])
+def test_every_branch_runs_its_hooks_as_a_conv_does(grad):
+    """Summaries and FLOP counters (torchinfo, our model cards' activations) hook each conv, and
+    pruning sets a conv's weight in a pre-hook: every branch runs its pre-hook and forward hook
+    once per PSA call, in inference and training plans, and its hook sees its own output."""
+    torch.manual_seed(0)
+    psa = PyramidSqueezeAttention(32, 48, kernel_sizes=(3, 5, 7), groups=(1, 2, 4))
+    x = torch.randn(2, 32, 8, 8)
+    calls = []
+    for conv in psa.convs:
+        conv.register_forward_pre_hook(lambda m, args: calls.append(('pre', m, None)))
+        conv.register_forward_hook(lambda m, args, out: calls.append(('out', m, out.detach().clone())))
+    with torch.set_grad_enabled(grad):
+        psa(x)
+    assert [(when, m) for when, m, _ in calls] == [(when, conv) for conv in psa.convs for when in ('pre', 'out')]
+    for _, conv, out in calls[1::2]:
+        expected = F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_pruned_branch_trains_on_its_masked_weight():
+    """`torch.nn.utils.prune` recomputes a conv's weight (weight_orig * weight_mask) in a forward
+    pre-hook: each step computes with the current masked weight, and pruned weights stay zero."""
+    from torch.nn.utils import prune
+    torch.manual_seed(0)
+    psa = PyramidSqueezeAttention(32, kernel_sizes=(3, 5), groups=(1, 2))
+    branch = psa.convs[1]
+    prune.l1_unstructured(branch, 'weight', amount=0.5)
+    optimizer = torch.optim.SGD(psa.parameters(), lr=0.5)
+    x = torch.randn(2, 32, 8, 8)
+    for _ in range(3):
+        optimizer.zero_grad()
+        psa(x).square().mean().backward()
+        optimizer.step()
+    masked = branch.weight_orig * branch.weight_mask
+    with torch.no_grad():
+        for grad in (False, True):
+            with torch.set_grad_enabled(grad):
+                y = psa.convs(x)[:, 16:]
+            torch.testing.assert_close(y, F.conv2d(x, masked, None, 1, 2, 1, 2), rtol=1e-4, atol=1e-4)
+    assert (branch.weight == 0).sum() == branch.weight.numel() // 2
+
+
 @pytest.mark.parametrize('mode', ['fp32', 'autocast', 'bf16'])
 def test_branch_conv_in_every_compute_dtype_equals_the_grouped_conv(mode):
     """The 3x3 branch of EPSANet Large's stage 1 (its form depends on the compute dtype on CPU), in

@@ -142,7 +142,11 @@ class BranchConv2d(nn.Conv2d):
             return form, kernel_layout(form)
         return 'grouped', 'any'
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, form: Optional[str] = None) -> torch.Tensor:
+        """The branch of x, in `form` where given (`BranchConvs` passes its plan's, so that the
+        branch is called as a module: hooks on it run, as on any conv), else in its plan's."""
+        if form is not None:
+            return self.forward_as(x, form)
         form = self.form
         if form == 'auto' or (form.startswith('triton') and x.device.type != 'cuda'):  # the kernels need CUDA
             if torch.jit.is_scripting():
@@ -313,7 +317,7 @@ class BranchConvs(nn.ModuleList):
             # extraction, FX quantization): the grouped convs hold for every mode the graph runs in.
             # Under torch.func's transforms (vmap for per-sample gradients or stacked ensembles), which
             # cannot tell a batched tensor's memory layout, the grouped conv is the form they batch.
-            return torch.cat([conv.forward_as(x, 'grouped') for conv in self], dim=1)
+            return torch.cat([conv(x, 'grouped') for conv in self], dim=1)
         grad_enabled = _autograd_plan()
         plans = tuned_plans(self, x, grad_enabled)  # None unless branch tuning is on (`set_branch_tuning`)
         if plans is None:
@@ -330,8 +334,8 @@ class BranchConvs(nn.ModuleList):
         whose input tiles the others read anyway. Kept per plan: every eager call asks, and the
         answer depends only on the plan and the branches' shapes (under torch.compile, found anew:
         a graph holds no such state)."""
-        if all(form != 'triton_spc' for form, _ in plans):
-            return []
+        if all(form != 'triton_spc' for form, _ in plans) or self.branch_hooked():
+            return []  # a hooked branch is called alone, as a module
         if torch.compiler.is_compiling():
             return self._find_spc_runs(plans, layouts)
         kept = self.__dict__.setdefault('_spc_runs_kept', {})  # not a module attribute: not in state_dict
@@ -339,6 +343,17 @@ class BranchConvs(nn.ModuleList):
         if key not in kept:
             kept[key] = tuple(tuple(run) for run in self._find_spc_runs(plans, layouts))
         return [list(run) for run in kept[key]]
+
+    @torch.jit.unused
+    def branch_hooked(self) -> bool:
+        """Whether a hook would see a branch's call (hooks on a branch, or on every module): pruning's
+        pre-hook sets the weight, counters of FLOPs read each conv's output."""
+        hooks = nn.modules.module
+        if hooks._global_forward_hooks or hooks._global_forward_pre_hooks or hooks._global_backward_hooks \
+                or hooks._global_backward_pre_hooks:
+            return True
+        return any(conv._forward_hooks or conv._forward_pre_hooks or conv._backward_hooks or conv._backward_pre_hooks
+                   for conv in self)
 
     @torch.jit.unused
     def _find_spc_runs(self, plans: List[Plan], layouts: List[str]) -> List[List[int]]:
@@ -393,7 +408,7 @@ class BranchConvs(nn.ModuleList):
                 feats[i] = y_i
         for i, (conv, (form, _), layout) in enumerate(zip(self, plans, layouts)):
             if feats[i] is None:
-                feats[i] = conv.forward_as(inputs[layout], form)
+                feats[i] = conv(inputs[layout], form)  # a module call: its hooks run
         if grad_enabled or torch.jit.is_tracing() or torch.compiler.is_compiling():
             return in_layout(torch.cat(feats, dim=1), caller)
         # write the concat straight into the caller's layout (a mixed-layout cat returns NCHW)
