@@ -486,6 +486,31 @@ def test_a_pruned_branch_trains_on_its_masked_weight():
     assert (branch.weight == 0).sum() == branch.weight.numel() // 2
 
 
+def test_a_branch_replaced_by_another_module_computes_itself():
+    """Adapters replace a conv by their own module (peft's LoRA wraps it): a PSA whose branch is
+    another module calls it as it is, and computes the same function in both grad modes."""
+    torch.manual_seed(0)
+    psa = PyramidSqueezeAttention(32, kernel_sizes=(3, 5, 7), groups=(1, 2, 4), out_chs=48)
+    x = torch.randn(2, 32, 8, 8)
+    with torch.no_grad():
+        expected = psa(x)
+
+    class Adapted(nn.Module):  # a conv and a zero-initialised low-rank update, as LoRA wraps one
+        def __init__(self, base):
+            super().__init__()
+            self.base, self.update = base, nn.Conv2d(base.in_channels, base.out_channels, 1, bias=False)
+            nn.init.zeros_(self.update.weight)
+
+        def forward(self, x):
+            return self.base(x) + self.update(x)
+
+    psa.convs[1] = Adapted(psa.convs[1])
+    with torch.no_grad():
+        torch.testing.assert_close(psa(x), expected, rtol=1e-4, atol=1e-4)
+    psa(x).square().mean().backward()
+    assert psa.convs[1].update.weight.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize('mode', ['fp32', 'autocast', 'bf16'])
 def test_branch_conv_in_every_compute_dtype_equals_the_grouped_conv(mode):
     """The 3x3 branch of EPSANet Large's stage 1 (its form depends on the compute dtype on CPU), in

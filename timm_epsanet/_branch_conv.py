@@ -312,6 +312,10 @@ class BranchConvs(nn.ModuleList):
 
     @torch.jit.unused
     def _planned(self, x: torch.Tensor) -> torch.Tensor:
+        if not all(isinstance(conv, BranchConv2d) for conv in self):
+            # a branch replaced by another module (an adapter such as peft's LoRA wraps the conv in
+            # its own module): every branch computes itself, in the caller's layout
+            return torch.cat([conv(x) for conv in self], dim=1)
         if isinstance(x, torch.fx.Proxy) or torch._C._are_functorch_transforms_active():
             # traced by an FX tracer that does not know timm's leaves (torchvision's feature
             # extraction, FX quantization): the grouped convs hold for every mode the graph runs in.
