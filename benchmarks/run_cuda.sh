@@ -3,15 +3,15 @@
 # compiled first (in parallel, into Triton's cache), correctness of the fused kernels and of every
 # branch form, the model table beside the peers (AMP fp16, channels-last, eager, batch 128, inference
 # and training with peak memory), where the step's time goes (device busy against wall time, the
-# top kernels), whole-PSA timings (the fused kernels against cuDNN), the fused kernels' candidate
-# tiles (loads through L1, 2D pixel tiles, the weight gradient's branches stacked and taps paired),
-# torch.compile with the Triton kernels, branch tuning's first-use cost and plans without the
-# Triton kernels, then bf16 and batch 256.
+# top kernels), whole-PSA timings (the fused kernels against cuDNN), torch.compile with the Triton
+# kernels, branch tuning's first-use cost and plans without the Triton kernels, then bf16 and batch
+# 256.
 # Stages run in order of importance, each under its own time limit (sized from the first H200 run,
 # 2026-11-28, where every stage of the earlier plan ran out of time), each writing as it goes, so a
 # stage cut short still leaves what it measured. STAGES picks stages; 'branches' (every branch in
-# every form and layout), 'tiles' (the kernels' tiles) and 'tuning_triton' are left out by default:
-# a run of their own.
+# every form and layout), 'tiles' and 'tiles_spc' (the kernels' tiles; the fused kernels' candidates:
+# loads through L1, 2D pixel tiles, the weight gradient's branches stacked and taps paired) and
+# 'tuning_triton' are left out by default: a run of their own.
 #   bash benchmarks/run_cuda.sh                              # results in /tmp/run_cuda
 #   OUT_DIR=/tmp/cuda COPY_DIR=$OUT bash benchmarks/run_cuda.sh 2>&1 | tee $OUT/run.log   # on the device tool
 #   STAGES="warm branches tiles" bash benchmarks/run_cuda.sh  # other stages
@@ -34,15 +34,17 @@ EPSANETS="epsanet50_small epsanet50_large epsanet101_small"
 # the CUDA default without triton (@cudnn: per branch the dense form or the grouped conv), the same
 # with the attention's two Triton kernels for its dozen small ops (@cudnn+attention,
 # TIMM_EPSANET_TRITON=attention), and the two cuDNN forms throughout; after the Triton rows, Large's
-# default (its 32 groups of 1-2 outputs all on cuDNN's grouped conv, never timed whole). Not by
+# default (its 32 groups of 1-2 outputs all on cuDNN's grouped conv, never timed whole), and the
+# variant no run has timed, epsanet101_large (with the Triton kernels, as the other variants). Not by
 # default (UNFUSED_FORMS=epsanet50_small@triton_mma): the tensor-core kernels one branch at a time,
 # on which no choice rests (0.45x / 0.19x in the first run), last: the first row a stage cut short loses
 OTHER_FORMS="epsanet50_small@cudnn epsanet50_small@cudnn+attention epsanet50_small@dense epsanet50_small@grouped"
 LARGE_DEFAULT=epsanet50_large@cudnn
+LARGE101=epsanet101_large
 UNFUSED_FORMS=${UNFUSED_FORMS:-}
-DEFAULT_STAGES="warm checks amp_fp16_b128 profile psa tiles_spc compile tuning amp_bf16_b128 amp_fp16_b256"
+DEFAULT_STAGES="warm checks amp_fp16_b128 profile psa compile tuning amp_bf16_b128 amp_fp16_b256"
 if [ "${1:-}" = --dry-run ]; then
-    DEFAULT_STAGES="$DEFAULT_STAGES branches tiles tuning_triton"
+    DEFAULT_STAGES="$DEFAULT_STAGES tiles_spc branches tiles tuning_triton"
     export TRITON_INTERPRET=1
     OUT_DIR=${OUT_DIR:-/tmp/run_cuda_dry_run}
     DEVICE=cpu TINY=--tiny SCALE=0  # SCALE=0: stage limits off
@@ -54,7 +56,7 @@ if [ "${1:-}" = --dry-run ]; then
     WARM_ARGS="--device cpu --processes 1 --max-launches 1 --size 4"
     PROFILE_ARGS="--device cpu --img-size 32 --iters 1 --top 3"
     PEERS="resnet50" EPSANETS="epsanet50_small@triton_spc" OTHER_FORMS="epsanet50_small@cudnn epsanet50_small@cudnn+attention"
-    UNFUSED_FORMS="epsanet50_small@triton_mma" LARGE_DEFAULT=
+    UNFUSED_FORMS="epsanet50_small@triton_mma" LARGE_DEFAULT= LARGE101=
 else
     OUT_DIR=${OUT_DIR:-/tmp/run_cuda}
     DEVICE=cuda TINY= SCALE=1
@@ -67,8 +69,11 @@ else
     PROFILE_ARGS=""
 fi
 STAGES=${STAGES:-$DEFAULT_STAGES}
-# the tiles_spc stage's sweep: the fused kernels of stage 1's PSAs, 4 tiles each (compiled by the warm stage)
+# the tiles_spc stage's sweep: the fused kernels of stage 1's PSAs, 4 tiles each (compiled by the
+# warm stage where the stage runs)
 TILES_SPC="--kernels spc --stages 1 --max-tiles 4"
+WARM_TILES=()
+case " $STAGES " in *" tiles_spc "*) WARM_TILES=(--tiles "$TILE_SHAPES $TILES_SPC") ;; esac
 # NCHW branches and the CUDA-core kernels run only in the per-branch timings: compiled first only
 # when those run (the warm stage ran out of its limit in the first run)
 case " $STAGES " in
@@ -111,14 +116,17 @@ print(f'Machine: {gpu}, torch {torch.__version__}, cuDNN {torch.backends.cudnn.v
       f'triton {triton_version}, timm {timm.__version__}')
 EOF
 # every Triton kernel the stages below run, compiled first on 12 processes into Triton's cache, the
-# tiles_spc stage's too (that stage would otherwise compile its candidates one by one in its limit)
+# tiles_spc stage's too where it runs (it would otherwise compile its candidates one by one in its limit)
 stage warm 45 $PYTHON benchmarks/triton_warmup.py $WARM_ARGS --layouts $WARM_LAYOUTS --forms $WARM_FORMS \
-    --tiles "$TILE_SHAPES $TILES_SPC"
+    ${WARM_TILES[@]+"${WARM_TILES[@]}"}
 # the fused kernels on every PSA first (18 checks took 50 s in the first run), every form last
 stage checks 40 $PYTHON benchmarks/cuda_checks.py fused attention cpu grads forms --device $DEVICE $TINY
 # the targets: AMP fp16, channels-last, eager; peers first, every ratio needs resnet50
-stage amp_fp16_b128 135 $PYTHON benchmarks/benchmark.py $BENCH_ARGS --batch-size $B128 --precisions amp \
-    --layouts channels_last --models $PEERS $OTHER_FORMS $EPSANETS $LARGE_DEFAULT $UNFUSED_FORMS --out "$OUT_DIR/amp_fp16_b128"
+# (epsanet101_large's 20 s come from tiles_spc, no longer a default stage: its choice is the tiles of
+# the Triton kernels, which ran slower whole than cuDNN in the first run)
+stage amp_fp16_b128 155 $PYTHON benchmarks/benchmark.py $BENCH_ARGS --batch-size $B128 --precisions amp \
+    --layouts channels_last --models $PEERS $OTHER_FORMS $EPSANETS $LARGE_DEFAULT $LARGE101 $UNFUSED_FORMS \
+    --out "$OUT_DIR/amp_fp16_b128"
 # device busy against wall time per step, the host's time to issue its passes, the lines that wait
 # for the GPU, and inference as one CUDA graph: whether faster kernels or fewer launches pay; Small with the Triton kernels, then as 'auto' runs without them (@cudnn)
 stage profile 60 $PYTHON benchmarks/step_profile.py --batch-size $B128 \

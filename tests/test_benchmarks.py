@@ -3,6 +3,7 @@ import csv
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -381,18 +382,37 @@ def test_cuda_run_fits_in_8_minutes():
     assert [name for name in limits if name in default][:4] == ['warm', 'checks', 'amp_fp16_b128', 'profile']
 
 
-def test_cuda_run_times_the_fused_kernels_candidate_tiles():
-    """run_cuda.sh's default tiles_spc stage reaches, within the tiles it lets each fused kernel
-    time, the candidates it exists for: every kernel's loads through L1 (unpipelined), the forward
-    and input gradient also on 2D pixel tiles, the weight gradient's branches in one product and
-    its taps in pairs."""
+def test_cuda_model_table_times_every_variant_beside_the_peers():
+    """run_cuda.sh's model table (amp_fp16_b128) times every registered EPSANet variant, and
+    resnet50 and the peers the issue compares with, in the same run."""
+    import timm
+    import timm_epsanet  # noqa: F401
     script = (BENCHMARKS / 'run_cuda.sh').read_text()
-    default = next(line for line in script.splitlines() if line.startswith('DEFAULT_STAGES=')).split('"')[1].split()
+    values = {}
+    for line in script.splitlines():  # the unindented assignments: the GPU run's (the dry run's are indented)
+        match = re.match(r'([A-Z0-9_]+)=(.*)$', line)
+        if match:
+            values.setdefault(match.group(1), match.group(2).strip('"'))
+    start = script.index('\nstage amp_fp16_b128 ')
+    command = script[start:script.index('\nstage ', start + 1)]
+    names = re.findall(r'\$([A-Z0-9_]+)', command.split('--models')[1].split('--out')[0])
+    models = {model.split('@')[0] for name in names for model in values.get(name, '').split()}
+    assert set(timm.list_models('epsanet*')) <= models, models
+    assert {'resnet50', 'seresnet50', 'resnext50_32x4d', 'res2net50_26w_4s', 'skresnet50'} <= models, models
+
+
+def test_cuda_run_times_the_fused_kernels_candidate_tiles():
+    """run_cuda.sh's tiles_spc stage (STAGES=tiles_spc) reaches, within the tiles it lets each fused
+    kernel time, the candidates it exists for: every kernel's loads through L1 (unpipelined), the
+    forward and input gradient also on 2D pixel tiles, the weight gradient's branches in one
+    product and its taps in pairs. The warm stage compiles them first where the stage runs."""
+    script = (BENCHMARKS / 'run_cuda.sh').read_text()
     start = script.index('\nstage tiles_spc ')
     command = script[start:script.index('\nstage ', start + 1)]
     sweep = next(line for line in script.splitlines() if line.startswith('TILES_SPC=')).split('"')[1]
-    assert 'tiles_spc' in default and '$TILES_SPC' in command and '--kernels spc' in sweep
-    assert '--tiles "$TILE_SHAPES $TILES_SPC"' in script[script.index('\nstage warm '):]  # compiled in warm-up
+    assert '$TILES_SPC' in command and '--kernels spc' in sweep
+    assert '*" tiles_spc "*) WARM_TILES=(--tiles "$TILE_SHAPES $TILES_SPC")' in script
+    assert '"${WARM_TILES[@]}"' in script[script.index('\nstage warm '):]  # compiled in warm-up
     max_tiles = int(sweep.split('--max-tiles')[1].split()[0])
     from timm_epsanet._triton_branch import mma_config_for
     sys.path.insert(0, str(BENCHMARKS))
