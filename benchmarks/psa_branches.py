@@ -116,7 +116,9 @@ def measure(shape, args, device):
                 y = module(x_train)
             y.backward(torch.ones_like(y))
 
+        module.eval()  # inference as served: eval mode keeps what the forms build from the weights
         row[f'{key}_infer_ms'] = time_ms(infer, device, args.iters)
+        module.train()
         row[f'{key}_train_ms'] = time_ms(train, device, args.iters)
     if args.whole_psa:
         auto = PyramidSqueezeAttention(chs, stride=stride, groups=shape['groups']).convs

@@ -360,10 +360,11 @@ def test_merged_group_forms_script_trace_and_fx(form):
 
 @pytest.mark.parametrize('form', ['dense', 'regrouped'])
 def test_inference_builds_merged_weights_once_until_the_weight_changes(form, monkeypatch):
-    """Without autograd a merged-group form builds its block-diagonal weight once, not per forward
-    (the build's small ops are host time a GPU step waits on), and builds it anew whenever the
-    weight changes: in place (an optimizer step, load_state_dict), replaced, or cast, and at a
-    mode switch after a write through `.data`, which no version records."""
+    """In eval mode without autograd a merged-group form builds its block-diagonal weight once,
+    not per forward (the build's small ops are host time a GPU step waits on), and builds it anew
+    whenever the weight changes: in place (an optimizer step, load_state_dict), replaced, or cast,
+    and at a mode switch after a write through `.data`, which no version records. Train mode
+    builds it every forward: a momentum encoder's no-grad forwards follow `.data` updates."""
     from timm_epsanet import _branch_conv
     builds = []
     build = _branch_conv.block_diagonal_weight
@@ -381,9 +382,13 @@ def test_inference_builds_merged_weights_once_until_the_weight_changes(form, mon
         assert len(builds) - before == int(built)
         torch.testing.assert_close(y, expected(), rtol=1e-4, atol=1e-4)
 
+    for _ in range(2):  # train mode: MoCo's key encoder, updated through .data between no-grad forwards
+        check(built=True)
+        conv.weight.data.mul_(0.5).add_(0.01)
+    conv.eval()
     check(built=True)
     check(built=False)
-    conv(x).square().sum().backward()  # training: built in the graph, the gradient reaches the weight
+    conv(x).square().sum().backward()  # autograd: built in the graph, the gradient reaches the weight
     assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
     torch.optim.SGD(conv.parameters(), lr=1.0).step()
     check(built=True)
@@ -395,7 +400,7 @@ def test_inference_builds_merged_weights_once_until_the_weight_changes(form, mon
     conv.weight.data = torch.randn_like(conv.weight)
     check(built=True)
     conv.weight.data.mul_(-1)  # unseen by the version counter: seen at the next mode switch
-    conv.eval()
+    conv.train().eval()
     check(built=True)
     conv.double()
     x = x.double()

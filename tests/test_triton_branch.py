@@ -179,13 +179,13 @@ def check_spc_case(case, kernel_layout=None) -> dict:
 
 
 def check_spc_inference() -> dict:
-    """Inference of fused branches twice, then after an in-place weight update: how many kernel
-    weight tiles each forward built, and each output's error against the grouped convs."""
+    """Inference (eval mode) of fused branches twice, then after an in-place weight update: how many
+    kernel weight tiles each forward built, and each output's error against the grouped convs."""
     from timm_epsanet import _triton_spc
     from timm_epsanet.psa import PyramidSqueezeAttention
 
     reference = PyramidSqueezeAttention(32, groups=(8, 8, 8, 8), branch_form='grouped').convs
-    convs = PyramidSqueezeAttention(32, groups=(8, 8, 8, 8), branch_form='triton_spc').convs
+    convs = PyramidSqueezeAttention(32, groups=(8, 8, 8, 8), branch_form='triton_spc').convs.eval()
     convs.load_state_dict(reference.state_dict())
     plans = [conv.plan_for('cuda', False) for conv in convs]
     x = torch.randn(2, 32, 5, 6).contiguous(memory_format=torch.channels_last)
@@ -595,8 +595,9 @@ def test_fused_kernels_on_nchw_strides(interpreted):
 
 
 def test_fused_inference_builds_the_weight_tiles_once_until_the_weight_changes(interpreted):
-    """Without autograd the fused kernels' weight tiles (merged, cast, laid out) are built on the
-    first forward and reused, until an in-place update of the weights; every output stays right."""
+    """In eval mode without autograd the fused kernels' weight tiles (merged, cast, laid out) are
+    built on the first forward and reused, until an in-place update of the weights; every output
+    stays right."""
     first, second, updated = interpreted['spc_inference']
     assert (first['built'], second['built'], updated['built']) == (4, 0, 4), interpreted['spc_inference']
     assert all(r['err'] <= 1e-5 for r in (first, second, updated)), interpreted['spc_inference']

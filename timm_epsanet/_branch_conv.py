@@ -216,15 +216,18 @@ class BranchConv2d(nn.Conv2d):
     def kept_weight(self, key: Tuple[str, int, torch.dtype], build: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """`build(self.weight)`: a tensor derived from the weight (merged, cast, laid out for a kernel).
 
-        With autograd it is built anew in every forward, as part of the graph. Without (inference),
-        it is kept under `key` and reused until the weight changes: updated in place (its version),
-        replaced, moved or cast, or the module put in train or eval mode. A model in eval mode then
-        builds it once instead of per forward: the build's small ops cost more host time than the
-        branch's kernel at batch sizes a GPU runs. An in-place write through `weight.data` is the
-        one change the version does not record: `train()`/`eval()` after it rebuilds.
+        With autograd, or in train mode, it is built anew in every forward (with autograd as part of
+        the graph). In eval mode without autograd (inference) it is kept under `key` and reused until
+        the weight changes: updated in place (its version), replaced, moved or cast, or the module
+        put in train or eval mode. A model in eval mode then builds it once instead of per forward:
+        the build's small ops cost more host time than the branch's kernel at batch sizes a GPU
+        runs. An in-place write through `weight.data` is the one change the version does not
+        record: `train()`/`eval()` after it rebuilds. Train mode never keeps, for the no-grad
+        forwards that follow such writes step after step (momentum encoders, whose updates
+        through `.data` would otherwise leave them on their first weights).
         """
         weight = self.weight
-        if not _may_keep(weight):
+        if self.training or not _may_keep(weight):
             return build(weight)
         kept = self._kept.get(key)
         # the kept source holds the weight's memory, so a new weight cannot take its address
