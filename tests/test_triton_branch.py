@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from timm_epsanet import _branch_plans
 
@@ -872,6 +873,28 @@ def test_fused_runs_follow_the_plan_of_each_call():
             assert convs.spc_runs(plans, layouts) == expected
     convs.spc_runs(fused, ['channels_last'] * 4)[0].append(9)  # what a caller does with the answer stays its own
     assert convs.spc_runs(fused, ['channels_last'] * 4) == [[0, 1, 2, 3]]
+
+
+@pytest.mark.parametrize('hook', ['forward_pre', 'forward', 'global'])
+def test_a_hooked_branch_is_not_fused(hook):
+    """A fused run computes its branches in one call, past their module calls: while a hook would
+    see a branch's call (pruning's pre-hook sets the weight, counters read the output), no branch
+    is fused, and each runs as a module; without it they fuse again."""
+    pytest.importorskip('triton')
+    from timm_epsanet.psa import PyramidSqueezeAttention
+
+    convs = PyramidSqueezeAttention(64).convs  # Small's stage 1: all four fuse
+    fused, layouts = [('triton_spc', 'channels_last')] * 4, ['channels_last'] * 4
+    assert convs.spc_runs(fused, layouts) == [[0, 1, 2, 3]]
+    noop = (lambda *args: None)
+    handle = (convs[2].register_forward_pre_hook(noop) if hook == 'forward_pre'
+              else convs[2].register_forward_hook(noop) if hook == 'forward'
+              else nn.modules.module.register_module_forward_hook(noop))
+    try:
+        assert convs.spc_runs(fused, layouts) == []
+    finally:
+        handle.remove()
+    assert convs.spc_runs(fused, layouts) == [[0, 1, 2, 3]]
 
 def test_auto_takes_triton_only_when_asked(monkeypatch):
     """Unmeasured on a GPU, the kernels are opt-in for 'auto': off unless TIMM_EPSANET_TRITON=1 (the
