@@ -24,10 +24,10 @@ def tuning(monkeypatch, tmp_path):
     ran, tuning_now = [], []
     run_plans, tune = BranchConvs.run_plans, _branch_tuning.tune
 
-    def recording(self, x, plans):
+    def recording(self, x, plans, **kwargs):
         if any(conv.form == 'auto' for conv in self) and not tuning_now:
             ran.append([tuple(p) for p in plans])
-        return run_plans(self, x, plans)
+        return run_plans(self, x, plans, **kwargs)
 
     def tuning(*args):
         tuning_now.append(True)
@@ -199,6 +199,31 @@ def test_a_new_plan_must_be_faster_on_the_whole_psa(tuning, monkeypatch):
             psa(x)
         assert timed.plans == [{('plan', tuple(rule_plan)), ('plan', tuple(better))}]
         assert tuning == [want]
+
+
+def test_no_hook_sees_the_trials(tuning, monkeypatch):
+    """Tuning's trial runs are its own, as cuDNN's benchmark trials are: a hook on a branch (a FLOP
+    counter, a summary) sees one call per forward, the tuning forward included."""
+    psa, _ = psa_pair()
+    x = torch.randn(2, CHS, 8, 8)
+    rule_plan = rules(psa)
+    other = ('grouped', 'nchw' if rule_plan[0][1] == 'channels_last' else 'channels_last')
+    timed = fake_timer(monkeypatch, {(i, choice): 1.0 for i, choice in enumerate(rule_plan)}
+                       | {(0, other): 0.1, ('convert', 'channels_last'): 0.0}, default=5.0)
+    fake = _branch_tuning.measure
+
+    def running_each_trial(calls, device, warmup=False, repeats=2):
+        for call in calls.values():
+            call()
+        return fake(calls, device, warmup, repeats)
+    monkeypatch.setattr(_branch_tuning, 'measure', running_each_trial)
+    seen = []
+    for conv in psa.convs:
+        conv.register_forward_hook(lambda module, args, out: seen.append(module))
+    with torch.no_grad():
+        psa(x)
+    assert timed.plans, 'the whole PSA was not timed: no trial of whole plans ran'
+    assert seen == list(psa.convs)
 
 
 def test_wrong_or_failing_forms_are_never_used(tuning, monkeypatch):

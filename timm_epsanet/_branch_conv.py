@@ -396,8 +396,10 @@ class BranchConvs(nn.ModuleList):
         return _tensor_core_branches(x, [self[i] for i in members])
 
     @torch.jit.unused
-    def run_plans(self, x: torch.Tensor, plans: List[Plan]) -> torch.Tensor:
-        """The branches of `x`, branch i in form and layout `plans[i]`."""
+    def run_plans(self, x: torch.Tensor, plans: List[Plan], as_modules: bool = True) -> torch.Tensor:
+        """The branches of `x`, branch i in form and layout `plans[i]`: each called as a module, so
+        that its hooks run, or with `as_modules=False` past them (branch tuning's trial runs, which
+        no hook should see, as none sees cuDNN's benchmark trials)."""
         grad_enabled = _autograd_plan()
         caller = layout_of(x)
         flexible = 'channels_last' if any(layout == 'channels_last' for _, layout in plans) else caller
@@ -415,7 +417,7 @@ class BranchConvs(nn.ModuleList):
                 feats[i] = y_i
         for i, (conv, (form, _), layout) in enumerate(zip(self, plans, layouts)):
             if feats[i] is None:
-                feats[i] = conv(inputs[layout], form)  # a module call: its hooks run
+                feats[i] = conv(inputs[layout], form) if as_modules else conv.forward_as(inputs[layout], form)
         if grad_enabled or torch.jit.is_tracing() or torch.compiler.is_compiling():
             return in_layout(torch.cat(feats, dim=1), caller)
         # write the concat straight into the caller's layout (a mixed-layout cat returns NCHW)

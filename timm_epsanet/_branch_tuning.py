@@ -390,7 +390,8 @@ def tune(convs, x: torch.Tensor, training: bool) -> Optional[List[Plan]]:
     # kernels): a plan replaces the rules' only when the whole PSA confirms it, every call of it
     # faster than every call of the rules' plan (on a busy machine the rules stay)
     params = [p for p in convs.parameters() if p.requires_grad]
-    whole = {('plan', tuple(plan)): _call(partial(convs.run_plans, plans=plan), x, params, training, input_grad)
+    trial = partial(convs.run_plans, as_modules=False)  # no hook sees the trials
+    whole = {('plan', tuple(plan)): _call(partial(trial, plans=plan), x, params, training, input_grad)
              for plan in [rules] + contenders}
     seconds = measure(whole, x.device, warmup=True, repeats=CONFIRM_REPEATS)
     winner = min(contenders, key=lambda plan: min(seconds[('plan', tuple(plan))]))
@@ -421,9 +422,10 @@ def plan_verified(convs, x: torch.Tensor, plan: List[Plan], training: bool) -> b
         return True
     caller = layout_of(x)
     grouped = [('grouped', caller)] * len(convs)
-    expected = _outputs_and_grads(partial(convs.run_plans, plans=grouped), convs, x, training)
+    expected = _outputs_and_grads(partial(convs.run_plans, plans=grouped, as_modules=False), convs, x, training)
     try:
-        got = _outputs_and_grads(partial(convs.run_plans, plans=plan), convs, x, training, grad_out=expected[0])
+        got = _outputs_and_grads(partial(convs.run_plans, plans=plan, as_modules=False), convs, x, training,
+                                 grad_out=expected[0])
     except Exception:  # the fused kernels cannot run this: not a candidate
         return False
     return _matches(got, expected)
