@@ -468,6 +468,25 @@ def test_every_branch_runs_its_hooks_as_a_conv_does(grad):
         torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize('grad', [False, True])
+def test_hooks_on_seweight_see_its_gates(grad):
+    """PSA's SEWeight runs as a module, once per call on every scale's pooled features: a hook on
+    it (to look at the attention, as the paper's figures do) sees the gates, before the softmax."""
+    torch.manual_seed(0)
+    psa = PyramidSqueezeAttention(32, 48, kernel_sizes=(3, 5, 7), groups=(1, 2, 4))
+    x = torch.randn(2, 32, 8, 8)
+    seen = []
+    psa.se.register_forward_hook(lambda module, args, out: seen.append((args[0].detach(), out.detach())))
+    with torch.set_grad_enabled(grad):
+        psa(x)
+    assert len(seen) == 1
+    pooled, gates = seen[0]
+    expected = psa.convs(x).mean((2, 3)).reshape(2 * 3, 16, 1, 1)  # scale by scale, as the branches
+    torch.testing.assert_close(pooled, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gates, psa.se(expected, pooled=True).detach())
+    torch.testing.assert_close(psa.se(x[:, :16]), psa.se(x[:, :16].mean((2, 3), keepdim=True), pooled=True))
+
+
 def test_a_pruned_branch_trains_on_its_masked_weight():
     """`torch.nn.utils.prune` recomputes a conv's weight (weight_orig * weight_mask) in a forward
     pre-hook: each step computes with the current masked weight, and pruned weights stay zero."""

@@ -896,6 +896,26 @@ def test_a_hooked_branch_is_not_fused(hook):
         handle.remove()
     assert convs.spc_runs(fused, layouts) == [[0, 1, 2, 3]]
 
+@pytest.mark.parametrize('hook', ['se', 'fc1', 'global'])
+def test_a_hooked_seweight_is_not_fused(hook):
+    """The attention's kernels compute SEWeight past its modules' calls: while a hook would see one
+    (on SEWeight, on one of its layers, or on every module), PSA runs its plain attention instead."""
+    pytest.importorskip('triton')
+    from timm_epsanet._triton_attention import fusable
+    from timm_epsanet.psa import PyramidSqueezeAttention
+
+    se = PyramidSqueezeAttention(64).se
+    assert fusable(se)
+    noop = (lambda *args: None)
+    handle = (se.register_forward_hook(noop) if hook == 'se' else se.fc1.register_forward_pre_hook(noop)
+              if hook == 'fc1' else nn.modules.module.register_module_forward_hook(noop))
+    try:
+        assert not fusable(se)
+    finally:
+        handle.remove()
+    assert fusable(se)
+
+
 def test_auto_takes_triton_only_when_asked(monkeypatch):
     """Unmeasured on a GPU, the kernels are opt-in for 'auto': off unless TIMM_EPSANET_TRITON=1 (the
     branches' and the attention's) or =attention (the attention's alone), and never where triton

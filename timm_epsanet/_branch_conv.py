@@ -19,8 +19,8 @@ from ._branch_forms import (
     regroup_factor, sums_groups_by_conv,
 )
 from ._branch_plans import (
-    TRITON_FORMS, Plan, autocast_dtype, computes_in_low_precision, cpu_branch_plan, cuda_branch_form, in_layout,
-    kernel_layout, layout_of, plain_eager, triton_in_auto,
+    TRITON_FORMS, Plan, autocast_dtype, calls_hooked, computes_in_low_precision, cpu_branch_plan, cuda_branch_form,
+    in_layout, kernel_layout, layout_of, plain_eager, triton_in_auto,
 )
 from ._branch_tuning import tuned_plans
 
@@ -341,7 +341,7 @@ class BranchConvs(nn.ModuleList):
         whose input tiles the others read anyway. Kept per plan: every eager call asks, and the
         answer depends only on the plan and the branches' shapes (under torch.compile, found anew:
         a graph holds no such state)."""
-        if all(form != 'triton_spc' for form, _ in plans) or self.branch_hooked():
+        if all(form != 'triton_spc' for form, _ in plans) or calls_hooked(self):
             return []  # a hooked branch is called alone, as a module
         if torch.compiler.is_compiling():
             return self._find_spc_runs(plans, layouts)
@@ -350,17 +350,6 @@ class BranchConvs(nn.ModuleList):
         if key not in kept:
             kept[key] = tuple(tuple(run) for run in self._find_spc_runs(plans, layouts))
         return [list(run) for run in kept[key]]
-
-    @torch.jit.unused
-    def branch_hooked(self) -> bool:
-        """Whether a hook would see a branch's call (hooks on a branch, or on every module): pruning's
-        pre-hook sets the weight, counters of FLOPs read each conv's output."""
-        hooks = nn.modules.module
-        if hooks._global_forward_hooks or hooks._global_forward_pre_hooks or hooks._global_backward_hooks \
-                or hooks._global_backward_pre_hooks:
-            return True
-        return any(conv._forward_hooks or conv._forward_pre_hooks or conv._backward_hooks or conv._backward_pre_hooks
-                   for conv in self)
 
     @torch.jit.unused
     def _find_spc_runs(self, plans: List[Plan], layouts: List[str]) -> List[List[int]]:

@@ -14,7 +14,7 @@ import importlib.util
 import os
 import re
 import warnings
-from typing import Optional, Tuple
+from typing import Iterable, Optional, Tuple
 
 import torch
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
@@ -190,6 +190,18 @@ def triton_attention_in_auto() -> bool:
     """Whether a PSA of 'auto' branches runs its attention on the Triton kernels on CUDA:
     TIMM_EPSANET_TRITON=1 or =attention, and triton runs."""
     return (TRITON_IN_AUTO or TRITON_ATTENTION_IN_AUTO) and triton_runs_on_cuda()
+
+
+def calls_hooked(modules: Iterable[torch.nn.Module]) -> bool:
+    """Whether a hook would see a call of any of `modules` (hooks on one, or on every module): the
+    fused kernels, which compute several modules in one call, then leave them to their own calls
+    (pruning's pre-hook sets a conv's weight, counters and summaries read each layer's output)."""
+    hooks = torch.nn.modules.module
+    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks or hooks._global_backward_hooks \
+            or hooks._global_backward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+               for m in modules)
 
 
 def plain_eager(x: torch.Tensor) -> bool:

@@ -27,7 +27,7 @@ from timm.layers import activations
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from ._branch_plans import next_pow2
+from ._branch_plans import calls_hooked, next_pow2
 from ._triton_branch import FMA, _check_device
 
 __all__ = ['fusable', 'psa_attention']
@@ -133,12 +133,12 @@ def _gate_grad_kernel(p_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, ga_ptr, gp_ptr, par
 
 def fusable(se: nn.Module) -> bool:
     """Whether the kernels compute this SEWeight: 1x1 convs with biases, no norm, ReLU and sigmoid
-    (torch's modules or timm's)."""
+    (torch's modules or timm's), with no hook on its modules' calls (`calls_hooked`)."""
     convs = (se.fc1, se.fc2)
     return (all(type(fc) is nn.Conv2d and fc.kernel_size == (1, 1) and fc.groups == 1 and fc.bias is not None
                 for fc in convs)
             and type(se.bn) is nn.Identity and type(se.act) is nn.ReLU
-            and type(se.gate) in (nn.Sigmoid, activations.Sigmoid))
+            and type(se.gate) in (nn.Sigmoid, activations.Sigmoid) and not calls_hooked(se.modules()))
 
 
 def _sizes(num_scales: int, w1: torch.Tensor) -> Tuple[int, int, int, int, int, int]:

@@ -44,8 +44,10 @@ class SEWeight(SEModule):
     itself is the output.
     """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.gate_of_pooled(x.mean((2, 3), keepdim=True))
+    def forward(self, x: torch.Tensor, pooled: bool = False) -> torch.Tensor:
+        """The gate of x; `pooled`: x is average-pooled to (N, C, 1, 1) already (PSA pools every
+        scale at once, and calls this module on them: hooks on it see its gates)."""
+        return self.gate_of_pooled(x if pooled else x.mean((2, 3), keepdim=True))
 
     def gate_of_pooled(self, x_se: torch.Tensor) -> torch.Tensor:
         """The gate of an input already average-pooled to (N, C, 1, 1): PSA pools every scale at once."""
@@ -135,7 +137,7 @@ class PyramidSqueezeAttention(nn.Module):
         B, _, H, W = x.shape
         x = x.reshape(B, self.num_scales, self.split_chs, H, W)
         # one SEWeight for all scales, then a softmax across the scales
-        x_attn = self.se.gate_of_pooled(x.mean((3, 4)).reshape(B * self.num_scales, self.split_chs, 1, 1))
+        x_attn = self.se(x.mean((3, 4)).reshape(B * self.num_scales, self.split_chs, 1, 1), pooled=True)
         x_attn = x_attn.reshape(B, self.num_scales, self.split_chs, 1, 1).softmax(dim=1)
         # CUDA autocast computes the softmax in fp32: reweighting in fp32 would promote the whole
         # output, and the BN and activation after it, to fp32 (twice the memory and traffic)
