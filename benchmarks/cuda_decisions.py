@@ -419,8 +419,8 @@ def other_settings(run: Run) -> Decision:
     return Decision('amp_bf16_b128, amp_fp16_b256', 'for the README beside the fp16 table', lines)
 
 
-DECISIONS = (targets, cudnn_rule, stride2, triton_default, triton_attention, large, profile, tiles_spc, compile_stage, tuning,
-             other_settings)
+DECISIONS = (targets, cudnn_rule, stride2, triton_default, triton_attention, large, profile, tiles_spc, compile_stage,
+             tuning, other_settings)
 
 
 def decide(run: Run, previous=None) -> List[Decision]:

@@ -171,9 +171,10 @@ class FastFormGroupedBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, sum_weight, form, stride, padding, dilation, groups):
-        x, weight = autocast_conv_inputs(x, weight)  # saved as cast: the backward conv sees one dtype
-        autocast_on = autocast_dtype(x.device.type) is not None  # then off for the forms' ops, in that dtype
-        with torch.autocast(x.device.type, enabled=False) if autocast_on else contextlib.nullcontext():
+        dtype = autocast_dtype(x.device.type)
+        if dtype is not None:  # saved as cast: the backward conv sees one dtype; autocast off for the forms' ops
+            x, weight = x.to(dtype), weight.to(dtype)
+        with torch.autocast(x.device.type, enabled=False) if dtype is not None else contextlib.nullcontext():
             out = fast_form_conv(x, weight, form, stride, padding, dilation, groups, sum_weight)
         ctx.save_for_backward(x, weight)
         ctx.conv_args = (stride, padding, dilation, groups)

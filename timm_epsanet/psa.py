@@ -22,7 +22,7 @@ from torch import nn
 from timm.layers import SEModule, get_act_layer, get_padding
 
 from ._branch_conv import BRANCH_FORMS, BranchConv2d, BranchConvs
-from ._branch_plans import TRITON_FORMS, plain_eager, triton_attention_in_auto, triton_runs_on_cuda
+from ._branch_plans import TRITON_FORMS, calls_hooked, plain_eager, triton_attention_in_auto, triton_runs_on_cuda
 
 __all__ = ['PyramidSqueezeAttention', 'SEWeight', 'default_groups', 'default_kernel_sizes']
 
@@ -161,8 +161,8 @@ class PyramidSqueezeAttention(nn.Module):
 
     @torch.jit.unused
     def _branches_hooked(self) -> bool:
-        """Whether a forward hook sees the branches' output (on them, or on every module)."""
-        return bool(self.convs._forward_hooks) or bool(nn.modules.module._global_forward_hooks)
+        """Whether a hook may see the branches' output (on them, or on every module)."""
+        return calls_hooked((self.convs,))
 
     @torch.jit.unused
     def _attention_by_triton(self, x: torch.Tensor, in_place: bool) -> torch.Tensor:
