@@ -184,6 +184,48 @@ def test_finetuned_head_into_the_default_model_says_which_num_classes(finetuned1
     with pytest.raises(CheckpointError, match='num_classes=10'):  # timm's loader with this package's filter
         timm.models.load_checkpoint(timm.create_model('epsanet50_small'), str(path), filter_fn=checkpoint_filter_fn)
 
+@pytest.mark.parametrize('in_chans', [1, 4])
+def test_pretrained_weights_adapt_to_the_input_channels(finetuned10, in_chans):
+    # grayscale or multispectral fine-tuning from RGB weights, as resnet50's: timm sums the first
+    # conv's filters over RGB for one channel and repeats them for more; the rest loads unchanged
+    path, source = finetuned10
+    expected = timm.models.adapt_input_conv(in_chans, source.conv1.weight.detach())
+    for kwargs in (dict(num_classes=10), dict(features_only=True)):
+        model = timm.create_model('epsanet50_small', pretrained=True, in_chans=in_chans,
+                                  pretrained_cfg_overlay=dict(file=str(path)), **kwargs).eval()
+        assert torch.equal(model.conv1.weight, expected)
+        assert torch.equal(model.layer2[0].conv2.convs[3].weight, source.layer2[0].conv2.convs[3].weight)
+        with torch.no_grad():
+            model(torch.randn(1, in_chans, 64, 64))
+    if in_chans == 1:
+        torch.testing.assert_close(expected, source.conv1.weight.sum(dim=1, keepdim=True))
+
+
+def test_first_conv_that_cannot_adapt_is_named(finetuned10, tmp_path):
+    path, source = finetuned10
+    gray = {k: v.sum(dim=1, keepdim=True) if k == 'conv1.weight' else v for k, v in source.state_dict().items()}
+    gray_path = tmp_path / 'gray.pth'
+    torch.save(gray, gray_path)
+    # a one-channel checkpoint into the RGB model: no rule adapts it
+    with pytest.raises(CheckpointError, match=r'gray\.pth.*conv1\.weight: checkpoint \(64, 1, 7, 7\), model \(64, 3, 7, 7\)'):
+        timm.create_model('epsanet50_small', pretrained=True, num_classes=10, pretrained_cfg_overlay=dict(file=str(gray_path)))
+    # timm's load_checkpoint adapts nothing: the filter names the mismatch there too
+    with pytest.raises(CheckpointError, match='conv1.weight: checkpoint'):
+        timm.models.load_checkpoint(
+            timm.create_model('epsanet50_small', num_classes=10, in_chans=1), str(path), filter_fn=checkpoint_filter_fn)
+
+
+def test_classifier_of_another_width_is_named(finetuned10):
+    # the same classes on wider pooled features (catavgmax doubles them): say so, not torch's size mismatch
+    path, _ = finetuned10
+    with pytest.raises(CheckpointError, match=r'finetuned10\.pth.*fc\.weight: checkpoint \(10, 2048\), model \(10, 4096\)'):
+        timm.create_model('epsanet50_small', pretrained=True, num_classes=10, global_pool='catavgmax',
+                          pretrained_cfg_overlay=dict(file=str(path)))
+    model = timm.create_model('epsanet50_small', pretrained=True, num_classes=5, global_pool='catavgmax',
+                              pretrained_cfg_overlay=dict(file=str(path)))  # a new classifier: loads
+    assert model.fc.in_features == 4096
+
+
 class _Payload:
     def __reduce__(self):
         return (open, ('/tmp/timm_epsanet_pwned', 'w'))

@@ -17,7 +17,7 @@ import re
 import struct
 from functools import partial
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -109,16 +109,21 @@ def check_finite(state_dict: Dict[str, torch.Tensor], source: str) -> None:
 
 
 def check_compatible(
-        state_dict: Dict[str, torch.Tensor], model: nn.Module, source: str, check_classifier: bool = True,
+        state_dict: Dict[str, torch.Tensor],
+        model: nn.Module,
+        source: str,
+        check_classifier: bool = True,
+        adapted: Sequence[str] = (),
 ) -> None:
-    """Raise one CheckpointError listing every missing/unexpected key and shape mismatch."""
+    """Raise one CheckpointError listing every missing/unexpected key and shape mismatch; the
+    shapes of the keys in `adapted` are the loader's to adapt."""
     expected = {k: v.shape for k, v in model.state_dict().items()}
     skip = () if check_classifier else _CLASSIFIER
     missing = sorted(k for k in expected if k not in state_dict and k not in skip)
     unexpected = sorted(k for k in state_dict if k not in expected and k not in skip)
     shapes = sorted(
         f'{k}: checkpoint {tuple(state_dict[k].shape)}, model {tuple(expected[k])}'
-        for k in expected if k in state_dict and k not in skip and state_dict[k].shape != expected[k])
+        for k in expected if k in state_dict and k not in skip and k not in adapted and state_dict[k].shape != expected[k])
     if not (missing or unexpected or shapes):
         return
     problems = [f'{len(items)} {title}: {_shown(items)}' for title, items in (
@@ -247,20 +252,57 @@ def _weights_source(model: nn.Module) -> str:
     return str(cfg.get('file') or cfg.get('hf_hub_id') or 'checkpoint')
 
 
-def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+def checkpoint_filter_fn(
+        state_dict: Dict[str, torch.Tensor],
+        model: nn.Module,
+        adapts_in_chans: bool = False,
+) -> Dict[str, torch.Tensor]:
     """timm's checkpoint filter: official checkpoints convert, others pass; both are checked.
 
     A different `num_classes` is timm's to adapt (it re-initialises the classifier); a classifier
     that does not match the one timm will keep is an error that says which `num_classes` to pass.
+    `adapts_in_chans`: the caller adapts the first conv to the model's `in_chans` after this filter,
+    as timm's pretrained loader does (the models' `pretrained_filter_fn` sets it), so that conv may
+    differ in its input channels here; `timm.models.load_checkpoint` adapts nothing.
     """
     source = _weights_source(model)
     state_dict = _to_timm({k: v for k, v in state_dict.items() if torch.is_tensor(v)})
     check_finite(state_dict, source)
-    check_compatible(state_dict, model, source, check_classifier=False)
+    adapted = _input_convs_to_adapt(state_dict, model) if adapts_in_chans else ()
+    check_compatible(state_dict, model, source, check_classifier=False, adapted=adapted)
     classes, cfg = checkpoint_classes(state_dict), getattr(model, 'pretrained_cfg', None) or {}
     keeps_head = getattr(model, 'num_classes', 0) == cfg.get('num_classes')
     if keeps_head and classes is not None and classes != model.num_classes:
         raise CheckpointError(
             f'{source}: its classifier has {classes} classes, the model {model.num_classes}. Pass '
             f'num_classes={classes} to keep it, or num_classes=0 for a backbone without classifier.')
+    if keeps_head:  # the same classes, other features: a pooling that changes the width (catavgmax)
+        expected = model.state_dict()
+        shapes = [f'{k}: checkpoint {tuple(state_dict[k].shape)}, model {tuple(expected[k].shape)}' for k in _CLASSIFIER
+                  if k in state_dict and k in expected and state_dict[k].shape != expected[k].shape]
+        if shapes:
+            raise CheckpointError(
+                f'{source}: its classifier does not fit the model\'s ({"; ".join(shapes)}), as with a global_pool '
+                f'that changes the feature width. Pass another num_classes for a new classifier, or num_classes=0.')
     return state_dict
+
+
+def _input_convs_to_adapt(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Tuple[str, ...]:
+    """The weights of the model's first convs (`pretrained_cfg['first_conv']`) that timm's
+    pretrained loader adapts to the model's input channels (summing the filters over the
+    channels for one, repeating them for more): the checkpoint's hold the pretrained config's
+    channels (`input_size[0]`), the model's another count, and they agree in every other dim."""
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    names = cfg.get('first_conv') or ()
+    names = (names,) if isinstance(names, str) else tuple(names)
+    source_chans = (cfg.get('input_size') or (3,))[0]
+    modules = dict(model.named_modules())
+    keys = []
+    for name in names:
+        conv, weight = modules.get(name), state_dict.get(f'{name}.weight')
+        if not isinstance(conv, nn.Conv2d) or weight is None or weight.ndim != 4:
+            continue
+        if (conv.in_channels != source_chans and weight.shape[1] * conv.groups == source_chans
+                and weight.shape[0] == conv.weight.shape[0] and weight.shape[2:] == conv.weight.shape[2:]):
+            keys.append(f'{name}.weight')
+    return tuple(keys)

@@ -17,6 +17,7 @@ Variants (Table 1/2 of the paper), PSA kernels (3, 5, 7, 9):
 """
 import math
 import numbers
+from functools import partial
 from typing import Optional, Sequence, Type
 
 import torch
@@ -147,7 +148,8 @@ def _create_epsanet(variant: str, pretrained: bool = False, **kwargs) -> ResNet:
     _check_model_args(kwargs)
     if pretrained:
         kwargs = _check_pretrained_source(variant, kwargs)
-    model = build_model_with_cfg(ResNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
+    model = build_model_with_cfg(
+        ResNet, variant, pretrained, pretrained_filter_fn=partial(checkpoint_filter_fn, adapts_in_chans=True), **kwargs)
     for m in (model, getattr(model, 'model', None)):  # some features_only wrappers keep the ResNet as .model
         if isinstance(getattr(m, 'pretrained_cfg', None), dict):
             m.pretrained_cfg.pop('state_dict', None)  # loaded: do not keep a second copy of the weights
