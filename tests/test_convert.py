@@ -40,6 +40,28 @@ def test_official_checkpoint_converts_exactly(official, tmp_path):
         torch.testing.assert_close(fresh(x), official(x), rtol=1e-5, atol=1e-5)
 
 
+def test_loaders_without_the_filter_take_official_checkpoints(official, tmp_path):
+    # timm's validate.py --checkpoint and train.py --initial-checkpoint call load_checkpoint without
+    # a filter; a user may call load_state_dict on the official state dict itself
+    path = save_official(official, tmp_path / 'model_best.pth.tar')
+    x = torch.randn(2, 3, 64, 64)
+    via_loader = timm.create_model('epsanet50_small').eval()
+    timm.models.load_checkpoint(via_loader, str(path))
+    direct = timm.create_model('epsanet50_small').eval()
+    source = official.state_dict()
+    keys = list(source)
+    direct.load_state_dict(source)
+    assert list(source) == keys  # the caller's dict is left as it was
+    with torch.no_grad():
+        torch.testing.assert_close(via_loader(x), official(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(direct(x), official(x), rtol=1e-5, atol=1e-5)
+    # under another prefix: a backbone inside a detector
+    detector = torch.nn.ModuleDict({'body': timm.create_model('epsanet50_small', features_only=True)}).eval()
+    detector.load_state_dict({f'body.{k}': v for k, v in source.items() if not k.startswith('fc.')})
+    with torch.no_grad():
+        torch.testing.assert_close(detector['body'](x)[-1], via_loader.forward_features(x), rtol=1e-5, atol=1e-5)
+
+
 def test_conversion_is_a_rename_and_permutation(official):
     src = official.state_dict()
     out = convert_official(src)

@@ -9,6 +9,7 @@ benchmarks time it as the baseline ("faster than the original" is measured again
 It lives in the package, privately, so that tests and benchmark scripts import one definition
 without path tricks; nothing in the package's own code paths uses it.
 """
+import copy
 from typing import Sequence
 
 import torch
@@ -139,15 +140,15 @@ def to_official_structure(model: nn.Module) -> nn.Module:
 def save_official_checkpoint(model: nn.Module, path, bare: bool = False):
     """Save `model` (an `OfficialEPSANet`) as the official main.py does: DataParallel's `module.`
     prefixes, with epoch, arch, best_prec1 and an SGD optimizer state (or, `bare`, the state
-    dict alone). Returns `path`."""
+    dict alone). Returns `path`. The file holds `model`'s weights, which stay as they are."""
     state_dict = {f'module.{k}': v for k, v in model.state_dict().items()}
     if bare:
         torch.save(state_dict, path)
         return path
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    model(torch.randn(1, 3, 32, 32)).sum().backward()
-    optimizer.step()  # momentum buffers in the optimizer state
-    model.zero_grad()
+    stepped = copy.deepcopy(model)  # a step on a copy gives the optimizer state its momentum buffers
+    optimizer = torch.optim.SGD(stepped.parameters(), lr=0.1, momentum=0.9)
+    stepped(torch.randn(1, 3, 32, 32)).sum().backward()
+    optimizer.step()
     torch.save({'epoch': 100, 'arch': 'epsanet50', 'state_dict': state_dict, 'best_prec1': torch.tensor(77.49),
                 'optimizer': optimizer.state_dict()}, path)
     return path

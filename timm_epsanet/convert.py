@@ -5,6 +5,8 @@ The official code (github.com/murufeng/EPSANet, main.py) saves `{'epoch', 'arch'
 `conv2.conv_1..conv_4`, and concatenates them in reverse order (3, 2, 1, 0). This package
 concatenates in the paper's order, so converting permutes the channels that follow PSA: `bn2` and
 the input channels of `conv3`. timm's train.py checkpoints already use this package's names.
+Each EPSA bottleneck also converts its own weights as they load (`convert_official_block`), so
+loaders that pass no filter take official checkpoints too.
 
 `read_checkpoint` reads a file (format told by its content, never by its name; `weights_only`
 loading, safetensors without unpickling). `checkpoint_filter_fn` is timm's filter convention:
@@ -26,10 +28,10 @@ from timm.models import clean_state_dict
 
 __all__ = [
     'CheckpointError', 'check_compatible', 'check_finite', 'checkpoint_filter_fn', 'convert_official',
-    'detect_variant', 'is_official', 'load_weights', 'read_checkpoint',
+    'convert_official_block', 'detect_variant', 'is_official', 'load_weights', 'read_checkpoint',
 ]
 
-_OFFICIAL_BRANCH = re.compile(r'^(layer\d+\.\d+\.conv2)\.conv_(\d+)\.weight$')
+_OFFICIAL_BRANCH = re.compile(r'^(.*\.)?conv2\.conv_(\d+)\.weight$')  # group 1: the block's prefix
 _CLASSIFIER = ('fc.weight', 'fc.bias')
 _MAX_SAFETENSORS_HEADER = 100_000_000  # the safetensors format's own limit
 _EMA_KEYS = ('state_dict_ema', 'model_ema')  # timm train.py's, then older scripts'
@@ -51,28 +53,37 @@ def is_official(state_dict: Dict[str, torch.Tensor]) -> bool:
 
 def convert_official(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """Official key names and branch order -> this package's. Exact: a rename and a permutation."""
-    blocks = {}
-    for key in state_dict:
-        m = _OFFICIAL_BRANCH.match(key)
-        if m:
-            blocks.setdefault(m.group(1)[:-len('.conv2')], []).append(int(m.group(2)))
-    out = {}
-    for key, value in state_dict.items():
-        m = _OFFICIAL_BRANCH.match(key)
-        out[f'{m.group(1)}.convs.{int(m.group(2)) - 1}.weight' if m else key] = value
-    for block, branches in blocks.items():
-        num_scales = len(branches)
-        width = state_dict[f'{block}.conv3.weight'].shape[1]
-        split = width // num_scales
-        # official channel (S-1-i)*split + c holds our branch i's channel c
-        order = torch.cat([torch.arange((num_scales - 1 - i) * split, (num_scales - i) * split)
-                           for i in range(num_scales)])
-        for name in ('weight', 'bias', 'running_mean', 'running_var'):
-            key = f'{block}.bn2.{name}'
-            if key in out:
-                out[key] = out[key][order]
-        out[f'{block}.conv3.weight'] = out[f'{block}.conv3.weight'][:, order]
+    out = dict(state_dict)
+    for block in {m.group(1) or '' for m in map(_OFFICIAL_BRANCH.match, state_dict) if m}:
+        convert_official_block(out, block)
     return out
+
+
+def convert_official_block(state_dict: Dict[str, torch.Tensor], prefix: str) -> bool:
+    """In place, the official names and order of one block's weights (keys `prefix` + ...) ->
+    this package's; False where the block holds none.
+
+    The branches `conv2.conv_1..S` become `conv2.convs.0..S-1`. The official code concatenates
+    them in reverse, so the channels that follow PSA (`bn2`, the input of `conv3`) are permuted.
+    """
+    branch = re.compile(re.escape(prefix) + r'conv2\.conv_(\d+)\.weight')
+    branches = {int(m.group(1)): m.group(0) for m in map(branch.fullmatch, list(state_dict)) if m}
+    if not branches:
+        return False
+    for index, key in branches.items():
+        state_dict[f'{prefix}conv2.convs.{index - 1}.weight'] = state_dict.pop(key)
+    num_scales = len(branches)
+    conv3, bn2 = f'{prefix}conv3.weight', f'{prefix}bn2.'
+    width = state_dict[conv3].shape[1] if conv3 in state_dict else state_dict[bn2 + 'weight'].numel()
+    split = width // num_scales
+    # official channel (S-1-i)*split + c holds our branch i's channel c
+    order = torch.cat([torch.arange((num_scales - 1 - i) * split, (num_scales - i) * split) for i in range(num_scales)])
+    for name in ('weight', 'bias', 'running_mean', 'running_var'):
+        if bn2 + name in state_dict:
+            state_dict[bn2 + name] = state_dict[bn2 + name][order]
+    if conv3 in state_dict:
+        state_dict[conv3] = state_dict[conv3][:, order]
+    return True
 
 
 def detect_variant(state_dict: Dict[str, torch.Tensor]) -> Optional[str]:

@@ -30,7 +30,7 @@ from timm.models._builder import resolve_pretrained_cfg
 from timm.models.resnet import ResNet
 
 from ._download import WEIGHT_FILES, fetch_weights
-from .convert import CheckpointError, checkpoint_classes, checkpoint_filter_fn, read_checkpoint
+from .convert import CheckpointError, checkpoint_classes, checkpoint_filter_fn, convert_official_block, read_checkpoint
 from .hub import PRETRAINED_TAG, is_unpublished_default, published_hub_id, unpublished_message
 from .psa import PyramidSqueezeAttention
 
@@ -112,6 +112,13 @@ class EPSABottleneck(nn.Module):
         self.act3 = act_layer(inplace=True)
         self.downsample = downsample
         self.drop_path = drop_path
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Take the official code's names and branch order for this block too (exact), so that loaders
+        without this package's filter load official checkpoints: timm's `load_checkpoint`
+        (validate.py --checkpoint, train.py --initial-checkpoint) and `load_state_dict` itself."""
+        convert_official_block(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def zero_init_last(self) -> None:
         if getattr(self.bn3, 'weight', None) is not None:
