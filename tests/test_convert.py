@@ -237,15 +237,25 @@ def test_first_conv_that_cannot_adapt_is_named(finetuned10, tmp_path):
             timm.create_model('epsanet50_small', num_classes=10, in_chans=1), str(path), filter_fn=checkpoint_filter_fn)
 
 
-def test_classifier_of_another_width_is_named(finetuned10):
-    # the same classes on wider pooled features (catavgmax doubles them): say so, not torch's size mismatch
-    path, _ = finetuned10
+def test_a_classifier_timm_keeps_must_fit(finetuned10, tmp_path):
+    """Where the model has the checkpoint's classes timm keeps its classifier, so each way it can
+    differ is named with the file, not left to torch's size mismatch or missing keys."""
+    path, source = finetuned10
+    # the same classes on wider pooled features (catavgmax doubles them)
     with pytest.raises(CheckpointError, match=r'finetuned10\.pth.*fc\.weight: checkpoint \(10, 2048\), model \(10, 4096\)'):
         timm.create_model('epsanet50_small', pretrained=True, num_classes=10, global_pool='catavgmax',
                           pretrained_cfg_overlay=dict(file=str(path)))
     model = timm.create_model('epsanet50_small', pretrained=True, num_classes=5, global_pool='catavgmax',
                               pretrained_cfg_overlay=dict(file=str(path)))  # a new classifier: loads
     assert model.fc.in_features == 4096
+    # a backbone's weights, without a classifier, into a model that keeps one
+    backbone = tmp_path / 'backbone.pth'
+    torch.save({k: v for k, v in source.state_dict().items() if not k.startswith('fc.')}, backbone)
+    with pytest.raises(CheckpointError, match=r'backbone\.pth: holds no classifier.*num_classes=0'):
+        timm.create_model('epsanet50_small', pretrained=True, pretrained_cfg_overlay=dict(file=str(backbone)))
+    for kwargs in (dict(num_classes=0), dict(num_classes=7), dict(features_only=True)):
+        model = timm.create_model('epsanet50_small', pretrained=True, pretrained_cfg_overlay=dict(file=str(backbone)), **kwargs)
+        assert torch.equal(model.layer4[2].conv3.weight, source.layer4[2].conv3.weight)
 
 
 class _Payload:

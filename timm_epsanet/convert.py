@@ -267,35 +267,49 @@ def checkpoint_filter_fn(
         state_dict: Dict[str, torch.Tensor],
         model: nn.Module,
         adapts_in_chans: bool = False,
+        features_only: bool = False,
 ) -> Dict[str, torch.Tensor]:
     """timm's checkpoint filter: official checkpoints convert, others pass; both are checked.
 
     A different `num_classes` is timm's to adapt (it re-initialises the classifier); a classifier
     that does not match the one timm will keep is an error that says which `num_classes` to pass.
-    `adapts_in_chans`: the caller adapts the first conv to the model's `in_chans` after this filter,
-    as timm's pretrained loader does (the models' `pretrained_filter_fn` sets it), so that conv may
-    differ in its input channels here; `timm.models.load_checkpoint` adapts nothing.
+    The models' `pretrained_filter_fn` says what timm's pretrained loader does after this filter:
+    `adapts_in_chans`, it adapts the first conv to the model's `in_chans`, so that conv may differ
+    in its input channels here (`timm.models.load_checkpoint` adapts nothing); `features_only`, it
+    drops the classifier, which need not fit then.
     """
     source = _weights_source(model)
     state_dict = _to_timm({k: v for k, v in state_dict.items() if torch.is_tensor(v)})
     check_finite(state_dict, source)
     adapted = _input_convs_to_adapt(state_dict, model) if adapts_in_chans else ()
     check_compatible(state_dict, model, source, check_classifier=False, adapted=adapted)
-    classes, cfg = checkpoint_classes(state_dict), getattr(model, 'pretrained_cfg', None) or {}
-    keeps_head = getattr(model, 'num_classes', 0) == cfg.get('num_classes')
-    if keeps_head and classes is not None and classes != model.num_classes:
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    if not features_only and getattr(model, 'num_classes', 0) == cfg.get('num_classes'):
+        _check_kept_classifier(state_dict, model, source)
+    return state_dict
+
+
+def _check_kept_classifier(state_dict: Dict[str, torch.Tensor], model: nn.Module, source: str) -> None:
+    """timm keeps the checkpoint's classifier where the model has the pretrained config's
+    `num_classes` (it drops it for any other): the checkpoint must hold one of the model's classes
+    and feature width. Each way it can differ is named, with the `num_classes` that fixes it."""
+    expected = model.state_dict()
+    keys = [k for k in _CLASSIFIER if k in expected]
+    classes = checkpoint_classes(state_dict)
+    if any(k not in state_dict for k in keys):
+        raise CheckpointError(
+            f'{source}: holds no classifier ({", ".join(k for k in keys if k not in state_dict)} missing), as a '
+            f'backbone\'s weights do. Pass num_classes=0 for a backbone, or your task\'s num_classes for a new classifier.')
+    if classes is not None and classes != model.num_classes:
         raise CheckpointError(
             f'{source}: its classifier has {classes} classes, the model {model.num_classes}. Pass '
             f'num_classes={classes} to keep it, or num_classes=0 for a backbone without classifier.')
-    if keeps_head:  # the same classes, other features: a pooling that changes the width (catavgmax)
-        expected = model.state_dict()
-        shapes = [f'{k}: checkpoint {tuple(state_dict[k].shape)}, model {tuple(expected[k].shape)}' for k in _CLASSIFIER
-                  if k in state_dict and k in expected and state_dict[k].shape != expected[k].shape]
-        if shapes:
-            raise CheckpointError(
-                f'{source}: its classifier does not fit the model\'s ({"; ".join(shapes)}), as with a global_pool '
-                f'that changes the feature width. Pass another num_classes for a new classifier, or num_classes=0.')
-    return state_dict
+    shapes = [f'{k}: checkpoint {tuple(state_dict[k].shape)}, model {tuple(expected[k].shape)}'
+              for k in keys if state_dict[k].shape != expected[k].shape]
+    if shapes:  # the same classes on features of another width: a global_pool such as catavgmax
+        raise CheckpointError(
+            f'{source}: its classifier does not fit the model\'s ({"; ".join(shapes)}), as with a global_pool '
+            f'that changes the feature width. Pass another num_classes for a new classifier, or num_classes=0.')
 
 
 def _input_convs_to_adapt(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Tuple[str, ...]:

@@ -155,8 +155,10 @@ def _create_epsanet(variant: str, pretrained: bool = False, **kwargs) -> ResNet:
     _check_model_args(kwargs)
     if pretrained:
         kwargs = _check_pretrained_source(variant, kwargs)
-    model = build_model_with_cfg(
-        ResNet, variant, pretrained, pretrained_filter_fn=partial(checkpoint_filter_fn, adapts_in_chans=True), **kwargs)
+    # what timm's pretrained loader does after the filter: adapt the first conv to in_chans, drop a
+    # features_only model's classifier
+    filter_fn = partial(checkpoint_filter_fn, adapts_in_chans=True, features_only=bool(kwargs.get('features_only')))
+    model = build_model_with_cfg(ResNet, variant, pretrained, pretrained_filter_fn=filter_fn, **kwargs)
     for m in (model, getattr(model, 'model', None)):  # some features_only wrappers keep the ResNet as .model
         if isinstance(getattr(m, 'pretrained_cfg', None), dict):
             m.pretrained_cfg.pop('state_dict', None)  # loaded: do not keep a second copy of the weights
