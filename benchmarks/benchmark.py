@@ -32,6 +32,7 @@ on every device instead of the per-device default: `@grouped`, `@depthwise`, `@v
 import argparse
 import csv
 import datetime
+import difflib
 import importlib.metadata
 import json
 import os
@@ -44,6 +45,7 @@ import textwrap
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Optional
 
 EPSANETS = ['epsanet50_small', 'epsanet50_large', 'epsanet101_small', 'epsanet101_large']
 BASELINES = ['resnet50', 'seresnet50', 'ecaresnet50t', 'skresnet50', 'res2net50_26w_4s']
@@ -114,16 +116,30 @@ PLAN_SUFFIXES = {
 }
 
 
-def create(name, **kwargs):
+def model_name_error(name) -> Optional[str]:
+    """What is wrong with a `--models` name (a timm model, optionally with an EPSANet suffix), or None."""
     import timm
     import timm_epsanet  # noqa: F401  (explicit registration, also when the autoload is off)
     from timm_epsanet._branch_conv import BRANCH_FORMS
+    base, _, form = name.partition('@')
+    if not timm.is_model(base):
+        close = difflib.get_close_matches(base, timm.list_models(), n=3)
+        return f'{name}: timm has no model {base!r}' + (f' (did you mean {", ".join(close)}?)' if close else '')
+    if form not in ('', 'official') + tuple(PLAN_SUFFIXES) + BRANCH_FORMS[1:]:
+        return f'{name}: unknown model form @{form}: use @official, ' + ', '.join(
+            '@' + f for f in list(PLAN_SUFFIXES) + list(BRANCH_FORMS[1:]))
+    return None
+
+
+def create(name, **kwargs):
+    import timm
+    from timm_epsanet._branch_conv import BRANCH_FORMS
+    error = model_name_error(name)
+    if error:
+        raise ValueError(error)
     name, _, form = name.partition('@')
     if form in BRANCH_FORMS[1:]:
         kwargs['block_args'] = dict(psa_branch_form=form)
-    elif form not in ('', 'official') + tuple(PLAN_SUFFIXES):
-        raise ValueError(f'unknown model form @{form}: use @official, ' + ', '.join(
-            '@' + f for f in list(PLAN_SUFFIXES) + list(BRANCH_FORMS[1:])))
     model = timm.create_model(name, **kwargs)
     if form == 'official':
         from timm_epsanet._official import to_official_structure
@@ -375,10 +391,16 @@ def _csv_value(value):
 
 def read_results(path: Path):
     """(cfg, result) pairs and the run's machine, date and repeats from a results CSV."""
-    with open(path, newline='') as f:
-        rows = list(csv.DictReader(f))
+    try:
+        with open(path, newline='') as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise SystemExit(f'{path}: cannot be read as a results CSV ({e})')
     if not rows:
         raise SystemExit(f'{path}: no rows')
+    missing = [k for k in CONFIG_KEYS + RESULT_KEYS + RUN_KEYS if k not in rows[0]]
+    if missing:
+        raise SystemExit(f'{path}: not a results CSV of this script (no column {", ".join(missing)})')
     results = []
     for row in rows:
         cfg = {k: row[k] for k in CONFIG_KEYS}
@@ -462,6 +484,9 @@ def main(argv=None):
     if args.merge:
         print(merge(args.merge, args.out / f'{args.name or args.merge[0].stem}.csv'))
         return
+    errors = [e for e in map(model_name_error, args.models) if e]
+    if errors:  # before minutes of measuring the others
+        raise SystemExit('benchmark.py --models: ' + '; '.join(errors))
     import torch
     import timm
     device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')

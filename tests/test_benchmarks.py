@@ -117,6 +117,25 @@ def test_merge_keeps_the_fastest_and_refuses_other_machines(tmp_path):
     assert (tmp_path / 'again.png').stat().st_size > 0
 
 
+def test_bad_names_and_files_stop_at_once_naming_them(tmp_path):
+    # a typo in one of the models stops the run before minutes of measuring the others, and writes nothing
+    with pytest.raises(SystemExit) as info:
+        benchmark.main(['--models', 'epsanet50_smal', 'resnet50@fast', 'resnet50', '--out', str(tmp_path)])
+    message = str(info.value)
+    assert "timm has no model 'epsanet50_smal' (did you mean epsanet50_small" in message
+    assert 'resnet50@fast: unknown model form @fast' in message
+    assert not list(tmp_path.iterdir())
+    # a merge of what is not this script's results names the file
+    image = tmp_path / 'plot.png'
+    image.write_bytes(b'\x89PNG\r\n\x1a\n')
+    other = tmp_path / 'other.csv'
+    other.write_text('model,img_s\nresnet50,1.0\n')
+    for path, why in ((tmp_path / 'missing.csv', 'cannot be read'), (image, 'cannot be read'), (other, 'no column mode')):
+        with pytest.raises(SystemExit, match=re.escape(str(path)) + '.*' + why):
+            benchmark.merge([path], tmp_path / 'merged.csv')
+    assert not (tmp_path / 'merged.csv').exists()
+
+
 def test_merged_batch_sizes_are_each_compared_with_resnet50_at_that_batch(tmp_path):
     """A run at batch 128 merged with one at 256: each row's ratio is to resnet50 at its own batch."""
     small = write_run(tmp_path / 'b128.csv', 'machine A', [('resnet50', 10.0), ('epsanet50_small', 8.0)])
