@@ -82,11 +82,20 @@ def test_train_py_checkpoint_with_ema(tmp_path):
     with_ema = read_checkpoint(tmp_path / 'last.pth.tar', use_ema=True)
     key = 'layer2.1.conv2.convs.2.weight'
     assert torch.equal(raw[key], model.state_dict()[key]) and torch.equal(with_ema[key], ema.state_dict()[key])
+    # as pretrained weights the EMA ones, as timm's loader takes them (resnet50's too), and by its own loader
+    pretrained = timm.create_model('epsanet50_small', pretrained=True,
+                                   pretrained_cfg_overlay=dict(file=str(tmp_path / 'last.pth.tar')))
+    loaded = timm.create_model('epsanet50_small', checkpoint_path=str(tmp_path / 'last.pth.tar'))
+    assert torch.equal(pretrained.state_dict()[key], ema.state_dict()[key])
+    assert torch.equal(loaded.state_dict()[key], ema.state_dict()[key])
     # asking for EMA weights a checkpoint does not have is an error, not a silent fallback
     torch.save({'epoch': 3, 'state_dict': model.state_dict()}, tmp_path / 'no_ema.pth.tar')
     with pytest.raises(CheckpointError, match='has no EMA weights') as info:
         read_checkpoint(tmp_path / 'no_ema.pth.tar', use_ema=True)
     assert str(tmp_path / 'no_ema.pth.tar') in str(info.value) and 'state_dict (dict of' in str(info.value)
+    pretrained = timm.create_model('epsanet50_small', pretrained=True,
+                                   pretrained_cfg_overlay=dict(file=str(tmp_path / 'no_ema.pth.tar')))
+    assert torch.equal(pretrained.state_dict()[key], model.state_dict()[key])  # without EMA: its weights
 
 
 def test_wrong_architecture_is_named(tmp_path):

@@ -207,16 +207,15 @@ def _describe(entries: Dict[str, Any]) -> str:
     return _shown([f'{k} ({kind(v)})' for k, v in entries.items()], limit=8)
 
 
-def _select_weights(checkpoint: Any, source: str, use_ema: bool) -> Dict[str, torch.Tensor]:
+def _select_weights(checkpoint: Any, source: str, use_ema: Optional[bool]) -> Dict[str, torch.Tensor]:
     if not isinstance(checkpoint, dict) or not checkpoint:
         raise CheckpointError(f'{source}: holds a {type(checkpoint).__name__}, not a dict of weights')
-    if use_ema:
-        key = next((k for k in _EMA_KEYS if isinstance(checkpoint.get(k), dict)), None)
-        if key is None:
-            raise CheckpointError(
-                f'{source}: has no EMA weights (no {" or ".join(_EMA_KEYS)} entry; its entries: '
-                f'{_describe(checkpoint)}). Leave out the EMA option to use its weights.')
-    else:
+    key = next((k for k in _EMA_KEYS if isinstance(checkpoint.get(k), dict)), None) if use_ema is not False else None
+    if use_ema and key is None:
+        raise CheckpointError(
+            f'{source}: has no EMA weights (no {" or ".join(_EMA_KEYS)} entry; its entries: '
+            f'{_describe(checkpoint)}). Leave out the EMA option to use its weights.')
+    if key is None:
         key = next((k for k in _WEIGHT_KEYS if isinstance(checkpoint.get(k), dict)), None)
     weights = checkpoint[key] if key else checkpoint
     tensors = {k: v for k, v in weights.items() if torch.is_tensor(v)}
@@ -233,12 +232,13 @@ def _to_timm(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
 
 
 def load_weights(
-        path: Union[str, Path], use_ema: bool = False, name: Optional[str] = None,
+        path: Union[str, Path], use_ema: Optional[bool] = False, name: Optional[str] = None,
 ) -> Dict[str, torch.Tensor]:
     """The tensors of a checkpoint file as saved (wrapper prefixes removed), checked to be finite.
 
-    `use_ema` takes train.py's EMA weights and fails if the file has none. `name`: what messages
-    call the file (default: its path).
+    `use_ema`: True takes train.py's EMA weights and fails if the file has none; None takes them
+    where the file has them, as timm's own loaders do by default; False never. `name`: what
+    messages call the file (default: its path).
     """
     path = Path(path)
     name = name or str(path)
@@ -248,7 +248,7 @@ def load_weights(
 
 
 def read_checkpoint(
-        path: Union[str, Path], use_ema: bool = False, name: Optional[str] = None,
+        path: Union[str, Path], use_ema: Optional[bool] = False, name: Optional[str] = None,
 ) -> Dict[str, torch.Tensor]:
     """An official-script, timm train.py or plain/safetensors checkpoint as this package's state dict.
 

@@ -190,8 +190,8 @@ def _check_pretrained_source(variant: str, kwargs: dict) -> dict:
         variant, pretrained_cfg=kwargs.get('pretrained_cfg'), pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'))
     if cfg.state_dict or cfg.source == 'local-dir' or cfg.url:
         return kwargs  # checked by checkpoint_filter_fn as timm loads them
-    if cfg.file:
-        state_dict, source = read_checkpoint(cfg.file), str(cfg.file)
+    if cfg.file:  # train.py's EMA weights where the file has them, as timm's pretrained loader takes them
+        state_dict, source = read_checkpoint(cfg.file, use_ema=None), str(cfg.file)
     elif cfg.source == 'hf-hub' or not is_unpublished_default(variant, cfg.hf_hub_id):
         files = (cfg.hf_hub_filename,) if cfg.hf_hub_filename else WEIGHT_FILES
         path, filename = fetch_weights(cfg.hf_hub_id, files, cache_dir=kwargs.get('cache_dir'))
