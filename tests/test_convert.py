@@ -267,6 +267,27 @@ def test_a_classifier_timm_keeps_must_fit(finetuned10, tmp_path):
         assert torch.equal(model.layer4[2].conv3.weight, source.layer4[2].conv3.weight)
 
 
+def test_pretrained_strict_false_loads_what_fits(finetuned10, tmp_path):
+    # timm's pretrained_strict=False (transfer from a checkpoint of another architecture) loads the
+    # tensors that fit by name, as for resnet50; shapes that differ are still refused
+    _, source = finetuned10
+    partial = {k: v for k, v in source.state_dict().items() if not k.startswith(('layer4.', 'fc.'))}
+    partial['head.extra.weight'] = torch.zeros(3)
+    path = tmp_path / 'partial.pth'
+    torch.save(partial, path)
+    with pytest.raises(CheckpointError, match=r'partial\.pth: does not fit the model\. \d+ missing keys: layer4'):
+        timm.create_model('epsanet50_small', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    model = timm.create_model('epsanet50_small', pretrained=True, pretrained_strict=False,
+                              pretrained_cfg_overlay=dict(file=str(path)))
+    assert torch.equal(model.layer3[5].conv2.convs[3].weight, source.layer3[5].conv2.convs[3].weight)
+    assert not torch.equal(model.layer4[0].conv1.weight, source.layer4[0].conv1.weight)
+    partial['layer1.0.conv2.convs.1.weight'] = torch.zeros(4, 4, 5, 5)
+    torch.save(partial, path)
+    with pytest.raises(CheckpointError, match=r'layer1\.0\.conv2\.convs\.1\.weight: checkpoint \(4, 4, 5, 5\)'):
+        timm.create_model('epsanet50_small', pretrained=True, pretrained_strict=False,
+                          pretrained_cfg_overlay=dict(file=str(path)))
+
+
 class _Payload:
     def __reduce__(self):
         return (open, ('/tmp/timm_epsanet_pwned', 'w'))

@@ -125,13 +125,15 @@ def check_compatible(
         source: str,
         check_classifier: bool = True,
         adapted: Sequence[str] = (),
+        strict: bool = True,
 ) -> None:
     """Raise one CheckpointError listing every missing/unexpected key and shape mismatch; the
-    shapes of the keys in `adapted` are the loader's to adapt."""
+    shapes of the keys in `adapted` are the loader's to adapt. Not `strict`: shape mismatches
+    only, as `load_state_dict(strict=False)` refuses only those."""
     expected = {k: v.shape for k, v in model.state_dict().items()}
     skip = () if check_classifier else _CLASSIFIER
-    missing = sorted(k for k in expected if k not in state_dict and k not in skip)
-    unexpected = sorted(k for k in state_dict if k not in expected and k not in skip)
+    missing = sorted(k for k in expected if k not in state_dict and k not in skip) if strict else []
+    unexpected = sorted(k for k in state_dict if k not in expected and k not in skip) if strict else []
     shapes = sorted(
         f'{k}: checkpoint {tuple(state_dict[k].shape)}, model {tuple(expected[k])}'
         for k in expected if k in state_dict and k not in skip and k not in adapted and state_dict[k].shape != expected[k])
@@ -268,6 +270,7 @@ def checkpoint_filter_fn(
         model: nn.Module,
         adapts_in_chans: bool = False,
         features_only: bool = False,
+        strict: bool = True,
 ) -> Dict[str, torch.Tensor]:
     """timm's checkpoint filter: official checkpoints convert, others pass; both are checked.
 
@@ -276,25 +279,27 @@ def checkpoint_filter_fn(
     The models' `pretrained_filter_fn` says what timm's pretrained loader does after this filter:
     `adapts_in_chans`, it adapts the first conv to the model's `in_chans`, so that conv may differ
     in its input channels here (`timm.models.load_checkpoint` adapts nothing); `features_only`, it
-    drops the classifier, which need not fit then.
+    drops the classifier, which need not fit then; not `strict` (timm's `pretrained_strict=False`),
+    it loads what fits by name, so only tensors whose shapes differ are refused.
     """
     source = _weights_source(model)
     state_dict = _to_timm({k: v for k, v in state_dict.items() if torch.is_tensor(v)})
     check_finite(state_dict, source)
     adapted = _input_convs_to_adapt(state_dict, model) if adapts_in_chans else ()
-    check_compatible(state_dict, model, source, check_classifier=False, adapted=adapted)
+    check_compatible(state_dict, model, source, check_classifier=False, adapted=adapted, strict=strict)
     cfg = getattr(model, 'pretrained_cfg', None) or {}
     if not features_only and getattr(model, 'num_classes', 0) == cfg.get('num_classes'):
-        _check_kept_classifier(state_dict, model, source)
+        _check_kept_classifier(state_dict, model, source, strict)
     return state_dict
 
 
-def _check_kept_classifier(state_dict: Dict[str, torch.Tensor], model: nn.Module, source: str) -> None:
+def _check_kept_classifier(state_dict: Dict[str, torch.Tensor], model: nn.Module, source: str, strict: bool) -> None:
     """timm keeps the checkpoint's classifier where the model has the pretrained config's
     `num_classes` (it drops it for any other): the checkpoint must hold one of the model's classes
-    and feature width. Each way it can differ is named, with the `num_classes` that fixes it."""
+    and feature width (not `strict`: or none). Each way it can differ is named, with the
+    `num_classes` that fixes it."""
     expected = model.state_dict()
-    keys = [k for k in _CLASSIFIER if k in expected]
+    keys = [k for k in _CLASSIFIER if k in expected and (strict or k in state_dict)]
     classes = checkpoint_classes(state_dict)
     if any(k not in state_dict for k in keys):
         raise CheckpointError(

@@ -156,8 +156,9 @@ def _create_epsanet(variant: str, pretrained: bool = False, **kwargs) -> ResNet:
     if pretrained:
         kwargs = _check_pretrained_source(variant, kwargs)
     # what timm's pretrained loader does after the filter: adapt the first conv to in_chans, drop a
-    # features_only model's classifier
-    filter_fn = partial(checkpoint_filter_fn, adapts_in_chans=True, features_only=bool(kwargs.get('features_only')))
+    # features_only model's classifier, load strictly or not
+    filter_fn = partial(checkpoint_filter_fn, adapts_in_chans=True, features_only=bool(kwargs.get('features_only')),
+                        strict=kwargs.get('pretrained_strict', True))
     model = build_model_with_cfg(ResNet, variant, pretrained, pretrained_filter_fn=filter_fn, **kwargs)
     for m in (model, getattr(model, 'model', None)):  # some features_only wrappers keep the ResNet as .model
         if isinstance(getattr(m, 'pretrained_cfg', None), dict):
