@@ -59,21 +59,21 @@ def convert_official(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Ten
     return out
 
 
-def convert_official_block(state_dict: Dict[str, torch.Tensor], prefix: str) -> bool:
+def convert_official_block(state_dict: Dict[str, torch.Tensor], prefix: str) -> None:
     """In place, the official names and order of one block's weights (keys `prefix` + ...) ->
-    this package's; False where the block holds none.
+    this package's; nothing where the block holds none.
 
     The branches `conv2.conv_1..S` become `conv2.convs.0..S-1`. The official code concatenates
     them in reverse, so the channels that follow PSA (`bn2`, the input of `conv3`) are permuted.
     """
-    branch = re.compile(re.escape(prefix) + r'conv2\.conv_(\d+)\.weight')
-    branches = {int(m.group(1)): m.group(0) for m in map(branch.fullmatch, list(state_dict)) if m}
-    if not branches:
-        return False
-    for index, key in branches.items():
-        state_dict[f'{prefix}conv2.convs.{index - 1}.weight'] = state_dict.pop(key)
-    num_scales = len(branches)
+    num_scales = 0
+    while f'{prefix}conv2.conv_{num_scales + 1}.weight' in state_dict:
+        official = state_dict.pop(f'{prefix}conv2.conv_{num_scales + 1}.weight')
+        state_dict[f'{prefix}conv2.convs.{num_scales}.weight'] = official
+        num_scales += 1
     conv3, bn2 = f'{prefix}conv3.weight', f'{prefix}bn2.'
+    if num_scales == 0 or not (conv3 in state_dict or bn2 + 'weight' in state_dict):
+        return  # not official, or no channels after the branches to permute
     width = state_dict[conv3].shape[1] if conv3 in state_dict else state_dict[bn2 + 'weight'].numel()
     split = width // num_scales
     # official channel (S-1-i)*split + c holds our branch i's channel c
@@ -83,7 +83,6 @@ def convert_official_block(state_dict: Dict[str, torch.Tensor], prefix: str) -> 
             state_dict[bn2 + name] = state_dict[bn2 + name][order]
     if conv3 in state_dict:
         state_dict[conv3] = state_dict[conv3][:, order]
-    return True
 
 
 def detect_variant(state_dict: Dict[str, torch.Tensor]) -> Optional[str]:
@@ -136,7 +135,8 @@ def check_compatible(
     unexpected = sorted(k for k in state_dict if k not in expected and k not in skip) if strict else []
     shapes = sorted(
         f'{k}: checkpoint {tuple(state_dict[k].shape)}, model {tuple(expected[k])}'
-        for k in expected if k in state_dict and k not in skip and k not in adapted and state_dict[k].shape != expected[k])
+        for k in expected
+        if k in state_dict and k not in skip and k not in adapted and state_dict[k].shape != expected[k])
     if not (missing or unexpected or shapes):
         return
     problems = [f'{len(items)} {title}: {_shown(items)}' for title, items in (
@@ -304,7 +304,8 @@ def _check_kept_classifier(state_dict: Dict[str, torch.Tensor], model: nn.Module
     if any(k not in state_dict for k in keys):
         raise CheckpointError(
             f'{source}: holds no classifier ({", ".join(k for k in keys if k not in state_dict)} missing), as a '
-            f'backbone\'s weights do. Pass num_classes=0 for a backbone, or your task\'s num_classes for a new classifier.')
+            f'backbone\'s weights do. Pass num_classes=0 for a backbone, or your task\'s num_classes for a new '
+            f'classifier.')
     if classes is not None and classes != model.num_classes:
         raise CheckpointError(
             f'{source}: its classifier has {classes} classes, the model {model.num_classes}. Pass '

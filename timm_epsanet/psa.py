@@ -47,10 +47,7 @@ class SEWeight(SEModule):
     def forward(self, x: torch.Tensor, pooled: bool = False) -> torch.Tensor:
         """The gate of x; `pooled`: x is average-pooled to (N, C, 1, 1) already (PSA pools every
         scale at once, and calls this module on them: hooks on it see its gates)."""
-        return self.gate_of_pooled(x if pooled else x.mean((2, 3), keepdim=True))
-
-    def gate_of_pooled(self, x_se: torch.Tensor) -> torch.Tensor:
-        """The gate of an input already average-pooled to (N, C, 1, 1): PSA pools every scale at once."""
+        x_se = x if pooled else x.mean((2, 3), keepdim=True)
         return self.gate(self.fc2(self.act(self.bn(self.fc1(x_se)))))
 
 
