@@ -131,16 +131,16 @@ class PyramidSqueezeAttention(nn.Module):
             in_place = in_place and not self._branches_hooked()
             if self._attention_on_triton(x):
                 return self._attention_by_triton(x, in_place)
-        B, _, H, W = x.shape
-        x = x.reshape(B, self.num_scales, self.split_chs, H, W)
-        # one SEWeight for all scales, then a softmax across the scales
-        x_attn = self.se(x.mean((3, 4)).reshape(B * self.num_scales, self.split_chs, 1, 1), pooled=True)
-        x_attn = x_attn.reshape(B, self.num_scales, self.split_chs, 1, 1).softmax(dim=1)
+        B, C = x.shape[0], x.shape[1]
+        # one SEWeight for all scales (each scale's pooled channels a batch entry of its own), then a
+        # softmax across the scales. Only the small pooled tensors are reshaped, x never: each op,
+        # and its backward, costs host time on a GPU
+        x_attn = self.se(x.mean((2, 3), keepdim=True).reshape(B * self.num_scales, self.split_chs, 1, 1), pooled=True)
+        x_attn = x_attn.reshape(B, self.num_scales, self.split_chs).softmax(dim=1).reshape(B, C, 1, 1)
         # CUDA autocast computes the softmax in fp32: reweighting in fp32 would promote the whole
         # output, and the BN and activation after it, to fp32 (twice the memory and traffic)
         x_attn = x_attn.to(x.dtype)
-        x = x.mul_(x_attn) if in_place else x * x_attn
-        return x.reshape(B, self.num_scales * self.split_chs, H, W)
+        return x.mul_(x_attn) if in_place else x * x_attn
 
     @torch.jit.unused
     def _attention_on_triton(self, x: torch.Tensor) -> bool:
