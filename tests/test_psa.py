@@ -410,6 +410,32 @@ def test_inference_builds_merged_weights_once_until_the_weight_changes(form, mon
     assert copy.deepcopy(conv)._kept == {}  # derived state: never copied
 
 
+@pytest.mark.parametrize('form', ['dense', 'regrouped'])
+def test_training_builds_merged_weights_each_step_but_their_mask_once(form):
+    """A training step builds a merged-group form's block-diagonal weight anew, but not the 0/1 mask
+    it multiplies by (each op is host time on a GPU, where training runs the dense form), and that
+    mask trains even when inference under `torch.inference_mode` built it first."""
+    from torch.profiler import profile
+    from timm_epsanet import _branch_conv
+    _branch_conv._kept_block_mask.cache_clear()  # built below first, whatever ran before
+    torch.manual_seed(0)
+    conv = BranchConv2d(32, 16, 5, padding=2, groups=8, bias=False, form=form).eval()
+    x = torch.randn(2, 32, 6, 6)
+    with torch.inference_mode():
+        conv(x)
+    conv.train()
+    for _ in range(2):
+        conv.weight.grad = None
+        with profile() as prof:
+            conv(x).square().sum().backward()
+        assert not [e for e in prof.events() if e.name == 'aten::eye']
+        weight = conv.weight.detach().requires_grad_()
+        F.conv2d(x, weight, None, 1, 2, 1, 8).square().sum().backward()
+        torch.testing.assert_close(conv.weight.grad, weight.grad, rtol=1e-4, atol=1e-4)
+        with torch.no_grad():
+            conv.weight.sub_(0.1 * conv.weight.grad)
+
+
 def test_inference_reweights_in_place_but_training_keeps_autograd():
     psa = PyramidSqueezeAttention(32, kernel_sizes=(3, 5), groups=(1, 2)).eval()
     x = torch.randn(2, 32, 8, 8)

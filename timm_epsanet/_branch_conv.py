@@ -6,6 +6,7 @@ and calls it; nothing else about the layer depends on how the branches are compu
 has the grouped conv's weights and state dict, and computes its function up to float
 summation order.
 """
+import functools
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -15,8 +16,8 @@ from torch import nn
 from timm.layers import register_notrace_module
 
 from ._branch_forms import (
-    FastFormGroupedBackward, autocast_conv_inputs, block_diagonal_weight, fast_form_conv, group_sum_weight,
-    regroup_factor, sums_groups_by_conv,
+    FastFormGroupedBackward, autocast_conv_inputs, block_diagonal_weight, block_mask, fast_form_conv,
+    group_sum_weight, regroup_factor, sums_groups_by_conv,
 )
 from ._branch_plans import (
     TRITON_FORMS, Plan, autocast_dtype, calls_hooked, computes_in_low_precision, cpu_branch_plan, cuda_branch_form,
@@ -208,9 +209,13 @@ class BranchConv2d(nn.Conv2d):
     @torch.jit.unused
     def merged_weight(self, merge: int, dtype: torch.dtype) -> torch.Tensor:
         """The weight with `merge` adjacent groups merged (`block_diagonal_weight`), in `dtype`
-        (`kept_weight`: built once for inference)."""
-        return self.kept_weight(
-            ('merged', merge, dtype), lambda weight: block_diagonal_weight(weight.to(dtype), self.groups, merge))
+        (`kept_weight`: built once for inference; in training with a kept mask, `_kept_block_mask`)."""
+        def build(weight: torch.Tensor) -> torch.Tensor:
+            weight = weight.to(dtype)
+            mask = _kept_block_mask(merge, dtype, weight.device) if _may_keep_mask(weight) else None
+            return block_diagonal_weight(weight, self.groups, merge, mask)
+
+        return self.kept_weight(('merged', merge, dtype), build)
 
     @torch.jit.unused
     def kept_weight(self, key: Tuple[str, int, torch.dtype], build: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -261,6 +266,23 @@ def _may_keep(weight: torch.Tensor) -> bool:
     weight (`plain_eager`: traces, compiles and exports must hold the build in their graphs, and
     fake and functional tensors have no memory to key by)."""
     return not torch.is_grad_enabled() and plain_eager(weight)
+
+
+@functools.lru_cache(maxsize=None)
+def _kept_block_mask(merge: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """`block_mask`, built once per merge, dtype and device: a training step builds every dense or
+    regrouped branch's weight anew, and the mask's own ops (kernel launches on a GPU) would come
+    with each. A normal tensor even when first asked for under `torch.inference_mode`, so that
+    training may save it for backward."""
+    with torch.inference_mode(False):
+        return block_mask(merge, dtype, device)
+
+
+def _may_keep_mask(weight: torch.Tensor) -> bool:
+    """Whether `merged_weight` may use a kept mask: in plain eager mode (a graph being captured,
+    compiled, traced or exported holds the mask's build), and not while a CUDA graph is captured
+    (a mask first built there would be filled only when the graph is replayed)."""
+    return plain_eager(weight) and not (weight.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 def _autocast_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.dtype:

@@ -122,20 +122,32 @@ def regroup_factor(groups: int, outs_per_group: int, min_outs: int = 8) -> int:
     return groups
 
 
-def block_diagonal_weight(weight: torch.Tensor, groups: int, merge: Optional[int] = None) -> torch.Tensor:
+def block_diagonal_weight(
+        weight: torch.Tensor,
+        groups: int,
+        merge: Optional[int] = None,
+        mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """The weight of the conv of `groups // merge` groups equal to a grouped conv of `groups`:
     `merge` adjacent groups per merged group, each block-diagonal (each group's block, zeros
     elsewhere). `merge=None` merges all: the dense conv.
 
     `merge` times the MACs, but on wider groups (or dense), which the backends' tuned kernels run
     far faster than 1-4 outputs per group. Differentiable, so training this form trains the
-    grouped weight (the zeros pass no gradient to it).
+    grouped weight (the zeros pass no gradient to it). `mask`: `block_mask` of the merge, the
+    weight's dtype and device, where the caller keeps one (training builds this weight every step).
     """
     m = groups if merge is None else merge
     out_chs, in_per_group, k_h, k_w = weight.shape
     w = weight.reshape(groups // m, m, out_chs // groups, 1, in_per_group, k_h, k_w)
-    mask = torch.eye(m, dtype=weight.dtype, device=weight.device).reshape(1, m, 1, m, 1, 1, 1)
+    if mask is None:
+        mask = block_mask(m, weight.dtype, weight.device)
     return (w * mask).reshape(out_chs, m * in_per_group, k_h, k_w)
+
+
+def block_mask(merge: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The 0/1 mask that `block_diagonal_weight` multiplies a weight of `merge` merged groups by."""
+    return torch.eye(merge, dtype=dtype, device=device).reshape(1, merge, 1, merge, 1, 1, 1)
 
 
 def fast_form_conv(
