@@ -136,10 +136,11 @@ class PyramidSqueezeAttention(nn.Module):
         # softmax across the scales. Only the small pooled tensors are reshaped, x never: each op,
         # and its backward, costs host time on a GPU
         x_attn = self.se(x.mean((2, 3), keepdim=True).reshape(B * self.num_scales, self.split_chs, 1, 1), pooled=True)
-        x_attn = x_attn.reshape(B, self.num_scales, self.split_chs).softmax(dim=1).reshape(B, C, 1, 1)
-        # CUDA autocast computes the softmax in fp32: reweighting in fp32 would promote the whole
-        # output, and the BN and activation after it, to fp32 (twice the memory and traffic)
-        x_attn = x_attn.to(x.dtype)
+        # the softmax in x's dtype (it accumulates in fp32 for 16-bit floats): CUDA autocast would
+        # return fp32 gates, and reweighting by them would promote the output, and the BN and
+        # activation after it, to fp32 (twice the memory and traffic); casting them back costs ops
+        x_attn = x_attn.reshape(B, self.num_scales, self.split_chs).softmax(dim=1, dtype=x.dtype)
+        x_attn = x_attn.reshape(B, C, 1, 1)
         return x.mul_(x_attn) if in_place else x * x_attn
 
     @torch.jit.unused
