@@ -212,7 +212,7 @@ class BranchConv2d(nn.Conv2d):
         (`kept_weight`: built once for inference; in training with a kept mask, `_kept_block_mask`)."""
         def build(weight: torch.Tensor) -> torch.Tensor:
             weight = weight.to(dtype)
-            mask = _kept_block_mask(merge, dtype, weight.device) if _may_keep_mask(weight) else None
+            mask = _kept_block_mask(merge, dtype, weight.device) if plain_eager(weight) else None
             return block_diagonal_weight(weight, self.groups, merge, mask)
 
         return self.kept_weight(('merged', merge, dtype), build)
@@ -276,13 +276,6 @@ def _kept_block_mask(merge: int, dtype: torch.dtype, device: torch.device) -> to
     training may save it for backward."""
     with torch.inference_mode(False):
         return block_mask(merge, dtype, device)
-
-
-def _may_keep_mask(weight: torch.Tensor) -> bool:
-    """Whether `merged_weight` may use a kept mask: in plain eager mode (a graph being captured,
-    compiled, traced or exported holds the mask's build), and not while a CUDA graph is captured
-    (a mask first built there would be filled only when the graph is replayed)."""
-    return plain_eager(weight) and not (weight.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 def _autocast_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.dtype:

@@ -206,12 +206,15 @@ def calls_hooked(modules: Iterable[torch.nn.Module]) -> bool:
 
 def plain_eager(x: torch.Tensor) -> bool:
     """Whether x is a plain tensor (or parameter) with memory, in plain eager mode: not compiled,
-    traced or exported, under no dispatch mode (fake tensors, op counters) or functorch transform.
-    There the backend may keep tensors across calls and skip the custom ops' dispatch layers;
-    graphs being captured must see every op."""
+    traced or exported, under no dispatch mode (fake tensors, op counters) or functorch transform,
+    and not captured into a CUDA graph. There the backend may keep tensors across calls and skip
+    the custom ops' dispatch layers; graphs being captured must see every op (and a tensor built
+    during a CUDA graph's capture holds its values only once the graph replays)."""
     if type(x) not in (torch.Tensor, torch.nn.Parameter) or x.device.type == 'meta':
         return False
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
         return False
     exporting = getattr(torch.compiler, 'is_exporting', None)
     if (exporting is not None and exporting()) or is_in_torch_dispatch_mode():
